@@ -1,0 +1,1 @@
+from . import errors, safe_load, criterions, models, tasks  # noqa: F401

@@ -1,0 +1,84 @@
+"""Knowledge-distillation math as pure tensor functions (no fairseq imports).
+
+Shapes: ``N`` target positions (batch and time flattened), ``V`` vocabulary, ``K`` teachers or top-k
+entries. Every function works in float32 whatever the input dtype, so losses stay stable under fp16/bf16.
+
+The teacher distribution at temperature ``T`` is ``softmax(log p_teacher / T)``, where ``p_teacher`` is the
+(weighted, probability-averaged) teacher distribution at T = 1. For a single teacher this is the usual
+``softmax(z_teacher / T)``; defining it from log-probabilities lets the full distribution, its top-k and a
+top-k cache share one formula.
+"""
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def ensemble_lprobs(lprobs_teachers: List[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Log of the weighted average of teacher probabilities.
+
+    Args:
+        lprobs_teachers: K tensors ``(..., V)`` of teacher log-probabilities.
+        weights: ``(K,)`` non-negative weights summing to 1.
+    Returns:
+        ``(..., V)`` log-probabilities of ``sum_k weights[k] * p_k``.
+    """
+    stacked = torch.stack([lp.float() for lp in lprobs_teachers], dim=0)
+    log_w = weights.float().log().view(-1, *([1] * (stacked.dim() - 1)))
+    return torch.logsumexp(stacked + log_w.to(stacked.device), dim=0)
+
+
+def topk_lprobs(lprobs_teacher: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's ``k`` most probable tokens per position.
+
+    Args:
+        lprobs_teacher: ``(N, V)`` teacher log-probabilities.
+    Returns:
+        ``(values, ids)``, both ``(N, k)``: log-probabilities (not renormalised) and token ids.
+    """
+    return lprobs_teacher.float().topk(k, dim=-1)
+
+
+def kd_kl_loss(
+    logits_student: torch.Tensor, lprobs_teacher: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Per-position ``T^2 * KL(teacher_T || student_T)`` over the full vocabulary.
+
+    The gradient w.r.t. ``logits_student`` is ``T * (p_student_T - p_teacher_T)``; the ``T^2`` keeps the
+    gradient scale independent of ``T`` (Hinton et al., 2015).
+
+    Args:
+        logits_student: ``(N, V)`` student logits.
+        lprobs_teacher: ``(N, V)`` teacher log-probabilities at T = 1.
+    Returns:
+        ``(N,)`` loss per position.
+    """
+    lprobs_student_t = F.log_softmax(logits_student.float() / temperature, dim=-1)
+    lprobs_teacher_t = F.log_softmax(lprobs_teacher.float() / temperature, dim=-1)
+    kl = (lprobs_teacher_t.exp() * (lprobs_teacher_t - lprobs_student_t)).sum(dim=-1)
+    return kl * temperature**2
+
+
+def kd_topk_kl_loss(
+    logits_student: torch.Tensor,
+    topk_lprobs_teacher: torch.Tensor,
+    topk_ids_teacher: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Per-position ``T^2 * KL(q_T || student_T)`` where ``q_T`` is the teacher's top-k, renormalised.
+
+    ``q_T = softmax(topk_lprobs_teacher / T)`` over the k kept tokens; the student keeps its full
+    softmax, so the student is pushed towards the teacher's top-k and away from everything else.
+
+    Args:
+        logits_student: ``(N, V)`` student logits.
+        topk_lprobs_teacher: ``(N, k)`` teacher log-probabilities at T = 1 (any constant shift is fine).
+        topk_ids_teacher: ``(N, k)`` token ids of those entries.
+    Returns:
+        ``(N,)`` loss per position.
+    """
+    lprobs_student_t = F.log_softmax(logits_student.float() / temperature, dim=-1)
+    lprobs_student_t = lprobs_student_t.gather(-1, topk_ids_teacher)
+    lprobs_teacher_t = F.log_softmax(topk_lprobs_teacher.float() / temperature, dim=-1)
+    kl = (lprobs_teacher_t.exp() * (lprobs_teacher_t - lprobs_student_t)).sum(dim=-1)
+    return kl * temperature**2

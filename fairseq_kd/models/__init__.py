@@ -1,0 +1,1 @@
+from . import transformer_student  # noqa: F401

@@ -1,0 +1,1 @@
+from . import translation_distillation  # noqa: F401

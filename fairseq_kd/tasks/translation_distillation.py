@@ -1,0 +1,161 @@
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from fairseq import checkpoint_utils, models, utils
+from fairseq.data import Dictionary
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from fairseq.tasks import register_task
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+from fairseq_kd.errors import FairseqKDError
+from fairseq_kd.kd_losses import ensemble_lprobs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TranslationDistillationConfig(TranslationConfig):
+    teacher_path: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "teacher checkpoint(s), colon-separated like --path; each is loaded with its own saved"
+            " config and must use this data's dictionaries. Without it the task is plain translation"
+        },
+    )
+    teacher_weights: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "comma-separated non-negative weights of the teachers' probability average"
+            " (normalised to sum to 1); default: equal weights"
+        },
+    )
+
+
+@register_task("translation_distillation", dataclass=TranslationDistillationConfig)
+class TranslationDistillationTask(TranslationTask):
+    """``translation`` plus frozen teacher(s) whose log-probabilities on each batch are handed to the
+    criterion as ``sample["teacher_lprobs"]`` (B x T x V, float32).
+
+    The teachers live on the task, not the model: they are never wrapped in DDP, never trained and never
+    saved in student checkpoints.
+    """
+
+    def __init__(self, cfg: TranslationDistillationConfig, src_dict, tgt_dict):
+        super().__init__(cfg, src_dict, tgt_dict)
+        paths = utils.split_paths(cfg.teacher_path) if cfg.teacher_path else []
+        self.teachers = [self.load_teacher(path) for path in paths]
+        self.teacher_weights = self.parse_teacher_weights(cfg.teacher_weights, len(paths))
+
+    def load_teacher(self, path):
+        if not os.path.isfile(path):
+            raise FairseqKDError(f"--teacher-path: no such file {path!r}; give the teacher's checkpoint .pt file")
+        try:
+            state = checkpoint_utils.load_checkpoint_to_cpu(path)
+        except Exception as e:
+            raise FairseqKDError(
+                f"--teacher-path: cannot read {path!r} as a fairseq checkpoint ({type(e).__name__}: {e})"
+            ) from e
+        cfg = state["cfg"] if state.get("cfg") is not None else convert_namespace_to_omegaconf(state["args"])
+        self.check_teacher_dictionaries(path, cfg, state["model"])
+        teacher = models.build_model(cfg.model, self, from_checkpoint=True)
+        teacher.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
+        teacher.requires_grad_(False).eval()
+        logger.info(f"teacher {path}: {sum(p.numel() for p in teacher.parameters()):,} parameters")
+        return teacher
+
+    def check_teacher_dictionaries(self, path, teacher_cfg, teacher_state):
+        """The teacher's dictionaries must equal the data's, symbol for symbol, or its distributions mean
+        nothing. They are looked for beside the checkpoint, then in the teacher's own data directory;
+        failing both, only the embedding sizes can be compared."""
+        search = [os.path.dirname(os.path.abspath(path))]
+        if getattr(teacher_cfg.task, "data", None):
+            search.append(utils.split_paths(teacher_cfg.task.data)[0])
+        fix = (
+            "re-binarize the data with the teacher's dictionaries (fairseq-preprocess --srcdict/--tgtdict"
+            " TEACHER_DATA/dict.LANG.txt)"
+        )
+        for side, data_dict, embed_key in (
+            ("source", self.src_dict, "encoder.embed_tokens.weight"),
+            ("target", self.tgt_dict, "decoder.embed_tokens.weight"),
+        ):
+            lang = self.cfg.source_lang if side == "source" else self.cfg.target_lang
+            dict_files = [os.path.join(d, f"dict.{lang}.txt") for d in search]
+            dict_file = next((f for f in dict_files if os.path.isfile(f)), None)
+            if dict_file is not None:
+                teacher_symbols = Dictionary.load(dict_file).symbols
+                index = first_difference(teacher_symbols, data_dict.symbols)
+                if index is not None:
+                    raise FairseqKDError(
+                        f"teacher {path}: its {side} dictionary {dict_file} ({len(teacher_symbols)} symbols)"
+                        f" differs from the data's ({len(data_dict)} symbols) at index {index}: teacher"
+                        f" {symbol_at(teacher_symbols, index)}, data {symbol_at(data_dict.symbols, index)}; {fix}"
+                    )
+            elif embed_key in teacher_state and teacher_state[embed_key].size(0) != len(data_dict):
+                raise FairseqKDError(
+                    f"teacher {path}: its {side} embedding has {teacher_state[embed_key].size(0)} rows but the"
+                    f" data's {side} dictionary has {len(data_dict)} symbols; {fix}"
+                )
+            else:
+                logger.warning(
+                    f"teacher {path}: no dict.{lang}.txt beside it or in its data directory, so the {side}"
+                    " dictionary could not be compared symbol by symbol; put the teacher's dictionaries beside the checkpoint"
+                )
+
+    @staticmethod
+    def parse_teacher_weights(text, num_teachers):
+        if num_teachers == 0:
+            if text:
+                raise FairseqKDError("--teacher-weights given without --teacher-path")
+            return None
+        if not text:
+            return torch.full((num_teachers,), 1.0 / num_teachers)
+        try:
+            weights = [float(w) for w in text.split(",")]
+        except ValueError:
+            raise FairseqKDError(f"--teacher-weights must be comma-separated numbers, got {text!r}") from None
+        if len(weights) != num_teachers:
+            raise FairseqKDError(
+                f"--teacher-weights has {len(weights)} values but --teacher-path names {num_teachers} teachers"
+            )
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise FairseqKDError(f"--teacher-weights must be non-negative with a positive sum, got {text!r}")
+        weights = torch.tensor(weights)
+        return weights / weights.sum()
+
+    @torch.no_grad()
+    def add_teacher_lprobs(self, sample, model):
+        """Run the teachers on ``sample`` and store their averaged log-probabilities in it."""
+        if not self.teachers or sample is None or "net_input" not in sample:
+            return
+        param = next(model.parameters())
+        lprobs = []
+        for teacher in self.teachers:
+            # follow the student's device and dtype (--fp16/--bf16 convert the student after the task
+            # is set up)
+            teacher.to(device=param.device, dtype=param.dtype)
+            net_output = teacher(**sample["net_input"])
+            lprobs.append(teacher.get_normalized_probs(net_output, log_probs=True))
+        sample["teacher_lprobs"] = ensemble_lprobs(lprobs, self.teacher_weights)
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        self.add_teacher_lprobs(sample, model)
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
+    def valid_step(self, sample, model, criterion):
+        self.add_teacher_lprobs(sample, model)
+        return super().valid_step(sample, model, criterion)
+
+
+def first_difference(symbols_a, symbols_b):
+    """Index of the first position where two symbol lists differ (a length difference counts), else None."""
+    for i, (a, b) in enumerate(zip(symbols_a, symbols_b)):
+        if a != b:
+            return i
+    return None if len(symbols_a) == len(symbols_b) else min(len(symbols_a), len(symbols_b))
+
+
+def symbol_at(symbols, index):
+    return repr(symbols[index]) if index < len(symbols) else "<none, list ends>"

@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny synthetic translation task, binarized, and a teacher trained on it with stock
+fairseq (no plugin), all in a session temp dir."""
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+PLUGIN = str(REPO / "fairseq_kd")
+# a 1+1-layer, 32-wide transformer: trains in seconds on the CPU
+TINY_TRANSFORMER = (
+    "--encoder-layers 1 --decoder-layers 1 --encoder-embed-dim 32 --decoder-embed-dim 32 "
+    "--encoder-ffn-embed-dim 64 --decoder-ffn-embed-dim 64 --encoder-attention-heads 2 --decoder-attention-heads 2"
+).split()
+TRAIN_FLAGS = (
+    "--optimizer adam --lr 0.005 --max-tokens 300 --cpu --seed 1 --no-progress-bar --log-format simple "
+    "--log-interval 1 --no-epoch-checkpoints --num-workers 0"
+).split()
+
+
+def run(tool, *args, expect_ok=True, env=None):
+    """Run a fairseq console script (fairseq-train, ...) from this environment; return the completed process."""
+    proc = subprocess.run(
+        [str(BIN / tool), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"{tool} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def write_parallel(directory, seed=0, sizes=(("train", 800), ("valid", 40), ("test", 40)), vocab=12):
+    """A learnable toy language pair: the target spells each source word in the other alphabet."""
+    rng = random.Random(seed)
+    for split, n in sizes:
+        with open(directory / f"{split}.src", "w") as src, open(directory / f"{split}.tgt", "w") as tgt:
+            for _ in range(n):
+                words = [rng.randrange(vocab) for _ in range(rng.randint(2, 7))]
+                src.write(" ".join(f"s{w}" for w in words) + "\n")
+                tgt.write(" ".join(f"t{w}" for w in words) + "\n")
+
+
+def binarize(text_dir, dest, *extra):
+    run(
+        "fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt",
+        "--trainpref", text_dir / "train", "--validpref", text_dir / "valid", "--testpref", text_dir / "test",
+        "--destdir", dest, "--joined-dictionary", "--workers", "1", *extra,
+    )
+    return dest
+
+
+@pytest.fixture(scope="session")
+def data_bin(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_parallel(root)
+    return binarize(root, root / "bin")
+
+
+@pytest.fixture(scope="session")
+def teacher(data_bin, tmp_path_factory):
+    """A teacher trained with stock fairseq (no --user-dir), with --eval-bleu so that its checkpoint also
+    holds the numpy metric arrays fairseq saves."""
+    save_dir = tmp_path_factory.mktemp("teacher")
+    run(
+        "fairseq-train", data_bin, "--arch", "transformer", *TINY_TRANSFORMER, *TRAIN_FLAGS,
+        "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--max-epoch", "6", "--dropout", "0",
+        "--eval-bleu", "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric",
+        "--save-dir", save_dir,
+    )
+    return save_dir / "checkpoint_best.pt"

@@ -1,0 +1,131 @@
+"""End to end through the console scripts, as a user runs them: stock fairseq teacher -> KD student ->
+fairseq-generate with BLEU; checkpoint loading under torch's weights_only; bad inputs."""
+import os
+import pickle
+import re
+
+import pytest
+import torch
+
+import fairseq_kd  # noqa: F401  (torch.load of fairseq checkpoints below relies on its allowlist)
+from conftest import PLUGIN, TINY_TRANSFORMER, TRAIN_FLAGS, binarize, run, write_parallel
+
+STUDENT = ["--arch", "transformer_student_tiny", *TINY_TRANSFORMER]
+
+
+def train_student(data_bin, save_dir, *extra, expect_ok=True):
+    return run(
+        "fairseq-train", data_bin, "--user-dir", PLUGIN, *STUDENT, *TRAIN_FLAGS, "--save-dir", save_dir,
+        "--criterion", "kd_label_smoothed_cross_entropy", "--label-smoothing", "0.1", *extra,
+        expect_ok=expect_ok,
+    )
+
+
+def sacrebleu_of(generate_output):
+    return float(re.search(r"Generate test with beam=\d+: BLEU = ([\d.]+)", generate_output).group(1))
+
+
+@pytest.fixture(scope="module")
+def kd_student(data_bin, teacher, tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("kd_student")
+    proc = train_student(
+        data_bin, save_dir, "--task", "translation_distillation", "--teacher-path", teacher,
+        "--kd-alpha", "0.5", "--kd-temperature", "2", "--max-epoch", "6", "--dropout", "0",
+        "--eval-bleu", "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric",
+    )
+    return save_dir, proc.stdout + proc.stderr
+
+
+def test_kd_training_logs_each_term(kd_student):
+    _, log = kd_student
+    train = [line for line in log.splitlines() if "| train |" in line]
+    valid = [line for line in log.splitlines() if "| valid |" in line]
+    assert train and valid
+    for line in (train[-1], valid[-1]):
+        for field in ("loss", "nll_loss", "kd_loss", "ppl"):
+            assert re.search(rf"\| {field} [\d.]+", line), (field, line)
+    assert re.search(r"\| bleu [\d.]+", valid[-1])
+
+
+def test_student_decodes_with_stock_generate(data_bin, teacher, kd_student):
+    save_dir, _ = kd_student
+    scores = {}
+    for name, checkpoint in (("teacher", teacher), ("student", save_dir / "checkpoint_best.pt")):
+        proc = run(
+            "fairseq-generate", data_bin, "--user-dir", PLUGIN, "--path", checkpoint, "--cpu",
+            "--beam", "2", "--scoring", "sacrebleu", "--max-tokens", "2000",
+        )
+        scores[name] = sacrebleu_of(proc.stdout + proc.stderr)
+    # the toy task is learnable: both must translate far better than chance (BLEU ~1)
+    assert scores["teacher"] > 50, scores
+    assert 5 < scores["student"] <= 100, scores
+
+
+def test_student_checkpoint_holds_no_teacher(data_bin, kd_student, tmp_path):
+    save_dir, _ = kd_student
+    train_student(data_bin, tmp_path, "--kd-alpha", "0", "--max-epoch", "1")
+    kd = torch.load(save_dir / "checkpoint_last.pt")
+    plain = torch.load(tmp_path / "checkpoint_last.pt")
+    assert not [key for key in kd["model"] if "teacher" in key]
+    assert {k: v.shape for k, v in kd["model"].items()} == {k: v.shape for k, v in plain["model"].items()}
+    kd_size = (save_dir / "checkpoint_last.pt").stat().st_size
+    plain_size = (tmp_path / "checkpoint_last.pt").stat().st_size
+    assert abs(kd_size - plain_size) < 0.01 * plain_size, (kd_size, plain_size)
+
+
+def test_stock_generate_needs_the_plugin_to_load_checkpoints(data_bin, teacher):
+    """torch >= 2.6 refuses fairseq checkpoints under weights_only; importing the plugin allowlists them."""
+    without = run("fairseq-generate", data_bin, "--path", teacher, "--cpu", "--max-tokens", "2000", expect_ok=False)
+    assert without.returncode != 0 and "Unsupported global" in without.stderr
+    run("fairseq-generate", data_bin, "--path", teacher, "--cpu", "--max-tokens", "2000", "--user-dir", PLUGIN)
+
+
+def test_weights_only_still_refuses_other_globals(tmp_path):
+    torch.save({"payload": os.system}, tmp_path / "evil.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        torch.load(tmp_path / "evil.pt")
+
+
+@pytest.fixture(scope="module")
+def other_dict_bin(tmp_path_factory):
+    """Data binarized with a different dictionary than the teacher's."""
+    root = tmp_path_factory.mktemp("other")
+    write_parallel(root, seed=1, vocab=14)
+    return binarize(root, root / "bin")
+
+
+@pytest.fixture(scope="module")
+def corrupt_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corrupt") / "teacher.pt"
+    path.write_bytes(b"this is not a checkpoint")
+    return path
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--teacher-path", "{missing}"], "--teacher-path: no such file"),
+        (["--teacher-path", "{corrupt}"], "cannot read"),
+        (["--teacher-path", "{teacher}", "--data", "{other}"], "differs from the data's"),
+        (["--teacher-path", "{teacher}", "--kd-alpha", "1.5"], "--kd-alpha must be in [0, 1], got 1.5"),
+        (["--teacher-path", "{teacher}", "--kd-alpha", "-0.1"], "--kd-alpha must be in [0, 1]"),
+        (["--teacher-path", "{teacher}", "--kd-temperature", "0"], "--kd-temperature must be > 0"),
+        (["--teacher-path", "{teacher}", "--kd-topk", "-1"], "--kd-topk must be between 0"),
+        (["--teacher-path", "{teacher}", "--kd-topk", "100000"], "--kd-topk must be between 0"),
+        (["--teacher-path", "{teacher}:{teacher}", "--teacher-weights", "1"], "has 1 values but"),
+        (["--teacher-path", "{teacher}", "--teacher-weights", "-1"], "must be non-negative"),
+        (["--kd-alpha", "0.5"], "needs a teacher"),
+    ],
+)
+def test_bad_input_gives_one_clear_error(data_bin, teacher, other_dict_bin, corrupt_checkpoint, tmp_path, flags, message):
+    values = dict(missing=tmp_path / "nope.pt", corrupt=corrupt_checkpoint, teacher=teacher, other=other_dict_bin)
+    flags = [flag.format(**values) for flag in flags]
+    data = flags.pop(flags.index("--data") + 1) if "--data" in flags else data_bin
+    flags = [f for f in flags if f != "--data"]
+    proc = train_student(
+        data, tmp_path / "ckpt", "--task", "translation_distillation", "--max-epoch", "1", *flags, expect_ok=False
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fairseq_kd: error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

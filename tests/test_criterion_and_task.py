@@ -1,0 +1,97 @@
+"""The criterion and task in-process, on a real batch of the tiny data."""
+import pytest
+import torch
+from fairseq import options, tasks
+from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+from conftest import PLUGIN, TINY_TRANSFORMER
+
+
+def build(data_bin, *extra):
+    """(task, student, criterion) exactly as fairseq-train would build them from these flags."""
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(
+        parser,
+        [str(data_bin), "--user-dir", PLUGIN, "--task", "translation_distillation", "--arch",
+         "transformer_student_tiny", *TINY_TRANSFORMER, "--cpu", "--criterion", "kd_label_smoothed_cross_entropy",
+         "--label-smoothing", "0.1", "--dropout", "0", *map(str, extra)],
+    )
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(0)
+    model = task.build_model(cfg.model)
+    return task, model, task.build_criterion(cfg.criterion)
+
+
+def first_batch(task, split="valid"):
+    task.load_dataset(split)
+    dataset = task.dataset(split)
+    return dataset.collater([dataset[i] for i in range(8)])
+
+
+def test_alpha_zero_equals_label_smoothed_cross_entropy(data_bin, teacher):
+    task, model, criterion = build(data_bin, "--teacher-path", teacher, "--kd-alpha", 0)
+    sample = first_batch(task)
+    reference = LabelSmoothedCrossEntropyCriterion(task, sentence_avg=False, label_smoothing=0.1)
+    loss_ref, size_ref, log_ref = reference(model, sample)
+    task.add_teacher_lprobs(sample, model)
+    loss, size, log = criterion(model, sample)
+    assert size == size_ref
+    assert torch.equal(loss, loss_ref)
+    assert torch.equal(log["nll_loss"], log_ref["nll_loss"])
+    assert log["kd_loss"] > 0  # still measured and logged at alpha = 0
+
+
+def test_loss_combines_terms_and_ignores_padding(data_bin, teacher):
+    task, model, criterion = build(data_bin, "--teacher-path", teacher, "--kd-alpha", 0.3, "--kd-temperature", 2)
+    sample = first_batch(task)
+    pad = sample["target"].eq(task.target_dictionary.pad())
+    assert pad.any(), "the batch must contain padding for this test to mean anything"
+    task.add_teacher_lprobs(sample, model)
+    loss, _, log = criterion(model, sample)
+    ls_only, _, _ = LabelSmoothedCrossEntropyCriterion(task, False, 0.1)(model, sample)
+    assert loss.item() == pytest.approx(0.7 * ls_only.item() + 0.3 * log["kd_loss"].item(), rel=1e-5)
+    # garbage teacher distributions at padded positions change nothing
+    sample["teacher_lprobs"][pad] = torch.log_softmax(torch.randn_like(sample["teacher_lprobs"][pad]) * 10, -1)
+    loss_garbage, _, _ = criterion(model, sample)
+    assert torch.allclose(loss_garbage, loss)
+
+
+def test_teacher_is_frozen_in_eval_mode_and_outside_the_student(data_bin, teacher):
+    task, model, criterion = build(data_bin, "--teacher-path", teacher, "--kd-alpha", 0.5)
+    (teacher_model,) = task.teachers
+    before = {k: v.clone() for k, v in teacher_model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+
+    class Backward:  # the slice of fairseq's optimizer interface that train_step uses
+        def backward(self, loss):
+            loss.backward()
+
+    sample = first_batch(task, "train")
+    task.train_step(sample, model, criterion, Backward(), update_num=1)
+    optimizer.step()
+    assert not any(m.training for m in teacher_model.modules())
+    assert not any(p.requires_grad or p.grad is not None for p in teacher_model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher_model.state_dict().items())
+    assert not any("teacher" in key for key in model.state_dict())
+    assert {id(p) for p in model.parameters()}.isdisjoint({id(p) for p in teacher_model.parameters()})
+
+
+def test_teacher_ensemble_weights(data_bin, teacher):
+    task, model, _ = build(data_bin, "--teacher-path", f"{teacher}:{teacher}", "--teacher-weights", "1,3")
+    assert task.teacher_weights.tolist() == [0.25, 0.75]
+    sample = first_batch(task)
+    task.add_teacher_lprobs(sample, model)
+    single = build(data_bin, "--teacher-path", teacher)[0]
+    single.add_teacher_lprobs(reference := first_batch(single), model)
+    # two copies of one teacher average to that teacher
+    assert torch.allclose(sample["teacher_lprobs"], reference["teacher_lprobs"], atol=1e-5)
+
+
+def test_without_teacher_the_task_is_translation(data_bin):
+    task, model, criterion = build(data_bin, "--kd-alpha", 0)
+    assert task.teachers == []
+    sample = first_batch(task)
+    task.valid_step(sample, model, criterion)
+    assert "teacher_lprobs" not in sample
