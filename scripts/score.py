@@ -32,8 +32,10 @@ def hypotheses_in_corpus_order(generate_log, num_lines):
 
 def count_parameters(checkpoint):
     """Parameters of the saved model, counting tied (shared) tensors once."""
-    tensors = torch.load(checkpoint, map_location="cpu")["model"].values()
-    unique = {t.untyped_storage().data_ptr(): t.numel() for t in tensors if t.is_floating_point()}
+    state = torch.load(checkpoint, map_location="cpu")["model"]
+    # fairseq also saves one-element "<module>.version" tensors, which are not parameters
+    tensors = [t for key, t in state.items() if not key.endswith(".version")]
+    unique = {t.untyped_storage().data_ptr(): t.numel() for t in tensors}
     return sum(unique.values())
 
 

@@ -95,3 +95,15 @@ def test_without_teacher_the_task_is_translation(data_bin):
     sample = first_batch(task)
     task.valid_step(sample, model, criterion)
     assert "teacher_lprobs" not in sample
+
+
+def test_topk_over_the_whole_vocabulary_equals_the_full_distribution(data_bin, teacher):
+    task, model, full = build(data_bin, "--teacher-path", teacher, "--kd-alpha", 1, "--kd-temperature", 2)
+    vocab_size = len(task.target_dictionary)
+    sample = first_batch(task)
+    task.add_teacher_lprobs(sample, model)
+    _, _, log_full = full(model, sample)
+    for k, same in ((vocab_size, True), (2, False)):
+        topk = build(data_bin, "--teacher-path", teacher, "--kd-alpha", 1, "--kd-temperature", 2, "--kd-topk", k)[2]
+        _, _, log_topk = topk(model, sample)
+        assert torch.isclose(log_topk["kd_loss"], log_full["kd_loss"], rtol=1e-4) == same, k
