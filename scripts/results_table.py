@@ -21,22 +21,23 @@ def main():
             records.append(json.load(f))
     reference = records[0]
     lines = [
-        "| model | params | params vs first | BLEU | chrF | BLEU retention | decode test (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| model | params | params vs first | test BLEU | test chrF | BLEU retention | valid BLEU | decode test (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    reference_bleu = reference["test"]["bleu"]
     for r in records:
         r["param_ratio"] = round(r["params"] / reference["params"], 3)
-        r["bleu_retention"] = round(r["bleu"] / reference["bleu"], 3) if reference["bleu"] > 0 else None
+        r["bleu_retention"] = round(r["test"]["bleu"] / reference_bleu, 3) if reference_bleu > 0 else None
         retention = f"{100 * r['bleu_retention']:.1f} %" if r["bleu_retention"] is not None else "n/a"
         lines.append(
-            f"| {r['name']} | {r['params'] / 1e6:.2f} M | {100 * r['param_ratio']:.0f} % | {r['bleu']:.2f} "
-            f"| {r['chrf']:.2f} | {retention} | {r['decode_seconds']:.0f} |"
+            f"| {r['name']} | {r['params'] / 1e6:.2f} M | {100 * r['param_ratio']:.0f} % | {r['test']['bleu']:.2f} "
+            f"| {r['test']['chrf']:.2f} | {retention} | {r['valid']['bleu']:.2f} | {r['decode_seconds']:.0f} |"
         )
     with open(args.json, "w") as f:
         json.dump(records, f, indent=1)
     print("\n".join(lines))
     print(f"\nBLEU: {reference['bleu_signature']}\nchrF: {reference['chrf_signature']}")
-    print(f"decoding: {reference['sentences']} sentences, {reference['threads']} CPU threads")
+    print(f"decoding: {reference['test']['sentences']} test sentences, {reference['threads']} CPU threads")
 
 
 if __name__ == "__main__":

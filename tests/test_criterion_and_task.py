@@ -107,3 +107,4 @@ def test_topk_over_the_whole_vocabulary_equals_the_full_distribution(data_bin, t
         topk = build(data_bin, "--teacher-path", teacher, "--kd-alpha", 1, "--kd-temperature", 2, "--kd-topk", k)[2]
         _, _, log_topk = topk(model, sample)
         assert torch.isclose(log_topk["kd_loss"], log_full["kd_loss"], rtol=1e-4) == same, k
+

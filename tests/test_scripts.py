@@ -19,23 +19,45 @@ def load_script(name):
 def test_hypotheses_are_put_back_in_corpus_order(tmp_path):
     log = tmp_path / "generate.log"
     # fairseq-generate prints sentences in length-sorted batches, not corpus order
-    log.write_text("S-2\tc\nH-2\t-0.1\tC\nD-2\t-0.1\tdrei\nD-0\t-0.2\teins\nS-1\tb\nD-1\t-0.3\t\n")
-    score = load_script("score")
-    assert score.hypotheses_in_corpus_order(log, 3) == ["eins", "", "drei"]
+    log.write_text(
+        "S-2\tc\nH-2\t-0.1\t▁dr ei\nD-2\t-0.1\tdrei\nH-0\t-0.2\t▁eins\nD-0\t-0.2\teins\n"
+        "S-1\tb\nH-1\t-0.3\t\nD-1\t-0.3\t\n"
+    )
+    generate_log = load_script("generate_log")
+    assert generate_log.hypotheses_in_corpus_order(log, 3) == ["eins", "", "drei"]
+    assert generate_log.hypotheses_in_corpus_order(log, 3, kind="H") == ["▁eins", "", "▁dr ei"]
     with pytest.raises(SystemExit, match="no hypothesis for 1 sentences"):
-        score.hypotheses_in_corpus_order(log, 4)
+        generate_log.hypotheses_in_corpus_order(log, 4)
 
 
 def test_results_table_reports_retention_against_the_first_model(tmp_path):
     records = []
     for name, params, bleu in (("teacher", 8_000_000, 40.0), ("student", 2_000_000, 38.0)):
-        record = dict(name=name, params=params, bleu=bleu, chrf=60.0, bleu_signature="sig", chrf_signature="sig",
-                      decode_seconds=10.0, threads=1, sentences=1000)
+        record = dict(name=name, params=params, test=dict(bleu=bleu, chrf=60.0, sentences=1000),
+                      valid=dict(bleu=bleu + 1, chrf=61.0, sentences=1014), bleu_signature="sig",
+                      chrf_signature="sig", decode_seconds=10.0, threads=1)
         (tmp_path / f"{name}.json").write_text(json.dumps(record))
         records.append(str(tmp_path / f"{name}.json"))
     out = subprocess.run(
         [sys.executable, REPO / "scripts" / "results_table.py", "--json", tmp_path / "all.json", *records],
         capture_output=True, text=True, check=True,
     ).stdout
-    assert "| student | 2.00 M | 25 % | 38.00 | 60.00 | 95.0 % | 10 |" in out
+    assert "| student | 2.00 M | 25 % | 38.00 | 60.00 | 95.0 % | 39.00 | 10 |" in out
     assert [r["bleu_retention"] for r in json.loads((tmp_path / "all.json").read_text())] == [1.0, 0.95]
+
+
+def test_distilled_corpus_restores_order_and_drops_degenerate_outputs(tmp_path):
+    (tmp_path / "train.src").write_text("a b\nc d e\nf\n")
+    (tmp_path / "train.tgt").write_text("A B\nC D E\nF\n")
+    # out of order; sentence 1 is empty, sentence 2 far too long
+    (tmp_path / "gen.log").write_text("H-2\t-1\tX X X X X X X\nH-0\t-1\tA2 B2\nH-1\t-1\t\n")
+    common = [
+        sys.executable, REPO / "scripts" / "distilled_corpus.py", "--generate-log", tmp_path / "gen.log",
+        "--source", tmp_path / "train.src", "--target", tmp_path / "train.tgt", "--src", "src", "--tgt", "tgt",
+    ]
+    subprocess.run([*common, "--out-prefix", tmp_path / "kd" / "train"], check=True, capture_output=True)
+    assert (tmp_path / "kd" / "train.src").read_text() == "a b\n"
+    assert (tmp_path / "kd" / "train.tgt").read_text() == "A2 B2\n"
+    subprocess.run([*common, "--out-prefix", tmp_path / "union" / "train", "--union"], check=True, capture_output=True)
+    assert (tmp_path / "union" / "train.tgt").read_text() == "A2 B2\nA B\nC D E\nF\n"
+    assert (tmp_path / "union" / "train.src").read_text() == "a b\na b\nc d e\nf\n"

@@ -1,0 +1,64 @@
+"""Turn a teacher's beam search over the training source into a sequence-level KD corpus.
+
+    python scripts/distilled_corpus.py --generate-log train.generate.log \
+        --source subword/train.en --target subword/train.de --out-prefix distilled/train \
+        --src en --tgt de [--union] [--max-length-ratio 3]
+
+Reads the teacher's subword hypotheses (``H-`` lines of ``fairseq-generate --gen-subset train`` without
+``--post-process``) in corpus order and writes ``OUT_PREFIX.SRC`` / ``OUT_PREFIX.TGT``. Degenerate outputs
+are dropped: empty hypotheses and those whose length ratio to the source lies outside
+[1 / max-length-ratio, max-length-ratio]. With ``--union`` the original pairs are kept as well
+(Kim & Rush, 2016 found both useful).
+"""
+import argparse
+import os
+
+from generate_log import hypotheses_in_corpus_order
+
+
+def keep(source, hypothesis, max_length_ratio):
+    src_len, hyp_len = len(source.split()), len(hypothesis.split())
+    return hyp_len > 0 and 1 / max_length_ratio <= hyp_len / max(src_len, 1) <= max_length_ratio
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--generate-log", required=True)
+    parser.add_argument("--source", required=True, help="subword source text, one sentence per line")
+    parser.add_argument("--target", required=True, help="subword original targets (used with --union)")
+    parser.add_argument("--out-prefix", required=True)
+    parser.add_argument("--src", required=True)
+    parser.add_argument("--tgt", required=True)
+    parser.add_argument("--union", action="store_true", help="keep the original pairs too")
+    parser.add_argument("--max-length-ratio", type=float, default=3.0)
+    args = parser.parse_args()
+    if args.max_length_ratio < 1:
+        parser.error(f"--max-length-ratio must be >= 1, got {args.max_length_ratio}")
+
+    with open(args.source, encoding="utf-8") as f:
+        sources = [line.rstrip("\n") for line in f]
+    with open(args.target, encoding="utf-8") as f:
+        targets = [line.rstrip("\n") for line in f]
+    if len(sources) != len(targets):
+        parser.error(f"{args.source} has {len(sources)} lines but {args.target} has {len(targets)}")
+    hypotheses = hypotheses_in_corpus_order(args.generate_log, len(sources), kind="H")
+
+    pairs = [(s, h) for s, h in zip(sources, hypotheses) if keep(s, h, args.max_length_ratio)]
+    dropped = len(sources) - len(pairs)
+    if args.union:
+        pairs += list(zip(sources, targets))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out_prefix)), exist_ok=True)
+    with open(f"{args.out_prefix}.{args.src}", "w", encoding="utf-8") as fs, open(
+        f"{args.out_prefix}.{args.tgt}", "w", encoding="utf-8"
+    ) as ft:
+        for source, target in pairs:
+            fs.write(source + "\n")
+            ft.write(target + "\n")
+    print(
+        f"[distill] {len(sources)} teacher outputs, {dropped} dropped as degenerate, "
+        f"{len(pairs)} pairs written{' (with the originals)' if args.union else ''}"
+    )
+
+
+if __name__ == "__main__":
+    main()

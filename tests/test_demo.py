@@ -1,0 +1,80 @@
+"""The demo recipe (README command 1) on a tiny Multi30k-shaped corpus: every stage, the results table,
+skipping finished stages on a re-run, and a failing stage naming its log."""
+import gzip
+import os
+import random
+import re
+import subprocess
+
+import pytest
+
+from conftest import BIN, REPO
+
+SPLITS = {"train": 300, "val": 30, "test_2016_flickr": 30}
+
+
+def fake_multi30k(directory):
+    """Gzipped en/de files named like Multi30k's data/task1/raw, with a word-for-word toy translation."""
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    lexicon = [("".join(rng.choices(letters, k=4)), "".join(rng.choices(letters, k=5))) for _ in range(30)]
+    for split, n in SPLITS.items():
+        sentences = [[rng.choice(lexicon) for _ in range(rng.randint(3, 8))] for _ in range(n)]
+        for lang, side in (("en", 0), ("de", 1)):
+            with gzip.open(directory / f"{split}.{lang}.gz", "wt") as f:
+                f.writelines(" ".join(pair[side] for pair in s).capitalize() + " .\n" for s in sentences)
+
+
+def run_demo(tmp_path, **env):
+    return subprocess.run(
+        ["bash", REPO / "examples" / "multi30k" / "run.sh"],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "PATH": f"{BIN}:{os.environ['PATH']}",
+            "OMP_NUM_THREADS": "1",
+            "MULTI30K_DIR": str(tmp_path / "raw"),
+            "WORK": str(tmp_path / "work"),
+            "VOCAB_SIZE": "60",
+            "TEACHER_UPDATES": "4",
+            "STUDENT_UPDATES": "2",
+            **env,
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("demo")
+    (tmp_path / "raw").mkdir()
+    fake_multi30k(tmp_path / "raw")
+    failed = run_demo(tmp_path, STUDENT_ARCH="no_such_arch")
+    finished = run_demo(tmp_path)
+    return tmp_path, failed, finished
+
+
+def test_a_failing_stage_stops_the_demo_and_names_its_log(demo):
+    tmp_path, failed, _ = demo
+    assert failed.returncode == 1
+    assert f"error: stage 'student-no-kd' failed; see {tmp_path}/work/student-no-kd.log" in failed.stderr
+    assert "[teacher] running" in failed.stdout
+
+
+def test_rerun_skips_finished_stages_and_prints_the_table(demo):
+    tmp_path, _, finished = demo
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    for stage in ("prepare", "teacher", "distill"):
+        assert f"[{stage}] finished earlier, skipping" in finished.stdout
+    assert "[student-no-kd] running" in finished.stdout
+    table = (tmp_path / "work" / "results.md").read_text()
+    names = ["teacher", "student-no-kd", "student-word-kd", "student-seq-kd", "student-seq-word-kd"]
+    rows = [line for line in table.splitlines() if re.match(r"\| (teacher|student)", line)]
+    assert [row.split("|")[1].strip() for row in rows] == names
+    assert "BLEU: nrefs:1|case:mixed" in table
+    # the distilled corpus is in the training source's order: line i of its source is line i of the original
+    distilled_src = (tmp_path / "work" / "distill" / "train.en").read_text().splitlines()
+    original_src = (tmp_path / "work" / "subword" / "train.en").read_text().splitlines()
+    assert distilled_src and set(distilled_src) <= set(original_src)
+    positions = [original_src.index(line) for line in distilled_src]
+    assert positions == sorted(positions)
