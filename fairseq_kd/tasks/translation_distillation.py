@@ -55,8 +55,13 @@ class TranslationDistillationTask(TranslationTask):
         try:
             state = checkpoint_utils.load_checkpoint_to_cpu(path)
         except Exception as e:
+            # torch wraps the actual reason in paragraphs of advice; keep the last line before its doc link
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            lines = [line for line in lines if not line.startswith("Check the documentation")]
+            reason = lines[-1] if lines else type(e).__name__
             raise FairseqKDError(
-                f"--teacher-path: cannot read {path!r} as a fairseq checkpoint ({type(e).__name__}: {e})"
+                f"--teacher-path: cannot read {path!r} as a fairseq checkpoint ({reason}); give a checkpoint"
+                " written by fairseq-train"
             ) from e
         cfg = state["cfg"] if state.get("cfg") is not None else convert_namespace_to_omegaconf(state["args"])
         self.check_teacher_dictionaries(path, cfg, state["model"])
