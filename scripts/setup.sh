@@ -19,5 +19,6 @@ echo "[setup] $FAIRSEQ without its declared dependencies (they name torchaudio, 
 pip_install --no-deps "$FAIRSEQ"
 
 echo "[setup] fairseq_kd (editable) with fairseq's run-time needs and the test tools"
+echo "        (pip then reports that ve-fairseq wants torchaudio: expected, see README)"
 pip_install -e "$ROOT[test]"
 "$VENV/bin/python" -c "import fairseq, fairseq_kd, torch; print(f'[setup] ok: torch {torch.__version__}, fairseq {fairseq.__version__}')"
