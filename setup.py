@@ -29,4 +29,5 @@ setup(
         "matplotlib",
     ],
     extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["fairseq-kd-build-cache = fairseq_kd.topk_cache:main"]},
 )

@@ -23,6 +23,8 @@ def ensemble_lprobs(lprobs_teachers: List[torch.Tensor], weights: torch.Tensor) 
     Returns:
         ``(..., V)`` log-probabilities of ``sum_k weights[k] * p_k``.
     """
+    if len(lprobs_teachers) == 1:
+        return lprobs_teachers[0].float()
     stacked = torch.stack([lp.float() for lp in lprobs_teachers], dim=0)
     log_w = weights.float().log().view(-1, *([1] * (stacked.dim() - 1)))
     return torch.logsumexp(stacked + log_w.to(stacked.device), dim=0)

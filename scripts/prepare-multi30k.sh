@@ -3,6 +3,7 @@
 # Usage: prepare-multi30k.sh OUT_DIR [SRC] [TGT]
 #   MULTI30K_DIR=dir   read the official gzipped raw files from dir instead of downloading them
 #   SUBWORDS=spm|bpe   sentencepiece unigram (default) or subword-nmt BPE, joint, VOCAB_SIZE pieces/merges
+#   TRAIN_SENTENCES=n  keep only the first n training pairs (0, the default: all)
 set -euo pipefail
 
 OUT=${1:?usage: prepare-multi30k.sh OUT_DIR [SRC] [TGT]}
@@ -10,6 +11,7 @@ SRC=${2:-en}
 TGT=${3:-de}
 VOCAB_SIZE=${VOCAB_SIZE:-8000}
 SUBWORDS=${SUBWORDS:-spm}
+TRAIN_SENTENCES=${TRAIN_SENTENCES:-0}
 MULTI30K_DIR=${MULTI30K_DIR:-}
 URL=https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw
 SCRIPTS=$(cd "$(dirname "$0")" && pwd)
@@ -36,6 +38,10 @@ for split in "${!SPLITS[@]}"; do
             gzip -dc "$MULTI30K_DIR/$name" > "$OUT/raw/$split.$lang"
         else
             curl -fsSL "$URL/$name" | gzip -dc > "$OUT/raw/$split.$lang"
+        fi
+        if [ "$split" = train ] && [ "$TRAIN_SENTENCES" -gt 0 ]; then
+            head -n "$TRAIN_SENTENCES" "$OUT/raw/train.$lang" > "$OUT/raw/train.$lang.head"
+            mv "$OUT/raw/train.$lang.head" "$OUT/raw/train.$lang"
         fi
     done
 done

@@ -64,9 +64,10 @@ def test_a_failing_stage_stops_the_demo_and_names_its_log(demo):
 def test_rerun_skips_finished_stages_and_prints_the_table(demo):
     tmp_path, _, finished = demo
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
-    for stage in ("prepare", "teacher", "distill"):
+    for stage in ("prepare", "teacher", "distill", "cache", "cache-distilled"):
         assert f"[{stage}] finished earlier, skipping" in finished.stdout
-    assert "[student-no-kd] running" in finished.stdout
+    for stage in ("student-no-kd", "student-word-kd"):
+        assert f"[{stage}] running" in finished.stdout
     table = (tmp_path / "work" / "results.md").read_text()
     names = ["teacher", "student-no-kd", "student-word-kd", "student-seq-kd", "student-seq-word-kd"]
     rows = [line for line in table.splitlines() if re.match(r"\| (teacher|student)", line)]
@@ -78,3 +79,20 @@ def test_rerun_skips_finished_stages_and_prints_the_table(demo):
     assert distilled_src and set(distilled_src) <= set(original_src)
     positions = [original_src.index(line) for line in distilled_src]
     assert positions == sorted(positions)
+
+
+def test_prepare_with_bpe_and_a_training_prefix(tmp_path):
+    (tmp_path / "raw").mkdir()
+    fake_multi30k(tmp_path / "raw")
+    proc = subprocess.run(
+        ["bash", REPO / "scripts" / "prepare-multi30k.sh", tmp_path / "out", "en", "de"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MULTI30K_DIR": str(tmp_path / "raw"),
+             "SUBWORDS": "bpe", "VOCAB_SIZE": "60", "TRAIN_SENTENCES": "100"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "out" / "subword" / "bpe.codes").exists()
+    assert len((tmp_path / "out" / "raw" / "train.de").read_text().splitlines()) == 100
+    assert len((tmp_path / "out" / "raw" / "test.de").read_text().splitlines()) == SPLITS["test_2016_flickr"]
+    assert (tmp_path / "out" / "data-bin" / ".done").exists()

@@ -61,10 +61,16 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             raise FairseqKDError(
                 f"--kd-topk must be between 0 (full distribution) and the vocabulary size {vocab_size}, got {kd_topk}"
             )
-        if kd_alpha > 0 and not getattr(task, "teachers", None):
+        cache_k = getattr(task, "topk_cache_k", None)
+        if kd_alpha > 0 and not getattr(task, "teachers", None) and cache_k is None:
             raise FairseqKDError(
                 f"--kd-alpha {kd_alpha} needs a teacher, but the task has none: use --task translation_distillation"
-                " --teacher-path TEACHER.pt, or set --kd-alpha 0"
+                " --teacher-path TEACHER.pt (or --teacher-topk-cache DIR), or set --kd-alpha 0"
+            )
+        if cache_k is not None and kd_topk != cache_k:
+            raise FairseqKDError(
+                f"--teacher-topk-cache holds the teachers' top-{cache_k}, so pass --kd-topk {cache_k}"
+                f" (got {kd_topk}), or rebuild the cache with fairseq-kd-build-cache --topk {kd_topk}"
             )
         self.kd_alpha = kd_alpha
         self.kd_temperature = kd_temperature
@@ -84,7 +90,7 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             "nsentences": sample["target"].size(0),
             "sample_size": sample["target"].size(0) if self.sentence_avg else sample["ntokens"],
         }
-        if "teacher_lprobs" in sample:
+        if "teacher_lprobs" in sample or "teacher_topk" in sample:
             kd_loss = self.compute_kd_loss(net_output, sample, target, reduce)
             loss = (1.0 - self.kd_alpha) * ls_loss + self.kd_alpha * kd_loss
             logging_output["loss"] = loss.data
@@ -96,19 +102,22 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         return loss, logging_output["sample_size"], logging_output
 
     def compute_kd_loss(self, net_output, sample, target, reduce=True):
-        """T^2 * KL(teacher_T || student_T) per target token; padding positions give 0."""
-        logits_student = net_output[0]
-        lprobs_teacher = sample["teacher_lprobs"]
-        if self.ignore_prefix_size > 0:
-            logits_student = logits_student[:, self.ignore_prefix_size :, :]
-            lprobs_teacher = lprobs_teacher[:, self.ignore_prefix_size :, :]
+        """T^2 * KL(teacher_T || student_T) per target token; padding positions give 0. The teacher side
+        is the full distribution (``teacher_lprobs``, cut to its top-k with --kd-topk) or a cached top-k
+        (``teacher_topk``)."""
+        logits_student = net_output[0][:, self.ignore_prefix_size :, :]
         logits_student = logits_student.reshape(-1, logits_student.size(-1))
-        lprobs_teacher = lprobs_teacher.reshape(-1, lprobs_teacher.size(-1))
-        if self.kd_topk > 0:
-            values, ids = topk_lprobs(lprobs_teacher, self.kd_topk)
+        if "teacher_topk" in sample:
+            values, ids = (t[:, self.ignore_prefix_size :, :].reshape(-1, self.kd_topk) for t in sample["teacher_topk"])
             kd_loss = kd_topk_kl_loss(logits_student, values, ids, self.kd_temperature)
         else:
-            kd_loss = kd_kl_loss(logits_student, lprobs_teacher, self.kd_temperature)
+            lprobs_teacher = sample["teacher_lprobs"][:, self.ignore_prefix_size :, :]
+            lprobs_teacher = lprobs_teacher.reshape(-1, lprobs_teacher.size(-1))
+            if self.kd_topk > 0:
+                values, ids = topk_lprobs(lprobs_teacher, self.kd_topk)
+                kd_loss = kd_topk_kl_loss(logits_student, values, ids, self.kd_temperature)
+            else:
+                kd_loss = kd_kl_loss(logits_student, lprobs_teacher, self.kd_temperature)
         kd_loss = kd_loss.masked_fill(target.eq(self.padding_idx), 0.0)
         return kd_loss.sum() if reduce else kd_loss.unsqueeze(-1)
 

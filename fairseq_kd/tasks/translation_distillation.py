@@ -12,6 +12,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.kd_losses import ensemble_lprobs
+from fairseq_kd.topk_cache import TopKCache, TopKCacheDataset, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +33,20 @@ class TranslationDistillationConfig(TranslationConfig):
             " (normalised to sum to 1); default: equal weights"
         },
     )
+    teacher_topk_cache: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "directory written by fairseq-kd-build-cache: distil from the teachers' cached top-k"
+            " instead of running them (replaces --teacher-path; pass the cache's k as --kd-topk)"
+        },
+    )
 
 
 @register_task("translation_distillation", dataclass=TranslationDistillationConfig)
 class TranslationDistillationTask(TranslationTask):
     """``translation`` plus frozen teacher(s) whose log-probabilities on each batch are handed to the
-    criterion as ``sample["teacher_lprobs"]`` (B x T x V, float32).
+    criterion as ``sample["teacher_lprobs"]`` (B x T x V, float32), or, with a top-k cache, their cached
+    top-k as ``sample["teacher_topk"]`` (lprobs and ids, B x T x k).
 
     The teachers live on the task, not the model: they are never wrapped in DDP, never trained and never
     saved in student checkpoints.
@@ -45,6 +54,9 @@ class TranslationDistillationTask(TranslationTask):
 
     def __init__(self, cfg: TranslationDistillationConfig, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
+        if cfg.teacher_topk_cache and cfg.teacher_path:
+            raise FairseqKDError("give either --teacher-path or --teacher-topk-cache, not both")
+        self.topk_cache_k = read_manifest(cfg.teacher_topk_cache)["k"] if cfg.teacher_topk_cache else None
         paths = utils.split_paths(cfg.teacher_path) if cfg.teacher_path else []
         self.teachers = [self.load_teacher(path) for path in paths]
         self.teacher_weights = self.parse_teacher_weights(cfg.teacher_weights, len(paths))
@@ -130,20 +142,28 @@ class TranslationDistillationTask(TranslationTask):
         weights = torch.tensor(weights)
         return weights / weights.sum()
 
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        super().load_dataset(split, epoch, combine, **kwargs)
+        if self.cfg.teacher_topk_cache:
+            cache = TopKCache(self.cfg.teacher_topk_cache, split, self.datasets[split], self.tgt_dict)
+            self.datasets[split] = TopKCacheDataset(self.datasets[split], cache, self.cfg.left_pad_target)
+
     @torch.no_grad()
-    def add_teacher_lprobs(self, sample, model):
-        """Run the teachers on ``sample`` and store their averaged log-probabilities in it."""
-        if not self.teachers:
-            return
-        param = next(model.parameters())
+    def teacher_lprobs(self, net_input, device, dtype):
+        """The teachers' averaged log-probabilities (B x T x V, float32) for a batch on ``device``."""
         lprobs = []
         for teacher in self.teachers:
+            teacher.to(device=device, dtype=dtype)
+            net_output = teacher(**net_input)
+            lprobs.append(teacher.get_normalized_probs(net_output, log_probs=True))
+        return ensemble_lprobs(lprobs, self.teacher_weights)
+
+    def add_teacher_lprobs(self, sample, model):
+        if self.teachers:
             # follow the student's device and dtype (--fp16/--bf16 convert the student after the task
             # is set up)
-            teacher.to(device=param.device, dtype=param.dtype)
-            net_output = teacher(**sample["net_input"])
-            lprobs.append(teacher.get_normalized_probs(net_output, log_probs=True))
-        sample["teacher_lprobs"] = ensemble_lprobs(lprobs, self.teacher_weights)
+            param = next(model.parameters())
+            sample["teacher_lprobs"] = self.teacher_lprobs(sample["net_input"], param.device, param.dtype)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         self.add_teacher_lprobs(sample, model)
