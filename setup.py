@@ -29,5 +29,10 @@ setup(
         "matplotlib",
     ],
     extras_require={"test": ["pytest"]},
-    entry_points={"console_scripts": ["fairseq-kd-build-cache = fairseq_kd.topk_cache:main"]},
+    entry_points={
+        "console_scripts": [
+            "fairseq-kd-build-cache = fairseq_kd.topk_cache:main",
+            "fairseq-kd-eval = fairseq_kd.evaluate:main",
+        ]
+    },
 )

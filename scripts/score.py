@@ -13,19 +13,9 @@ import json
 import os
 
 import torch
-from sacrebleu.metrics import BLEU, CHRF
 
-import fairseq_kd  # noqa: F401  (lets torch.load read fairseq checkpoints)
+from fairseq_kd.evaluate import count_parameters, quality_scores  # also lets torch.load read fairseq checkpoints
 from generate_log import hypotheses_in_corpus_order
-
-
-def count_parameters(checkpoint):
-    """Parameters of the saved model, counting tied (shared) tensors once."""
-    state = torch.load(checkpoint, map_location="cpu")["model"]
-    # fairseq also saves one-element "<module>.version" tensors, which are not parameters
-    tensors = [t for key, t in state.items() if not key.endswith(".version")]
-    unique = {t.untyped_storage().data_ptr(): t.numel() for t in tensors}
-    return sum(unique.values())
 
 
 def main():
@@ -38,21 +28,17 @@ def main():
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    record = {"name": args.name, "checkpoint": args.checkpoint, "params": count_parameters(args.checkpoint)}
-    bleu, chrf = BLEU(), CHRF()
+    state = torch.load(args.checkpoint, map_location="cpu")["model"]
+    record = {"name": args.name, "checkpoint": args.checkpoint, "params": count_parameters(state)[0]}
     for split in ("test", "valid"):
         generate_log, reference = getattr(args, split)
         with open(reference, encoding="utf-8") as f:
             refs = [line.rstrip("\n") for line in f]
-        hyps = hypotheses_in_corpus_order(generate_log, len(refs))
-        record[split] = {
-            "bleu": round(bleu.corpus_score(hyps, [refs]).score, 2),
-            "chrf": round(chrf.corpus_score(hyps, [refs]).score, 2),
-            "sentences": len(refs),
-        }
+        scores = quality_scores(hypotheses_in_corpus_order(generate_log, len(refs)), refs)
+        record[split] = {"bleu": scores["bleu"], "chrf": scores["chrf"], "ter": scores["ter"], "sentences": len(refs)}
     record.update(
-        bleu_signature=str(bleu.get_signature()),
-        chrf_signature=str(chrf.get_signature()),
+        bleu_signature=scores["bleu_signature"],
+        chrf_signature=scores["chrf_signature"],
         decode_seconds=args.decode_seconds,
         threads=torch.get_num_threads(),
     )

@@ -62,64 +62,13 @@ class TranslationDistillationTask(TranslationTask):
         self.teacher_weights = self.parse_teacher_weights(cfg.teacher_weights, len(paths))
 
     def load_teacher(self, path):
-        if not os.path.isfile(path):
-            raise FairseqKDError(f"--teacher-path: no such file {path!r}; give the teacher's checkpoint .pt file")
-        try:
-            state = checkpoint_utils.load_checkpoint_to_cpu(path)
-        except Exception as e:
-            # torch wraps the actual reason in paragraphs of advice; keep the last line before its doc link
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            lines = [line for line in lines if not line.startswith("Check the documentation")]
-            reason = lines[-1] if lines else type(e).__name__
-            raise FairseqKDError(
-                f"--teacher-path: cannot read {path!r} as a fairseq checkpoint ({reason}); give a checkpoint"
-                " written by fairseq-train"
-            ) from e
-        cfg = state["cfg"] if state.get("cfg") is not None else convert_namespace_to_omegaconf(state["args"])
-        self.check_teacher_dictionaries(path, cfg, state["model"])
+        cfg, state = read_checkpoint(path, "--teacher-path")
+        check_checkpoint_dictionaries(path, f"teacher {path}", cfg, state["model"], self)
         teacher = models.build_model(cfg.model, self, from_checkpoint=True)
         teacher.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
         teacher.requires_grad_(False).eval()
         logger.info(f"teacher {path}: {sum(p.numel() for p in teacher.parameters()):,} parameters")
         return teacher
-
-    def check_teacher_dictionaries(self, path, teacher_cfg, teacher_state):
-        """The teacher's dictionaries must equal the data's, symbol for symbol, or its distributions mean
-        nothing. They are looked for beside the checkpoint, then in the teacher's own data directory;
-        failing both, only the embedding sizes can be compared."""
-        search = [os.path.dirname(os.path.abspath(path))]
-        if getattr(teacher_cfg.task, "data", None):
-            search.append(utils.split_paths(teacher_cfg.task.data)[0])
-        fix = (
-            "re-binarize the data with the teacher's dictionaries (fairseq-preprocess --srcdict/--tgtdict"
-            " TEACHER_DATA/dict.LANG.txt)"
-        )
-        for side, data_dict, embed_key in (
-            ("source", self.src_dict, "encoder.embed_tokens.weight"),
-            ("target", self.tgt_dict, "decoder.embed_tokens.weight"),
-        ):
-            lang = self.cfg.source_lang if side == "source" else self.cfg.target_lang
-            dict_files = [os.path.join(d, f"dict.{lang}.txt") for d in search]
-            dict_file = next((f for f in dict_files if os.path.isfile(f)), None)
-            if dict_file is not None:
-                teacher_symbols = Dictionary.load(dict_file).symbols
-                index = first_difference(teacher_symbols, data_dict.symbols)
-                if index is not None:
-                    raise FairseqKDError(
-                        f"teacher {path}: its {side} dictionary {dict_file} ({len(teacher_symbols)} symbols)"
-                        f" differs from the data's ({len(data_dict)} symbols) at index {index}: teacher"
-                        f" {symbol_at(teacher_symbols, index)}, data {symbol_at(data_dict.symbols, index)}; {fix}"
-                    )
-            elif embed_key in teacher_state and teacher_state[embed_key].size(0) != len(data_dict):
-                raise FairseqKDError(
-                    f"teacher {path}: its {side} embedding has {teacher_state[embed_key].size(0)} rows but the"
-                    f" data's {side} dictionary has {len(data_dict)} symbols; {fix}"
-                )
-            else:
-                logger.warning(
-                    f"teacher {path}: no dict.{lang}.txt beside it or in its data directory, so the {side}"
-                    " dictionary could not be compared symbol by symbol; put the teacher's dictionaries beside the checkpoint"
-                )
 
     @staticmethod
     def parse_teacher_weights(text, num_teachers):
@@ -172,6 +121,64 @@ class TranslationDistillationTask(TranslationTask):
     def valid_step(self, sample, model, criterion):
         self.add_teacher_lprobs(sample, model)
         return super().valid_step(sample, model, criterion)
+
+
+def read_checkpoint(path, option):
+    """``(cfg, state)`` of a fairseq checkpoint; ``option`` names where the path came from in errors."""
+    if not os.path.isfile(path):
+        raise FairseqKDError(f"{option}: no such file {path!r}; give a checkpoint .pt file written by fairseq-train")
+    try:
+        state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    except Exception as e:
+        # torch wraps the actual reason in paragraphs of advice; keep the last line before its doc link
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        lines = [line for line in lines if not line.startswith("Check the documentation")]
+        reason = lines[-1] if lines else type(e).__name__
+        raise FairseqKDError(
+            f"{option}: cannot read {path!r} as a fairseq checkpoint ({reason}); give a checkpoint"
+            " written by fairseq-train"
+        ) from e
+    cfg = state["cfg"] if state.get("cfg") is not None else convert_namespace_to_omegaconf(state["args"])
+    return cfg, state
+
+
+def check_checkpoint_dictionaries(path, label, checkpoint_cfg, model_state, task):
+    """A checkpoint's dictionaries must equal the task's, symbol for symbol, or its outputs mean nothing.
+    They are looked for beside the checkpoint, then in the data directory it was trained on; failing
+    both, only the embedding sizes can be compared. ``label`` names the checkpoint in messages."""
+    search = [os.path.dirname(os.path.abspath(path))]
+    if getattr(checkpoint_cfg.task, "data", None):
+        search.append(utils.split_paths(checkpoint_cfg.task.data)[0])
+    fix = (
+        "re-binarize the data with the checkpoint's dictionaries (fairseq-preprocess --srcdict/--tgtdict"
+        " CHECKPOINT_DATA/dict.LANG.txt)"
+    )
+    for side, data_dict, embed_key in (
+        ("source", task.src_dict, "encoder.embed_tokens.weight"),
+        ("target", task.tgt_dict, "decoder.embed_tokens.weight"),
+    ):
+        lang = task.cfg.source_lang if side == "source" else task.cfg.target_lang
+        dict_files = [os.path.join(d, f"dict.{lang}.txt") for d in search]
+        dict_file = next((f for f in dict_files if os.path.isfile(f)), None)
+        if dict_file is not None:
+            checkpoint_symbols = Dictionary.load(dict_file).symbols
+            index = first_difference(checkpoint_symbols, data_dict.symbols)
+            if index is not None:
+                raise FairseqKDError(
+                    f"{label}: its {side} dictionary {dict_file} ({len(checkpoint_symbols)} symbols)"
+                    f" differs from the data's ({len(data_dict)} symbols) at index {index}: checkpoint"
+                    f" {symbol_at(checkpoint_symbols, index)}, data {symbol_at(data_dict.symbols, index)}; {fix}"
+                )
+        elif embed_key in model_state and model_state[embed_key].size(0) != len(data_dict):
+            raise FairseqKDError(
+                f"{label}: its {side} embedding has {model_state[embed_key].size(0)} rows but the"
+                f" data's {side} dictionary has {len(data_dict)} symbols; {fix}"
+            )
+        else:
+            logger.warning(
+                f"{label}: no dict.{lang}.txt beside it or in its data directory, so the {side}"
+                " dictionary could not be compared symbol by symbol; put its dictionaries beside the checkpoint"
+            )
 
 
 def first_difference(symbols_a, symbols_b):

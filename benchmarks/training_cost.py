@@ -1,0 +1,98 @@
+"""Training cost of word-level KD: the same student, data, batches and number of updates trained with
+plain label-smoothed cross-entropy, with an online teacher (full distribution and top-k) and from top-k
+teacher caches, one after the other in this one run; tokens/s and peak memory of each, as ratios to plain.
+
+    python benchmarks/training_cost.py --data work/multi30k-en-de-full/data-bin \
+        --teacher work/multi30k-en-de-full/teacher/checkpoint_last.pt --cache 8=work/multi30k-en-de-full/cache \
+        --updates 60 --out benchmarks/results/training_cost
+
+Tokens/s is the median of fairseq's per-interval ``wps`` after the first interval (start-up and warm-up
+excluded); peak memory is the peak resident set size of the training process. Writes OUT.json and OUT.md.
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fairseq_kd")
+STUDENT = (
+    "--arch transformer_student_tiny --share-all-embeddings --dropout 0.1 "
+    "--criterion kd_label_smoothed_cross_entropy --label-smoothing 0.1 "
+    "--optimizer adam --adam-betas (0.9,0.98) --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 300 "
+    "--max-tokens 4096 --seed 1 --log-format simple --disable-validation --no-save"
+).split()
+
+
+def train(data, updates, log_interval, extra):
+    """Run fairseq-train; return (per-interval wps values, peak RSS in MB)."""
+    command = [os.path.join(os.path.dirname(sys.executable), "fairseq-train"), data, "--user-dir", PLUGIN,
+               "--task", "translation_distillation", *STUDENT, "--cpu", "--max-update", str(updates),
+               "--log-interval", str(log_interval), *extra]
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        log.seek(0)
+        text = log.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"error: fairseq-train failed for {' '.join(extra)}:\n{text[-3000:]}")
+    wps = [float(v) for v in re.findall(r"train_inner \|.*?wps=([\d.]+)", text)]
+    return wps, usage.ru_maxrss / 1024
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="binarized training data")
+    parser.add_argument("--teacher", required=True, help="teacher checkpoint for the online variants")
+    parser.add_argument("--cache", action="append", default=[], metavar="K=DIR",
+                        help="a top-k cache of that teacher on --data (repeatable)")
+    parser.add_argument("--topk", type=int, default=8, help="k of the online top-k variant")
+    parser.add_argument("--updates", type=int, default=60)
+    parser.add_argument("--log-interval", type=int, default=10)
+    parser.add_argument("--out", required=True, help="writes OUT.json and OUT.md")
+    args = parser.parse_args()
+
+    variants = [
+        ("plain label-smoothed CE", ["--kd-alpha", "0"]),
+        ("online teacher, full distribution", ["--kd-alpha", "0.5", "--teacher-path", args.teacher]),
+        (f"online teacher, top-{args.topk}", ["--kd-alpha", "0.5", "--teacher-path", args.teacher, "--kd-topk", str(args.topk)]),
+    ]
+    for item in args.cache:
+        k, _, directory = item.partition("=")
+        variants.append((f"top-{k} cache", ["--kd-alpha", "0.5", "--teacher-topk-cache", directory, "--kd-topk", k]))
+
+    rows = []
+    for name, extra in variants:
+        wps, peak_mb = train(args.data, args.updates, args.log_interval, extra)
+        if len(wps) < 2:
+            sys.exit("error: too few log intervals; raise --updates or lower --log-interval")
+        rows.append({"variant": name, "flags": " ".join(extra), "tokens_per_s": statistics.median(wps[1:]),
+                     "peak_rss_mb": round(peak_mb, 1)})
+        print(f"{name}: {rows[-1]['tokens_per_s']:.0f} tokens/s, peak RSS {peak_mb:.0f} MB", flush=True)
+    plain = rows[0]
+    lines = ["| variant | target tokens/s | vs plain | peak RSS MB | vs plain |", "|---|---:|---:|---:|---:|"]
+    for row in rows:
+        row["speed_ratio"] = round(row["tokens_per_s"] / plain["tokens_per_s"], 3)
+        row["memory_ratio"] = round(row["peak_rss_mb"] / plain["peak_rss_mb"], 3)
+        lines.append(f"| {row['variant']} | {row['tokens_per_s']:.0f} | {row['speed_ratio']:.2f}x "
+                     f"| {row['peak_rss_mb']:.0f} | {row['memory_ratio']:.2f}x |")
+    settings = {"updates": args.updates, "threads": torch.get_num_threads(), "student": "transformer_student_tiny",
+                "max_tokens": 4096, "data": args.data}
+    lines.append("")
+    lines.append(f"{args.updates} updates each, median of per-{args.log_interval}-update wps after the first interval; "
+                 f"{settings['threads']} torch threads, {os.cpu_count()} CPUs.")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"settings": settings, "variants": rows}, f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""fairseq-kd-eval on a tiny teacher and student: every field present and sane, outputs written; bad
+inputs give one clear error."""
+import json
+
+import pytest
+
+from conftest import binarize, run, write_parallel
+from test_cli import train_student
+
+
+def evaluate(data_bin, *checkpoints, out, expect_ok=True, extra=()):
+    return run(
+        "fairseq-kd-eval", data_bin, "--checkpoints", *checkpoints, "--batch-sizes", "4,1", "--speed-sentences", "4",
+        "--repeats", "1", "--threads", "1", "--beam", "2", "--post-process", "none", "--cpu", "--out-prefix", out,
+        *extra, expect_ok=expect_ok,
+    )
+
+
+@pytest.fixture(scope="module")
+def report(data_bin, teacher, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evaluate")
+    train_student(data_bin, tmp / "student", "--kd-alpha", "0", "--max-epoch", "2")
+    proc = evaluate(data_bin, f"teacher={teacher}", f"student={tmp / 'student' / 'checkpoint_last.pt'}", out=tmp / "eval")
+    return tmp, proc.stdout
+
+
+def test_report_fields_are_present_and_sane(report):
+    tmp, stdout = report
+    result = json.loads((tmp / "eval.json").read_text())
+    teacher, student = result["models"]
+    assert [teacher["name"], student["name"]] == ["teacher", "student"]
+    for m in result["models"]:
+        for metric in ("bleu", "chrf"):
+            assert 0 <= m[metric] <= 100
+        assert m["ter"] >= 0 and "nrefs:1" in m["bleu_signature"]
+        assert m["params"] == m["embedding_params"] + m["non_embedding_params"] > 0
+        assert 0 < m["weights_mb"] < m["checkpoint_mb"]  # checkpoints also hold the optimizer state
+        assert [s["batch_size"] for s in m["speed"]] == [1, 4]
+        assert all(s["sentences"] == 4 and s["sentences_per_s"] > 0 and s["tokens_per_s"] > 0 for s in m["speed"])
+        assert m["peak_memory_mb"] > 50
+    assert teacher["compression"] == 1.0 and teacher["bleu_retention"] == 1.0
+    assert student["compression"] == pytest.approx(teacher["params"] / student["params"])
+    assert result["settings"]["threads"] == 1 and result["settings"]["sentences"] == 40
+    assert result["machine"]["torch"] and result["machine"]["cpu_count"] >= 1
+    table = (tmp / "eval.md").read_text()
+    assert "| teacher |" in table and "| student |" in table and "sent/s b4" in table and table in stdout
+    assert (tmp / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_checkpoint(data_bin, tmp_path):
+    proc = evaluate(data_bin, f"teacher={tmp_path / 'nope.pt'}", out=tmp_path / "eval", expect_ok=False)
+    assert proc.returncode != 0 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_dictionary_mismatch(teacher, tmp_path):
+    write_parallel(tmp_path, seed=3, vocab=20)
+    other = binarize(tmp_path, tmp_path / "bin")
+    proc = evaluate(other, f"teacher={teacher}", out=tmp_path / "eval", expect_ok=False)
+    assert proc.returncode != 0 and "differs from the data's" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_empty_split(tmp_path):
+    write_parallel(tmp_path, sizes=(("train", 20), ("valid", 5), ("test", 0)))
+    data = binarize(tmp_path, tmp_path / "bin")
+    (tmp_path / "x.pt").write_bytes(b"")
+    proc = evaluate(data, f"teacher={tmp_path / 'x.pt'}", out=tmp_path / "eval", expect_ok=False)
+    assert proc.returncode != 0 and "has no sentences" in proc.stderr and "Traceback" not in proc.stderr
