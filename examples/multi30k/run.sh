@@ -28,7 +28,7 @@ TGT=${TGT:-de}
 CONFIG=${CONFIG:-quick}
 case "$CONFIG" in
     # an 8k-sentence prefix and small batches: minutes per stage, BLEU only a smoke signal
-    quick) : "${TEACHER_UPDATES:=150}" "${STUDENT_UPDATES:=150}" "${MAX_TOKENS:=2048}" "${TRAIN_SENTENCES:=8000}" \
+    quick) : "${TEACHER_UPDATES:=150}" "${STUDENT_UPDATES:=100}" "${MAX_TOKENS:=2048}" "${TRAIN_SENTENCES:=8000}" \
            "${WARMUP_UPDATES:=100}" "${DISTILL_BEAM:=1}" "${BEAM:=1}" ;;
     full) : "${TEACHER_UPDATES:=1360}" "${STUDENT_UPDATES:=1360}" "${MAX_TOKENS:=4096}" "${TRAIN_SENTENCES:=0}" \
           "${WARMUP_UPDATES:=300}" "${DISTILL_BEAM:=5}" "${BEAM:=5}" ;;
