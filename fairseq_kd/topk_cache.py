@@ -84,10 +84,22 @@ def write_json(path, content):
     os.replace(path + ".tmp", path)
 
 
-def build_shard(task, split, k, directory, shard_id, num_shards, max_tokens, device, dtype, log_format):
-    """Write one shard of ``split``'s cache; a shard already complete is left as it is."""
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def build_shard(task, split, teachers, k, directory, shard_id, num_shards, max_tokens, device, dtype, log_format):
+    """Write one shard of ``split``'s cache; a shard already complete is left as it is. ``teachers``
+    identifies the teacher checkpoints (paths and hashes) and is recorded with the shard."""
     prefix = shard_prefix(directory, split, shard_id, num_shards)
     if os.path.isfile(prefix + ".json"):
+        done = read_json(prefix + ".json")
+        if done["k"] != k or [t["sha256"] for t in done["teachers"]] != [t["sha256"] for t in teachers]:
+            raise FairseqKDError(
+                f"{prefix}.json: this shard was built with another teacher or k (top-{done['k']}); use a new --out"
+                " directory, or the same --teacher-path and --topk"
+            )
         logger.info(f"{prefix}: complete, skipping")
         return
     dataset = task.dataset(split)
@@ -117,11 +129,12 @@ def build_shard(task, split, k, directory, shard_id, num_shards, max_tokens, dev
         builder.finalize(index_file_path(prefix + f".tmp.{name}"))
         for path_of in (data_file_path, index_file_path):
             os.replace(path_of(prefix + f".tmp.{name}"), path_of(prefix + f".{name}"))
-    write_json(prefix + ".json", {"split": split, "range": [lo, hi], "target_tokens": target_tokens})
+    write_json(prefix + ".json", {"split": split, "range": [lo, hi], "target_tokens": target_tokens, "k": k,
+                                  "teachers": teachers})
     logger.info(f"{prefix}: sentences {lo}-{hi - 1}, {target_tokens:,} target tokens")
 
 
-def write_manifest(task, splits, k, directory, num_shards, teacher_paths):
+def write_manifest(task, splits, teachers, k, directory, num_shards):
     """Write ``manifest.json`` once all shards of all splits exist; return whether it was written."""
     entries = {}
     for split in splits:
@@ -133,7 +146,7 @@ def write_manifest(task, splits, k, directory, num_shards, teacher_paths):
         dataset = task.dataset(split)
         entries[split] = {
             "sentences": len(dataset),
-            "target_tokens": sum(json.load(open(path))["target_tokens"] for path in shard_files),
+            "target_tokens": sum(read_json(path)["target_tokens"] for path in shard_files),
             "num_shards": num_shards,
             "data_sha256": split_fingerprint(dataset),
         }
@@ -143,7 +156,7 @@ def write_manifest(task, splits, k, directory, num_shards, teacher_paths):
             "format_version": FORMAT_VERSION,
             "k": k,
             "target_dictionary_sha256": dictionary_fingerprint(task.target_dictionary),
-            "teachers": [{"path": os.path.abspath(p), "sha256": file_sha256(p)} for p in teacher_paths],
+            "teachers": teachers,
             "teacher_weights": task.teacher_weights.tolist(),
             "splits": entries,
         },
@@ -269,16 +282,13 @@ def main(argv=None):
     dtype = torch.float16 if use_cuda and cfg.common.fp16 else torch.float32
     os.makedirs(args.out, exist_ok=True)
     splits = args.splits.split(",")
-    existing = os.path.join(args.out, MANIFEST)
-    if os.path.isfile(existing) and read_manifest(args.out)["k"] != args.topk:
-        raise FairseqKDError(f"{args.out} already holds a cache with another k; use a new --out directory")
+    teachers = [{"path": os.path.abspath(p), "sha256": file_sha256(p)} for p in utils.split_paths(cfg.task.teacher_path)]
     for split in splits:
         task.load_dataset(split)
-        build_shard(task, split, args.topk, args.out, shard_id, num_shards, cfg.dataset.max_tokens or 8000,
-                    device, dtype, cfg.common.log_format)
-    paths = utils.split_paths(cfg.task.teacher_path)
-    if write_manifest(task, splits, args.topk, args.out, num_shards, paths):
-        logger.info(f"cache complete: {existing}")
+        build_shard(task, split, teachers, args.topk, args.out, shard_id, num_shards,
+                    cfg.dataset.max_tokens or 8000, device, dtype, cfg.common.log_format)
+    if write_manifest(task, splits, teachers, args.topk, args.out, num_shards):
+        logger.info(f"cache complete: {os.path.join(args.out, MANIFEST)}")
 
 
 if __name__ == "__main__":

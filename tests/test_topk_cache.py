@@ -67,6 +67,9 @@ def test_sharded_build_equals_unsharded(data_bin, teacher, cache, tmp_path):
     assert "cache complete" in log
     rerun = build_cache(data_bin, teacher, sharded, "--num-shards", "2", "--shard-id", "0").stdout
     assert "complete, skipping" in rerun
+    other_k = run("fairseq-kd-build-cache", data_bin, "--teacher-path", teacher, "--topk", "2", "--out", sharded,
+                  "--cpu", "--num-shards", "2", "--shard-id", "0", expect_ok=False)
+    assert other_k.returncode != 0 and "built with another teacher or k" in other_k.stderr
     task = load_task(data_bin, teacher, "train")
     dataset = task.dataset("train")
     whole = TopKCache(str(cache), "train", dataset, task.target_dictionary)

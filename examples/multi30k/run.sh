@@ -27,8 +27,8 @@ SRC=${SRC:-en}
 TGT=${TGT:-de}
 CONFIG=${CONFIG:-quick}
 case "$CONFIG" in
-    # an 8k-sentence prefix and small batches: minutes per stage, BLEU only a smoke signal
-    quick) : "${TEACHER_UPDATES:=150}" "${STUDENT_UPDATES:=100}" "${MAX_TOKENS:=2048}" "${TRAIN_SENTENCES:=8000}" \
+    # a 5k-sentence prefix and small batches: minutes per stage, BLEU only a smoke signal
+    quick) : "${TEACHER_UPDATES:=120}" "${STUDENT_UPDATES:=80}" "${MAX_TOKENS:=2048}" "${TRAIN_SENTENCES:=5000}" \
            "${WARMUP_UPDATES:=100}" "${DISTILL_BEAM:=1}" "${BEAM:=1}" ;;
     full) : "${TEACHER_UPDATES:=1360}" "${STUDENT_UPDATES:=1360}" "${MAX_TOKENS:=4096}" "${TRAIN_SENTENCES:=0}" \
           "${WARMUP_UPDATES:=300}" "${DISTILL_BEAM:=5}" "${BEAM:=5}" ;;
@@ -67,7 +67,18 @@ STUDENT_FLAGS="--arch $STUDENT_ARCH --share-all-embeddings --dropout 0.1"
 
 mkdir -p "$WORK"
 
-# stage NAME LOG COMMAND...: run once; show training/validation summaries; stop with the log's name on failure
+# the log lines a stage shows: fairseq's training progress and summaries, our scripts' own messages
+PROGRESS='train_inner|\| (train|valid) \||topk_cache|shard [0-9]|^\[|error|BLEU'
+
+# line by line as they come (mawk, Debian's awk, reads a pipe in blocks and would show them late)
+show_progress() {
+    local line
+    while IFS= read -r line; do
+        if [[ $line =~ $PROGRESS ]]; then printf '    %s\n' "$line"; fi
+    done
+}
+
+# stage NAME LOG COMMAND...: run once; show its progress; stop with the log's name on failure
 stage() {
     local name=$1 log=$2
     shift 2
@@ -76,7 +87,7 @@ stage() {
         return
     fi
     echo "[$name] running, log: $log"
-    if ! "$@" 2>&1 | tee "$log" | awk '/train_inner|\| (train|valid) \||shard [0-9]|^\[|error|BLEU/ { print "    " $0; fflush() }'; then
+    if ! "$@" 2>&1 | tee "$log" | show_progress; then
         echo "error: stage '$name' failed; see $log" >&2
         exit 1
     fi

@@ -1,0 +1,95 @@
+"""KD training under fairseq's own distributed training (two CPU processes, gloo) and resuming a KD run
+killed with SIGKILL mid-epoch."""
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+import torch
+
+import fairseq_kd  # noqa: F401  (torch.load of fairseq checkpoints relies on its allowlist)
+from conftest import BIN, PLUGIN, TINY_TRANSFORMER, TRAIN_FLAGS
+from test_topk_cache import build_cache
+
+KD = ["--task", "translation_distillation", "--kd-alpha", "0.5", "--kd-temperature", "2", "--dropout", "0"]
+
+
+def student_command(data_bin, save_dir, *extra):
+    return [
+        str(BIN / "fairseq-train"), str(data_bin), "--user-dir", PLUGIN, "--arch", "transformer_student_tiny",
+        *TINY_TRANSFORMER, *TRAIN_FLAGS, "--criterion", "kd_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+        "--save-dir", str(save_dir), *KD, *map(str, extra),
+    ]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("teacher_side", ["online", "cache"])
+def test_distributed_kd_training_on_two_cpu_processes(data_bin, teacher, tmp_path, teacher_side):
+    side = ["--teacher-path", teacher] if teacher_side == "online" else [
+        "--teacher-topk-cache", build_cache(data_bin, teacher, tmp_path / "cache") and tmp_path / "cache", "--kd-topk", "4"]
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            student_command(data_bin, tmp_path / "ddp", *side, "--max-epoch", "2", "--distributed-backend", "gloo",
+                            "--distributed-world-size", "2", "--distributed-init-method", f"tcp://127.0.0.1:{port}",
+                            "--distributed-no-spawn", "--distributed-rank", rank, "--ddp-backend", "legacy_ddp"),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        )
+        for rank in (0, 1)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "distributed init (rank 1)" in logs[0] + logs[1]
+    train = [line for line in logs[0].splitlines() if "| train |" in line][-1]
+    assert "kd_loss" in train
+    # each update takes one batch per worker: an epoch of 17 batches is 9 updates (fairseq pads the shorter
+    # shard with an empty batch)
+    assert "num_updates 18" in train, train
+    assert (tmp_path / "ddp" / "checkpoint_last.pt").exists()
+
+
+def final_weights(save_dir):
+    return torch.load(save_dir / "checkpoint_last.pt", map_location="cpu")["model"]
+
+
+def test_sigkill_mid_epoch_then_resume_loses_nothing(data_bin, teacher, tmp_path):
+    # a data-loading worker process: with --num-workers 0, stock fairseq can abort at exit when
+    # --max-update stops it mid-epoch ("terminate called without an active exception")
+    common = ["--teacher-path", teacher, "--max-update", "24", "--save-interval-updates", "6",
+              "--keep-interval-updates", "1", "--num-workers", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(student_command(data_bin, tmp_path / "straight", *common), check=True, capture_output=True, env=env)
+
+    killed = subprocess.Popen(student_command(data_bin, tmp_path / "killed", *common), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=env)
+    checkpoint = tmp_path / "killed" / "checkpoint_1_12.pt"  # epoch 1 has 17 updates: 12 is mid-epoch
+    deadline = time.time() + 300
+    last = tmp_path / "killed" / "checkpoint_last.pt"
+    # fairseq writes checkpoint_1_12.pt atomically, then copies it to checkpoint_last.pt (not atomically):
+    # kill once the copy is complete
+    while killed.poll() is None and time.time() < deadline:
+        if checkpoint.exists() and last.exists():
+            done, copy = checkpoint.stat(), last.stat()
+            if copy.st_mtime >= done.st_mtime and copy.st_size == done.st_size:
+                break
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert checkpoint.exists() and killed.returncode == -signal.SIGKILL
+
+    resumed = subprocess.run(student_command(data_bin, tmp_path / "killed", *common), capture_output=True, text=True,
+                             env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Loaded checkpoint" in resumed.stdout and "@ 12 updates" in resumed.stdout
+    straight, restarted = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
+    assert straight.keys() == restarted.keys()
+    for key in straight:
+        torch.testing.assert_close(restarted[key], straight[key], msg=key)
