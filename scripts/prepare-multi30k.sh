@@ -3,7 +3,7 @@
 # Usage: prepare-multi30k.sh OUT_DIR [SRC] [TGT]
 #   MULTI30K_DIR=dir   read the official gzipped raw files from dir instead of downloading them
 #   SUBWORDS=spm|bpe   sentencepiece unigram (default) or subword-nmt BPE, joint, VOCAB_SIZE pieces/merges
-#   TRAIN_SENTENCES=n  keep only the first n training pairs (0, the default: all)
+#   TRAIN_SENTENCES=n  train on the first n pairs only (0, the default: all); subwords are learnt on all
 set -euo pipefail
 
 OUT=${1:?usage: prepare-multi30k.sh OUT_DIR [SRC] [TGT]}
@@ -39,10 +39,6 @@ for split in "${!SPLITS[@]}"; do
         else
             curl -fsSL "$URL/$name" | gzip -dc > "$OUT/raw/$split.$lang"
         fi
-        if [ "$split" = train ] && [ "$TRAIN_SENTENCES" -gt 0 ]; then
-            head -n "$TRAIN_SENTENCES" "$OUT/raw/train.$lang" > "$OUT/raw/train.$lang.head"
-            mv "$OUT/raw/train.$lang.head" "$OUT/raw/train.$lang"
-        fi
     done
 done
 
@@ -56,6 +52,15 @@ else
     cat "$OUT/raw/train.$SRC" "$OUT/raw/train.$TGT" | subword-nmt learn-bpe -s "$VOCAB_SIZE" > "$OUT/subword/bpe.codes"
     for split in train valid test; do for lang in "$SRC" "$TGT"; do
         subword-nmt apply-bpe -c "$OUT/subword/bpe.codes" < "$OUT/raw/$split.$lang" > "$OUT/subword/$split.$lang"
+    done; done
+fi
+
+if [ "$TRAIN_SENTENCES" -gt 0 ]; then
+    # after learning the subwords on all of it, so a prefix keeps the full vocabulary
+    echo "[prepare] keeping the first $TRAIN_SENTENCES training pairs"
+    for dir in raw subword; do for lang in "$SRC" "$TGT"; do
+        head -n "$TRAIN_SENTENCES" "$OUT/$dir/train.$lang" > "$OUT/$dir/train.$lang.head"
+        mv "$OUT/$dir/train.$lang.head" "$OUT/$dir/train.$lang"
     done; done
 fi
 
