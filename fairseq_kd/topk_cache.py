@@ -43,6 +43,7 @@ from fairseq_kd.kd_losses import topk_lprobs
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+SORT_WINDOW = 10000
 FORMAT_VERSION = 1
 
 
@@ -104,26 +105,34 @@ def build_shard(task, split, teachers, k, directory, shard_id, num_shards, max_t
         return
     dataset = task.dataset(split)
     lo, hi = shard_range(len(dataset), shard_id, num_shards)
-    # contiguous batches in corpus order, so every sentence is appended in place
-    batches = data_utils.batch_by_size(np.arange(lo, hi, dtype=np.int64), dataset.num_tokens, max_tokens=max_tokens)
+    # batches of similar lengths (little padding) from windows of consecutive sentences, so only one
+    # window's results wait in memory to be written in corpus order
+    batches = []
+    for start in range(lo, hi, SORT_WINDOW):
+        window = np.arange(start, min(start + SORT_WINDOW, hi), dtype=np.int64)
+        window = window[np.argsort(dataset.num_tokens_vec(window), kind="stable")]
+        batches += data_utils.batch_by_size(window, dataset.num_tokens, max_tokens=max_tokens)
     builders = {
         "ids": MMapIndexedDatasetBuilder(data_file_path(prefix + ".tmp.ids"), best_fitting_int_dtype(len(task.target_dictionary))),
         "lprobs": MMapIndexedDatasetBuilder(data_file_path(prefix + ".tmp.lprobs"), np.int16),
     }
     pad = task.target_dictionary.pad()
-    target_tokens = 0
+    target_tokens, next_index, pending = 0, lo, {}
     progress = progress_bar.progress_bar(batches, log_format=log_format, log_interval=50, prefix=f"{split} shard {shard_id}")
     for batch in progress:
         sample = dataset.collater([dataset[i] for i in batch])
         net_input = utils.move_to_cuda(sample["net_input"]) if device.type == "cuda" else sample["net_input"]
         values, ids = topk_lprobs(task.teacher_lprobs(net_input, device, dtype), k)
         values, ids = values.cpu(), ids.cpu()
-        target = sample["target"]
-        for row in sample["id"].argsort().tolist():
-            keep = target[row].ne(pad)
-            builders["ids"].add_item(ids[row][keep].flatten())
-            builders["lprobs"].add_item(values[row][keep].half().view(torch.int16).flatten())
-            target_tokens += int(keep.sum())
+        keep = sample["target"].ne(pad)
+        for row, index in enumerate(sample["id"].tolist()):
+            pending[index] = (ids[row][keep[row]], values[row][keep[row]])
+        while next_index in pending:
+            tokens, lprobs = pending.pop(next_index)
+            builders["ids"].add_item(tokens.flatten())
+            builders["lprobs"].add_item(lprobs.half().view(torch.int16).flatten())
+            target_tokens += len(tokens)
+            next_index += 1
         progress.log({"target_tokens": target_tokens})
     for name, builder in builders.items():
         builder.finalize(index_file_path(prefix + f".tmp.{name}"))

@@ -68,7 +68,7 @@ STUDENT_FLAGS="--arch $STUDENT_ARCH --share-all-embeddings --dropout 0.1"
 mkdir -p "$WORK"
 
 # the log lines a stage shows: fairseq's training progress and summaries, our scripts' own messages
-PROGRESS='train_inner|\| (train|valid) \||topk_cache|shard [0-9]|^\[|error|BLEU'
+PROGRESS='train_inner|\| (train|valid) \||\| fairseq_kd\.topk_cache \||shard [0-9]+:|^\[|error|BLEU'
 
 # line by line as they come (mawk, Debian's awk, reads a pipe in blocks and would show them late)
 show_progress() {
