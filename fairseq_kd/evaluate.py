@@ -27,10 +27,12 @@ import sys
 import time
 import traceback
 
+import fairseq
 import torch
 from fairseq import options, tasks, utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.logging import progress_bar
+from sacrebleu.metrics import BLEU, CHRF, TER
 
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.tasks.translation_distillation import check_checkpoint_dictionaries, read_checkpoint
@@ -58,8 +60,6 @@ def count_parameters(model_state):
 
 def quality_scores(hypotheses, references):
     """Corpus BLEU, chrF and TER with their sacrebleu signatures."""
-    from sacrebleu.metrics import BLEU, CHRF, TER
-
     scores = {}
     for name, metric in (("bleu", BLEU()), ("chrf", CHRF()), ("ter", TER())):
         scores[name] = round(metric.corpus_score(hypotheses, [references]).score, 2)
@@ -72,8 +72,6 @@ def machine_description(device):
     if os.path.isfile("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    import fairseq
-
     return {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),

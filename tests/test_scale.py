@@ -32,8 +32,11 @@ def free_port():
 
 @pytest.mark.parametrize("teacher_side", ["online", "cache"])
 def test_distributed_kd_training_on_two_cpu_processes(data_bin, teacher, tmp_path, teacher_side):
-    side = ["--teacher-path", teacher] if teacher_side == "online" else [
-        "--teacher-topk-cache", build_cache(data_bin, teacher, tmp_path / "cache") and tmp_path / "cache", "--kd-topk", "4"]
+    if teacher_side == "online":
+        side = ["--teacher-path", teacher]
+    else:
+        build_cache(data_bin, teacher, tmp_path / "cache")
+        side = ["--teacher-topk-cache", tmp_path / "cache", "--kd-topk", "4"]
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [

@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 from fairseq import options, tasks
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 import fairseq_kd  # noqa: F401
 from conftest import PLUGIN, binarize, run, write_parallel
@@ -25,8 +26,6 @@ def build_cache(data_bin, teacher, out, *extra, expect_ok=True):
 
 def load_task(data_bin, teacher, split):
     args = options.parse_args_and_arch(get_parser(), [str(data_bin), "--teacher-path", str(teacher), "--out", "unused"])
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-
     task = tasks.setup_task(convert_namespace_to_omegaconf(args).task)
     task.load_dataset(split)
     return task
