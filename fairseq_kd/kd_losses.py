@@ -41,28 +41,42 @@ def topk_lprobs(lprobs_teacher: torch.Tensor, k: int) -> Tuple[torch.Tensor, tor
     return lprobs_teacher.float().topk(k, dim=-1)
 
 
+def lprobs_at_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log_softmax(logits / T)`` in float32.
+
+    Args:
+        logits: ``(N, V)`` logits, or log-probabilities at T = 1 (a constant shift per row does not matter).
+    Returns:
+        ``(N, V)`` log-probabilities at temperature ``T``.
+    """
+    return F.log_softmax(logits.float() / temperature, dim=-1)
+
+
 def kd_kl_loss(
-    logits_student: torch.Tensor, lprobs_teacher: torch.Tensor, temperature: float
+    lprobs_student_t: torch.Tensor, lprobs_teacher: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     """Per-position ``T^2 * KL(teacher_T || student_T)`` over the full vocabulary.
 
-    The gradient w.r.t. ``logits_student`` is ``T * (p_student_T - p_teacher_T)``; the ``T^2`` keeps the
+    The gradient w.r.t. the student logits is ``T * (p_student_T - p_teacher_T)``; the ``T^2`` keeps the
     gradient scale independent of ``T`` (Hinton et al., 2015).
 
     Args:
-        logits_student: ``(N, V)`` student logits.
+        lprobs_student_t: ``(N, V)`` student log-probabilities at temperature T,
+            ``lprobs_at_temperature(logits_student, T)``. At T = 1 they are the log-probabilities the
+            cross-entropy term has already computed, so KD adds no second softmax over the vocabulary.
         lprobs_teacher: ``(N, V)`` teacher log-probabilities at T = 1.
     Returns:
         ``(N,)`` loss per position.
     """
-    lprobs_student_t = F.log_softmax(logits_student.float() / temperature, dim=-1)
-    lprobs_teacher_t = F.log_softmax(lprobs_teacher.float() / temperature, dim=-1)
-    kl = (lprobs_teacher_t.exp() * (lprobs_teacher_t - lprobs_student_t)).sum(dim=-1)
+    lprobs_teacher_t = lprobs_teacher.float()
+    if temperature != 1.0:
+        lprobs_teacher_t = lprobs_at_temperature(lprobs_teacher_t, temperature)
+    kl = (lprobs_teacher_t.exp() * (lprobs_teacher_t - lprobs_student_t.float())).sum(dim=-1)
     return kl * temperature**2
 
 
 def kd_topk_kl_loss(
-    logits_student: torch.Tensor,
+    lprobs_student_t: torch.Tensor,
     topk_lprobs_teacher: torch.Tensor,
     topk_ids_teacher: torch.Tensor,
     temperature: float,
@@ -73,14 +87,13 @@ def kd_topk_kl_loss(
     softmax, so the student is pushed towards the teacher's top-k and away from everything else.
 
     Args:
-        logits_student: ``(N, V)`` student logits.
+        lprobs_student_t: ``(N, V)`` student log-probabilities at temperature T (see ``kd_kl_loss``).
         topk_lprobs_teacher: ``(N, k)`` teacher log-probabilities at T = 1 (any constant shift is fine).
         topk_ids_teacher: ``(N, k)`` token ids of those entries.
     Returns:
         ``(N,)`` loss per position.
     """
-    lprobs_student_t = F.log_softmax(logits_student.float() / temperature, dim=-1)
-    lprobs_student_t = lprobs_student_t.gather(-1, topk_ids_teacher)
-    lprobs_teacher_t = F.log_softmax(topk_lprobs_teacher.float() / temperature, dim=-1)
+    lprobs_student_t = lprobs_student_t.float().gather(-1, topk_ids_teacher)
+    lprobs_teacher_t = lprobs_at_temperature(topk_lprobs_teacher, temperature)
     kl = (lprobs_teacher_t.exp() * (lprobs_teacher_t - lprobs_student_t)).sum(dim=-1)
     return kl * temperature**2

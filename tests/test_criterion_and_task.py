@@ -6,6 +6,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEn
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from conftest import PLUGIN, TINY_TRANSFORMER
+from fairseq_kd.kd_losses import kd_kl_loss, lprobs_at_temperature
 
 
 def build(data_bin, *extra):
@@ -56,6 +57,21 @@ def test_loss_combines_terms_and_ignores_padding(data_bin, teacher):
     sample["teacher_lprobs"][pad] = torch.log_softmax(torch.randn_like(sample["teacher_lprobs"][pad]) * 10, -1)
     loss_garbage, _, _ = criterion(model, sample)
     assert torch.allclose(loss_garbage, loss)
+
+
+@pytest.mark.parametrize("temperature", [1, 2])
+def test_kd_term_is_the_kl_to_the_student_logits(data_bin, teacher, temperature):
+    # at T = 1 the criterion reuses the cross-entropy's log-probabilities; both paths must give the KL
+    # computed directly from the student's logits
+    task, model, criterion = build(data_bin, "--teacher-path", teacher, "--kd-temperature", temperature)
+    sample = first_batch(task)
+    task.add_teacher_lprobs(sample, model)
+    _, _, log = criterion(model, sample)
+    logits = model(**sample["net_input"])[0]
+    kl = kd_kl_loss(lprobs_at_temperature(logits.flatten(0, 1), temperature),
+                    sample["teacher_lprobs"].flatten(0, 1), temperature)
+    expected = kl[sample["target"].flatten().ne(task.target_dictionary.pad())].sum()
+    assert log["kd_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_teacher_is_frozen_in_eval_mode_and_outside_the_student(data_bin, teacher):

@@ -5,12 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fairseq_kd.kd_losses import ensemble_lprobs, kd_kl_loss, kd_topk_kl_loss, topk_lprobs
+from fairseq_kd.kd_losses import ensemble_lprobs, kd_kl_loss, kd_topk_kl_loss, lprobs_at_temperature, topk_lprobs
 
 
 def test_kl_is_zero_when_student_equals_teacher():
     logits = torch.randn(5, 7)
-    assert torch.allclose(kd_kl_loss(logits, F.log_softmax(logits, -1), temperature=2.0), torch.zeros(5), atol=1e-6)
+    lprobs_student_t = lprobs_at_temperature(logits, 2.0)
+    assert torch.allclose(kd_kl_loss(lprobs_student_t, F.log_softmax(logits, -1), 2.0), torch.zeros(5), atol=1e-6)
 
 
 def test_kl_matches_hand_computation():
@@ -22,14 +23,16 @@ def test_kl_matches_hand_computation():
     p_student_t = torch.tensor([0.0, 0.5, 1.0]).exp()
     p_student_t = p_student_t / p_student_t.sum()
     expected = temperature**2 * (p_teacher_t * (p_teacher_t / p_student_t).log()).sum()
-    assert kd_kl_loss(logits_student, lprobs_teacher, temperature).item() == pytest.approx(expected.item(), rel=1e-5)
+    lprobs_student_t = lprobs_at_temperature(logits_student, temperature)
+    assert kd_kl_loss(lprobs_student_t, lprobs_teacher, temperature).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
 def test_gradient_is_t_times_probability_difference(temperature):
     logits_student = torch.randn(4, 6, requires_grad=True)
     logits_teacher = torch.randn(4, 6)
-    kd_kl_loss(logits_student, F.log_softmax(logits_teacher, -1), temperature).sum().backward()
+    lprobs_student_t = lprobs_at_temperature(logits_student, temperature)
+    kd_kl_loss(lprobs_student_t, F.log_softmax(logits_teacher, -1), temperature).sum().backward()
     expected = temperature * (
         F.softmax(logits_student.detach() / temperature, -1) - F.softmax(logits_teacher / temperature, -1)
     )
@@ -37,16 +40,18 @@ def test_gradient_is_t_times_probability_difference(temperature):
 
 
 def test_loss_is_float32_for_half_inputs():
-    logits = torch.randn(3, 5).half()
-    assert kd_kl_loss(logits, F.log_softmax(logits.float(), -1).half(), 1.0).dtype == torch.float32
+    lprobs = F.log_softmax(torch.randn(3, 5), -1).half()
+    assert kd_kl_loss(lprobs, lprobs, 1.0).dtype == torch.float32
+    assert kd_topk_kl_loss(lprobs, *topk_lprobs(lprobs, 2), 2.0).dtype == torch.float32
 
 
 def test_topk_with_full_vocabulary_equals_full_kl():
     logits_student, logits_teacher = torch.randn(4, 6), torch.randn(4, 6)
     lprobs_teacher = F.log_softmax(logits_teacher, -1)
     values, ids = topk_lprobs(lprobs_teacher, 6)
+    lprobs_student_t = lprobs_at_temperature(logits_student, 2.0)
     assert torch.allclose(
-        kd_topk_kl_loss(logits_student, values, ids, 2.0), kd_kl_loss(logits_student, lprobs_teacher, 2.0), atol=1e-5
+        kd_topk_kl_loss(lprobs_student_t, values, ids, 2.0), kd_kl_loss(lprobs_student_t, lprobs_teacher, 2.0), atol=1e-5
     )
 
 
@@ -56,10 +61,10 @@ def test_topk_renormalises_the_kept_tokens():
     logits_student = torch.tensor([[1.0, 0.0, -1.0]])
     values, ids = topk_lprobs(lprobs_teacher, 2)
     assert ids.tolist() == [[0, 1]]
-    lprobs_student = F.log_softmax(logits_student, -1)[0]
+    lprobs_student = F.log_softmax(logits_student, -1)
     q = torch.tensor([2 / 3, 1 / 3])
-    expected = (q * (q.log() - lprobs_student[:2])).sum()
-    assert kd_topk_kl_loss(logits_student, values, ids, 1.0).item() == pytest.approx(expected.item(), rel=1e-5)
+    expected = (q * (q.log() - lprobs_student[0, :2])).sum()
+    assert kd_topk_kl_loss(lprobs_student, values, ids, 1.0).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_ensemble_is_the_weighted_probability_average():
@@ -72,6 +77,8 @@ def test_ensemble_is_the_weighted_probability_average():
 def test_temperature_one_teacher_is_the_teacher():
     # T = 1: KL(teacher || student) written out directly
     logits_student, lprobs_teacher = torch.randn(3, 4), F.log_softmax(torch.randn(3, 4), -1)
-    expected = (lprobs_teacher.exp() * (lprobs_teacher - F.log_softmax(logits_student, -1))).sum(-1)
-    assert torch.allclose(kd_kl_loss(logits_student, lprobs_teacher, 1.0), expected, atol=1e-6)
-    assert not math.isnan(kd_kl_loss(logits_student, lprobs_teacher, 1e-3).sum().item())
+    lprobs_student = F.log_softmax(logits_student, -1)
+    expected = (lprobs_teacher.exp() * (lprobs_teacher - lprobs_student)).sum(-1)
+    assert torch.allclose(kd_kl_loss(lprobs_student, lprobs_teacher, 1.0), expected, atol=1e-6)
+    cold = lprobs_at_temperature(logits_student, 1e-3)
+    assert not math.isnan(kd_kl_loss(cold, lprobs_teacher, 1e-3).sum().item())

@@ -10,7 +10,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 from fairseq.logging import metrics
 
 from fairseq_kd.errors import FairseqKDError
-from fairseq_kd.kd_losses import kd_kl_loss, kd_topk_kl_loss, topk_lprobs
+from fairseq_kd.kd_losses import kd_kl_loss, kd_topk_kl_loss, lprobs_at_temperature, topk_lprobs
 
 
 @dataclass
@@ -91,7 +91,7 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             "sample_size": sample["target"].size(0) if self.sentence_avg else sample["ntokens"],
         }
         if "teacher_lprobs" in sample or "teacher_topk" in sample:
-            kd_loss = self.compute_kd_loss(net_output, sample, target, reduce)
+            kd_loss = self.compute_kd_loss(net_output, lprobs, sample, target, reduce)
             loss = (1.0 - self.kd_alpha) * ls_loss + self.kd_alpha * kd_loss
             logging_output["loss"] = loss.data
             logging_output["kd_loss"] = kd_loss.data
@@ -101,23 +101,28 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             logging_output["total"] = total.item()
         return loss, logging_output["sample_size"], logging_output
 
-    def compute_kd_loss(self, net_output, sample, target, reduce=True):
+    def compute_kd_loss(self, net_output, lprobs, sample, target, reduce=True):
         """T^2 * KL(teacher_T || student_T) per target token; padding positions give 0. The teacher side
         is the full distribution (``teacher_lprobs``, cut to its top-k with --kd-topk) or a cached top-k
-        (``teacher_topk``)."""
-        logits_student = net_output[0][:, self.ignore_prefix_size :, :]
-        logits_student = logits_student.reshape(-1, logits_student.size(-1))
+        (``teacher_topk``). ``lprobs`` are the student's ``(N, V)`` log-probabilities from the
+        cross-entropy term, reused as they are at T = 1."""
+        if self.kd_temperature == 1.0:
+            lprobs_student_t = lprobs
+        else:
+            logits_student = net_output[0][:, self.ignore_prefix_size :, :]
+            logits_student = logits_student.reshape(-1, logits_student.size(-1))
+            lprobs_student_t = lprobs_at_temperature(logits_student, self.kd_temperature)
         if "teacher_topk" in sample:
             values, ids = (t[:, self.ignore_prefix_size :, :].reshape(-1, self.kd_topk) for t in sample["teacher_topk"])
-            kd_loss = kd_topk_kl_loss(logits_student, values, ids, self.kd_temperature)
+            kd_loss = kd_topk_kl_loss(lprobs_student_t, values, ids, self.kd_temperature)
         else:
             lprobs_teacher = sample["teacher_lprobs"][:, self.ignore_prefix_size :, :]
             lprobs_teacher = lprobs_teacher.reshape(-1, lprobs_teacher.size(-1))
             if self.kd_topk > 0:
                 values, ids = topk_lprobs(lprobs_teacher, self.kd_topk)
-                kd_loss = kd_topk_kl_loss(logits_student, values, ids, self.kd_temperature)
+                kd_loss = kd_topk_kl_loss(lprobs_student_t, values, ids, self.kd_temperature)
             else:
-                kd_loss = kd_kl_loss(logits_student, lprobs_teacher, self.kd_temperature)
+                kd_loss = kd_kl_loss(lprobs_student_t, lprobs_teacher, self.kd_temperature)
         kd_loss = kd_loss.masked_fill(target.eq(self.padding_idx), 0.0)
         return kd_loss.sum() if reduce else kd_loss.unsqueeze(-1)
 
