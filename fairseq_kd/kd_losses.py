@@ -8,6 +8,7 @@ The teacher distribution at temperature ``T`` is ``softmax(log p_teacher / T)``,
 ``softmax(z_teacher / T)``; defining it from log-probabilities lets the full distribution, its top-k and a
 top-k cache share one formula.
 """
+import math
 from typing import List, Tuple
 
 import torch
@@ -97,3 +98,62 @@ def kd_topk_kl_loss(
     lprobs_teacher_t = lprobs_at_temperature(topk_lprobs_teacher, temperature)
     kl = (lprobs_teacher_t.exp() * (lprobs_teacher_t - lprobs_student_t)).sum(dim=-1)
     return kl * temperature**2
+
+
+SCHEDULES = ("constant", "linear", "exponential", "cosine")
+
+
+def scheduled_value(schedule: str, start: float, final: float, num_updates: int, schedule_updates: int) -> float:
+    """A hyper-parameter annealed from ``start`` at update 0 to ``final`` at ``schedule_updates``, held
+    there afterwards. A pure function of the update count, so a resumed run continues the schedule exactly.
+
+    ``linear`` interpolates; ``exponential`` interpolates geometrically (needs ``start, final > 0``);
+    ``cosine`` follows half a cosine, flat at both ends; ``constant`` stays at ``start``.
+    """
+    if schedule == "constant":
+        return start
+    progress = min(num_updates / schedule_updates, 1.0)
+    if schedule == "linear":
+        return start + (final - start) * progress
+    if schedule == "exponential":
+        return start * (final / start) ** progress
+    if schedule == "cosine":
+        return final + (start - final) * (1.0 + math.cos(math.pi * progress)) / 2.0
+    raise ValueError(f"unknown schedule {schedule!r}, expected one of {', '.join(SCHEDULES)}")
+
+
+def select_hardest(nll_student: torch.Tensor, mask: torch.Tensor, rate: float) -> torch.Tensor:
+    """Batch-level selective KD (Wang et al., 2021): the ``ceil(rate * n)`` positions with the highest
+    student cross-entropy among the ``n`` positions in ``mask``.
+
+    Args:
+        nll_student: ``(N,)`` student negative log-likelihood of the reference token.
+        mask: ``(N,)`` bool, the positions that may be selected (not padding).
+    Returns:
+        ``(N,)`` bool, the selected positions.
+    """
+    count = math.ceil(rate * int(mask.sum()) - 1e-9)  # rate * n is often a float a hair above an integer
+    scores = nll_student.detach().float().masked_fill(~mask, float("-inf"))
+    selected = torch.zeros_like(mask)
+    selected[scores.topk(count).indices] = True
+    return selected
+
+
+def select_above_quantile(nll_student: torch.Tensor, mask: torch.Tensor, rate: float, recent_nll: torch.Tensor) -> torch.Tensor:
+    """Global-level selective KD (Wang et al., 2021): the positions in ``mask`` whose student
+    cross-entropy is at least the ``1 - rate`` quantile of ``recent_nll``, the losses of recent tokens.
+
+    Args:
+        nll_student: ``(N,)`` student negative log-likelihood of the reference token.
+        mask: ``(N,)`` bool, the positions that may be selected (not padding).
+        recent_nll: ``(Q,)`` recent per-token losses, ``Q > 0``.
+    Returns:
+        ``(N,)`` bool, the selected positions.
+    """
+    threshold = torch.quantile(recent_nll.float(), 1.0 - rate)
+    return mask & (nll_student.detach().float() >= threshold)
+
+
+def push_recent(recent_nll: torch.Tensor, nll_new: torch.Tensor, size: int) -> torch.Tensor:
+    """First-in first-out queue of the last ``size`` per-token losses: ``(Q,)`` + ``(M,)`` -> ``(min(Q + M, size),)``."""
+    return torch.cat([recent_nll.to(nll_new.device), nll_new.detach().float()])[-size:]

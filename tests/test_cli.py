@@ -47,6 +47,21 @@ def test_kd_training_logs_each_term(kd_student):
     assert re.search(r"\| bleu [\d.]+", valid[-1])
 
 
+def test_schedules_and_selection_from_the_command_line(data_bin, teacher, tmp_path):
+    proc = train_student(
+        data_bin, tmp_path, "--task", "translation_distillation", "--teacher-path", teacher, "--max-update", "6",
+        "--kd-alpha", "0.9", "--kd-alpha-schedule", "cosine", "--kd-alpha-final", "0.1", "--kd-schedule-updates", "4",
+        "--kd-selection", "global", "--kd-selection-rate", "0.3",
+    )
+    steps = [line for line in proc.stdout.splitlines() if "train_inner" in line]
+    alphas = [float(re.search(r"kd_alpha=([\d.]+)", line).group(1)) for line in steps]
+    distilled = [float(re.search(r"kd_distilled=([\d.]+)", line).group(1)) for line in steps]
+    assert alphas == [0.9, 0.783, 0.5, 0.217, 0.1, 0.1]  # 0.1 + 0.8 * (1 + cos(pi * n / 4)) / 2
+    # the first batch fills the queue alone: its top 30 % are distilled. Later batches are judged against
+    # the queue of earlier, higher losses as the student learns, so fewer of their tokens pass
+    assert 0.25 <= distilled[0] <= 0.35 and all(d < 0.25 for d in distilled[1:]), distilled
+
+
 def test_student_decodes_with_stock_generate(data_bin, teacher, kd_student):
     save_dir, _ = kd_student
     scores = {}

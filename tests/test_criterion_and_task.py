@@ -1,4 +1,6 @@
 """The criterion and task in-process, on a real batch of the tiny data."""
+import math
+
 import pytest
 import torch
 from fairseq import options, tasks
@@ -6,6 +8,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEn
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from conftest import PLUGIN, TINY_TRANSFORMER
+from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.kd_losses import kd_kl_loss, lprobs_at_temperature
 
 
@@ -124,3 +127,56 @@ def test_topk_over_the_whole_vocabulary_equals_the_full_distribution(data_bin, t
         _, _, log_topk = topk(model, sample)
         assert torch.isclose(log_topk["kd_loss"], log_full["kd_loss"], rtol=1e-4) == same, k
 
+
+
+@pytest.mark.parametrize("selection", ["batch", "global"])
+def test_selective_kd_distils_only_the_hardest_tokens(data_bin, teacher, selection):
+    task, model, everything = build(data_bin, "--teacher-path", teacher, "--kd-temperature", 2)
+    selective = build(data_bin, "--teacher-path", teacher, "--kd-temperature", 2, "--kd-selection", selection,
+                      "--kd-selection-rate", 0.25)[2]
+    sample = first_batch(task)
+    task.add_teacher_lprobs(sample, model)
+    _, _, log_all = everything(model, sample)
+    model.train()  # only training batches feed the global queue: here it holds exactly this batch
+    _, _, log = selective(model, sample)
+    ntokens = sample["ntokens"]
+    assert log_all["kd_distilled"] == ntokens
+    if selection == "batch":
+        assert log["kd_distilled"] == math.ceil(0.25 * ntokens)
+    else:  # tokens at or above the 75 % quantile of this batch's losses
+        assert 0.2 * ntokens < log["kd_distilled"] < 0.3 * ntokens
+    assert 0 < log["kd_loss"] < log_all["kd_loss"]
+
+
+def test_schedules_follow_the_update_count(data_bin, teacher):
+    task, model, criterion = build(
+        data_bin, "--teacher-path", teacher, "--kd-alpha", 0.9, "--kd-alpha-schedule", "linear", "--kd-alpha-final", 0.1,
+        "--kd-temperature", 4, "--kd-temperature-schedule", "exponential", "--kd-temperature-final", 1,
+        "--kd-schedule-updates", 100,
+    )
+    sample = first_batch(task)
+    task.add_teacher_lprobs(sample, model)
+    for update, alpha, temperature in ((0, 0.9, 4.0), (50, 0.5, 2.0), (100, 0.1, 1.0), (150, 0.1, 1.0)):
+        criterion.set_num_updates(update)
+        _, _, log = criterion(model, sample)
+        assert log["kd_alpha"] / sample["ntokens"] == pytest.approx(alpha)
+        assert log["kd_temperature"] / sample["ntokens"] == pytest.approx(temperature)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--kd-temperature-schedule", "linear"], "needs --kd-temperature-final"),
+        (["--kd-alpha-final", "0.2"], "--kd-alpha-final 0.2 has no effect with --kd-alpha-schedule constant"),
+        (["--kd-alpha-schedule", "exponential", "--kd-alpha-final", "0"], "exponential needs --kd-alpha and"),
+        (["--kd-alpha-schedule", "linear", "--kd-alpha-final", "2"], "--kd-alpha-final must be in [0, 1]"),
+        (["--kd-temperature-schedule", "cosine", "--kd-temperature-final", "1", "--max-update", "0"],
+         "needs to know when to end: set --kd-schedule-updates N"),
+        (["--kd-selection", "batch", "--kd-selection-rate", "0"], "--kd-selection-rate must be in (0, 1]"),
+        (["--kd-selection", "global", "--kd-selection-queue-size", "0"], "--kd-selection-queue-size must be > 0"),
+    ],
+)
+def test_impossible_strategy_options_are_refused(data_bin, teacher, flags, message):
+    with pytest.raises(FairseqKDError) as error:
+        build(data_bin, "--teacher-path", teacher, *flags)
+    assert message in str(error.value)

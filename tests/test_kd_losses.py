@@ -5,7 +5,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fairseq_kd.kd_losses import ensemble_lprobs, kd_kl_loss, kd_topk_kl_loss, lprobs_at_temperature, topk_lprobs
+from fairseq_kd.kd_losses import (
+    SCHEDULES,
+    ensemble_lprobs,
+    kd_kl_loss,
+    kd_topk_kl_loss,
+    lprobs_at_temperature,
+    push_recent,
+    scheduled_value,
+    select_above_quantile,
+    select_hardest,
+    topk_lprobs,
+)
 
 
 def test_kl_is_zero_when_student_equals_teacher():
@@ -82,3 +93,53 @@ def test_temperature_one_teacher_is_the_teacher():
     assert torch.allclose(kd_kl_loss(lprobs_student, lprobs_teacher, 1.0), expected, atol=1e-6)
     cold = lprobs_at_temperature(logits_student, 1e-3)
     assert not math.isnan(kd_kl_loss(cold, lprobs_teacher, 1e-3).sum().item())
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("start, final", [(4.0, 1.0), (0.1, 0.9)])
+def test_schedules_run_monotonically_from_start_to_final(schedule, start, final):
+    values = [scheduled_value(schedule, start, final, n, 100) for n in range(0, 131)]
+    assert values[0] == pytest.approx(start)
+    assert values[100] == pytest.approx(start if schedule == "constant" else final)
+    assert values[100:] == [values[100]] * 31  # held after the schedule ends
+    steps = [b - a for a, b in zip(values, values[1:])]
+    assert all(step * (final - start) >= 0 for step in steps)
+
+
+def test_schedule_midpoints():
+    assert scheduled_value("linear", 4.0, 1.0, 50, 100) == pytest.approx(2.5)
+    assert scheduled_value("cosine", 4.0, 1.0, 50, 100) == pytest.approx(2.5)
+    assert scheduled_value("cosine", 4.0, 1.0, 25, 100) == pytest.approx(1.0 + 3.0 * (1 + math.cos(math.pi / 4)) / 2)
+    assert scheduled_value("exponential", 4.0, 1.0, 50, 100) == pytest.approx(2.0)  # geometric mean
+
+
+@pytest.mark.parametrize("rate, count", [(0.1, 3), (0.3, 9), (0.5, 15), (0.51, 16), (1.0, 30)])
+def test_batch_selection_takes_the_exact_fraction_of_hardest_tokens(rate, count):
+    torch.manual_seed(0)
+    nll = torch.rand(40) * 5
+    mask = torch.ones(40, dtype=torch.bool)
+    mask[30:] = False
+    nll[30:] = 100.0  # padding with the highest loss must still never be chosen
+    selected = select_hardest(nll, mask, rate)
+    assert int(selected.sum()) == count  # ceil(rate * 30 tokens), 0.3 * 30 = 9.000000000000002 included
+    assert not selected[30:].any()
+    if count < 30:
+        assert nll[selected].min() >= nll[mask & ~selected].max()
+
+
+def test_global_selection_uses_the_quantile_of_recent_losses():
+    nll = torch.arange(10, dtype=torch.float)
+    mask = torch.ones(10, dtype=torch.bool)
+    mask[9] = False
+    # recent losses 0..99: the top 20 % are those >= 79.2
+    selected = select_above_quantile(nll * 10, mask, 0.2, torch.arange(100, dtype=torch.float))
+    assert selected.tolist() == [False] * 8 + [True, False]  # 80 is selected, 90 is padding
+    # against its own batch, the rate is the fraction selected
+    selected = select_above_quantile(nll, mask, 0.5, nll[mask])
+    assert selected.tolist() == [False] * 4 + [True] * 5 + [False]
+
+
+def test_recent_loss_queue_keeps_the_last_entries():
+    queue = push_recent(torch.empty(0), torch.tensor([1.0, 2.0, 3.0]), size=4)
+    queue = push_recent(queue, torch.tensor([4.0, 5.0]), size=4)
+    assert queue.tolist() == [2.0, 3.0, 4.0, 5.0]

@@ -66,8 +66,10 @@ def final_weights(save_dir):
 def test_sigkill_mid_epoch_then_resume_loses_nothing(data_bin, teacher, tmp_path):
     # a data-loading worker process: with --num-workers 0, stock fairseq can abort at exit when
     # --max-update stops it mid-epoch ("terminate called without an active exception")
+    # the schedules must continue where they stopped: T runs 2 -> 1 over the 24 updates
     common = ["--teacher-path", teacher, "--max-update", "24", "--save-interval-updates", "6",
-              "--keep-interval-updates", "1", "--num-workers", "1"]
+              "--keep-interval-updates", "1", "--num-workers", "1", "--kd-temperature-schedule", "linear",
+              "--kd-temperature-final", "1", "--kd-selection", "batch", "--kd-selection-rate", "0.5"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(student_command(data_bin, tmp_path / "straight", *common), check=True, capture_output=True, env=env)
 
@@ -92,6 +94,8 @@ def test_sigkill_mid_epoch_then_resume_loses_nothing(data_bin, teacher, tmp_path
                              env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Loaded checkpoint" in resumed.stdout and "@ 12 updates" in resumed.stdout
+    last_step = [line for line in resumed.stdout.splitlines() if "num_updates=24," in line][0]
+    assert f"kd_temperature={2 - 23 / 24:.3f}," in last_step, last_step  # update 24 trains with update_num 23
     straight, restarted = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
     assert straight.keys() == restarted.keys()
     for key in straight:

@@ -1,5 +1,8 @@
 import math
 from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
 
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (
@@ -7,10 +10,24 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterionConfig,
     label_smoothed_nll_loss,
 )
+from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
+from omegaconf import II
 
 from fairseq_kd.errors import FairseqKDError
-from fairseq_kd.kd_losses import kd_kl_loss, kd_topk_kl_loss, lprobs_at_temperature, topk_lprobs
+from fairseq_kd.kd_losses import (
+    SCHEDULES,
+    kd_kl_loss,
+    kd_topk_kl_loss,
+    lprobs_at_temperature,
+    push_recent,
+    scheduled_value,
+    select_above_quantile,
+    select_hardest,
+    topk_lprobs,
+)
+
+SELECTIONS = ("none", "batch", "global")
 
 
 @dataclass
@@ -33,12 +50,49 @@ class KDLabelSmoothedCrossEntropyCriterionConfig(LabelSmoothedCrossEntropyCriter
             " 0 uses the full distribution"
         },
     )
+    kd_alpha_schedule: ChoiceEnum(SCHEDULES) = field(
+        default="constant",
+        metadata={"help": "anneal alpha from --kd-alpha to --kd-alpha-final over --kd-schedule-updates updates"},
+    )
+    kd_alpha_final: Optional[float] = field(
+        default=None, metadata={"help": "alpha at the end of --kd-alpha-schedule, in [0, 1]"}
+    )
+    kd_temperature_schedule: ChoiceEnum(SCHEDULES) = field(
+        default="constant",
+        metadata={
+            "help": "anneal T from --kd-temperature to --kd-temperature-final over --kd-schedule-updates updates"
+        },
+    )
+    kd_temperature_final: Optional[float] = field(
+        default=None, metadata={"help": "T at the end of --kd-temperature-schedule, > 0"}
+    )
+    kd_schedule_updates: int = field(
+        default=0,
+        metadata={"help": "updates over which the schedules run, values staying final after; 0: --max-update"},
+    )
+    kd_selection: ChoiceEnum(SELECTIONS) = field(
+        default="none",
+        metadata={
+            "help": "selective KD: distil only the target tokens on which the student's cross-entropy is highest;"
+            " 'batch': the top --kd-selection-rate of each batch, 'global': those above the (1 - rate) quantile"
+            " of the last --kd-selection-queue-size tokens' losses"
+        },
+    )
+    kd_selection_rate: float = field(
+        default=0.5, metadata={"help": "fraction of target tokens that get the KD term, in (0, 1]"}
+    )
+    kd_selection_queue_size: int = field(
+        default=30000,
+        metadata={"help": "tokens in the queue of recent losses of --kd-selection global (per worker process)"},
+    )
+    max_update: int = II("optimization.max_update")
 
 
 @register_criterion("kd_label_smoothed_cross_entropy", dataclass=KDLabelSmoothedCrossEntropyCriterionConfig)
 class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     """Label-smoothed cross-entropy plus word-level KD from the teacher log-probabilities that
-    ``translation_distillation`` puts in ``sample["teacher_lprobs"]``."""
+    ``translation_distillation`` puts in ``sample["teacher_lprobs"]`` (or the cached top-k in
+    ``sample["teacher_topk"]``), with optional alpha/T schedules and selective KD."""
 
     def __init__(
         self,
@@ -48,6 +102,15 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         kd_alpha,
         kd_temperature,
         kd_topk,
+        kd_alpha_schedule="constant",
+        kd_alpha_final=None,
+        kd_temperature_schedule="constant",
+        kd_temperature_final=None,
+        kd_schedule_updates=0,
+        kd_selection="none",
+        kd_selection_rate=0.5,
+        kd_selection_queue_size=30000,
+        max_update=0,
         ignore_prefix_size=0,
         report_accuracy=False,
     ):
@@ -62,7 +125,7 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
                 f"--kd-topk must be between 0 (full distribution) and the vocabulary size {vocab_size}, got {kd_topk}"
             )
         cache_k = getattr(task, "topk_cache_k", None)
-        if kd_alpha > 0 and not getattr(task, "teachers", None) and cache_k is None:
+        if max(kd_alpha, kd_alpha_final or 0.0) > 0 and not getattr(task, "teachers", None) and cache_k is None:
             raise FairseqKDError(
                 f"--kd-alpha {kd_alpha} needs a teacher, but the task has none: use --task translation_distillation"
                 " --teacher-path TEACHER.pt (or --teacher-topk-cache DIR), or set --kd-alpha 0"
@@ -72,9 +135,30 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
                 f"--teacher-topk-cache holds the teachers' top-{cache_k}, so pass --kd-topk {cache_k}"
                 f" (got {kd_topk}), or rebuild the cache with fairseq-kd-build-cache --topk {kd_topk}"
             )
-        self.kd_alpha = kd_alpha
-        self.kd_temperature = kd_temperature
+        kd_schedule_updates = kd_schedule_updates or max_update
+        check_schedule("alpha", kd_alpha_schedule, kd_alpha, kd_alpha_final, kd_schedule_updates,
+                       lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+        check_schedule("temperature", kd_temperature_schedule, kd_temperature, kd_temperature_final,
+                       kd_schedule_updates, lambda v: v > 0, "> 0")
+        if not 0.0 < kd_selection_rate <= 1.0:
+            raise FairseqKDError(f"--kd-selection-rate must be in (0, 1], got {kd_selection_rate}")
+        if kd_selection_queue_size <= 0:
+            raise FairseqKDError(f"--kd-selection-queue-size must be > 0, got {kd_selection_queue_size}")
         self.kd_topk = kd_topk
+        self.alpha_schedule = (str(kd_alpha_schedule), kd_alpha, kd_alpha_final)
+        self.temperature_schedule = (str(kd_temperature_schedule), kd_temperature, kd_temperature_final)
+        self.kd_schedule_updates = kd_schedule_updates
+        self.kd_selection = str(kd_selection)
+        self.kd_selection_rate = kd_selection_rate
+        self.kd_selection_queue_size = kd_selection_queue_size
+        self.recent_nll = torch.empty(0)  # --kd-selection global: losses of the last tokens, this process only
+        self.set_num_updates(0)
+
+    def set_num_updates(self, num_updates):
+        """Called by ``translation_distillation`` before every training step: alpha and T follow the
+        update count, so a resumed run continues its schedules exactly."""
+        self.kd_alpha = scheduled_value(*self.alpha_schedule, num_updates, self.kd_schedule_updates)
+        self.kd_temperature = scheduled_value(*self.temperature_schedule, num_updates, self.kd_schedule_updates)
 
     def forward(self, model, sample, reduce=True):
         net_output = model(**sample["net_input"])
@@ -91,19 +175,24 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             "sample_size": sample["target"].size(0) if self.sentence_avg else sample["ntokens"],
         }
         if "teacher_lprobs" in sample or "teacher_topk" in sample:
-            kd_loss = self.compute_kd_loss(net_output, lprobs, sample, target, reduce)
+            kd_loss, distilled = self.compute_kd_loss(net_output, lprobs, sample, target, model.training, reduce)
             loss = (1.0 - self.kd_alpha) * ls_loss + self.kd_alpha * kd_loss
             logging_output["loss"] = loss.data
             logging_output["kd_loss"] = kd_loss.data
+            # token-weighted, so that the logs stay summable across workers
+            logging_output["kd_alpha"] = self.kd_alpha * sample["ntokens"]
+            logging_output["kd_temperature"] = self.kd_temperature * sample["ntokens"]
+            logging_output["kd_distilled"] = distilled
         if self.report_accuracy:
             n_correct, total = self.compute_accuracy(model, net_output, sample)
             logging_output["n_correct"] = n_correct.item()
             logging_output["total"] = total.item()
         return loss, logging_output["sample_size"], logging_output
 
-    def compute_kd_loss(self, net_output, lprobs, sample, target, reduce=True):
-        """T^2 * KL(teacher_T || student_T) per target token; padding positions give 0. The teacher side
-        is the full distribution (``teacher_lprobs``, cut to its top-k with --kd-topk) or a cached top-k
+    def compute_kd_loss(self, net_output, lprobs, sample, target, training, reduce=True):
+        """``(loss, distilled)``: T^2 * KL(teacher_T || student_T) per target token, 0 at padding and at
+        tokens not chosen by --kd-selection, and the number of tokens distilled. The teacher side is the
+        full distribution (``teacher_lprobs``, cut to its top-k with --kd-topk) or a cached top-k
         (``teacher_topk``). ``lprobs`` are the student's ``(N, V)`` log-probabilities from the
         cross-entropy term, reused as they are at T = 1."""
         if self.kd_temperature == 1.0:
@@ -123,8 +212,22 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
                 kd_loss = kd_topk_kl_loss(lprobs_student_t, values, ids, self.kd_temperature)
             else:
                 kd_loss = kd_kl_loss(lprobs_student_t, lprobs_teacher, self.kd_temperature)
-        kd_loss = kd_loss.masked_fill(target.eq(self.padding_idx), 0.0)
-        return kd_loss.sum() if reduce else kd_loss.unsqueeze(-1)
+        distil = target.ne(self.padding_idx)
+        if self.kd_selection != "none":
+            nll_student = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            distil = self.select_tokens(nll_student, distil, training)
+        kd_loss = kd_loss.masked_fill(~distil, 0.0)
+        return (kd_loss.sum() if reduce else kd_loss.unsqueeze(-1)), distil.sum().data
+
+    def select_tokens(self, nll_student, mask, training):
+        """The positions of ``mask`` that get the KD term under --kd-selection. The global queue learns
+        only from training batches, and each worker process keeps its own."""
+        if self.kd_selection == "batch" or not mask.any():
+            return select_hardest(nll_student, mask, self.kd_selection_rate)
+        if training:
+            self.recent_nll = push_recent(self.recent_nll, nll_student[mask], self.kd_selection_queue_size)
+        recent = self.recent_nll if self.recent_nll.numel() else nll_student[mask]
+        return select_above_quantile(nll_student, mask, self.kd_selection_rate, recent)
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
@@ -133,3 +236,33 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             kd_loss_sum = sum(log.get("kd_loss", 0) for log in logging_outputs)
             ntokens = sum(log.get("ntokens", 0) for log in logging_outputs)
             metrics.log_scalar("kd_loss", kd_loss_sum / ntokens / math.log(2), ntokens, round=3)
+            for key in ("kd_alpha", "kd_temperature"):
+                metrics.log_scalar(key, sum(log.get(key, 0) for log in logging_outputs) / ntokens, ntokens, round=3)
+            distilled = sum(log.get("kd_distilled", 0) for log in logging_outputs)
+            metrics.log_scalar("kd_distilled", distilled / ntokens, ntokens, round=3)
+
+
+def check_schedule(name, schedule, start, final, schedule_updates, valid, valid_text):
+    """Refuse a schedule that cannot run as asked, naming the option to fix."""
+    schedule = str(schedule)
+    if schedule == "constant":
+        if final is not None:
+            raise FairseqKDError(
+                f"--kd-{name}-final {final} has no effect with --kd-{name}-schedule constant;"
+                f" choose --kd-{name}-schedule linear, exponential or cosine, or drop --kd-{name}-final"
+            )
+        return
+    if final is None:
+        raise FairseqKDError(f"--kd-{name}-schedule {schedule} needs --kd-{name}-final, the value to anneal to")
+    if not valid(final):
+        raise FairseqKDError(f"--kd-{name}-final must be {valid_text}, got {final}")
+    if schedule == "exponential" and (start <= 0 or final <= 0):
+        raise FairseqKDError(
+            f"--kd-{name}-schedule exponential needs --kd-{name} and --kd-{name}-final > 0, got {start} and {final};"
+            " use linear or cosine to reach 0"
+        )
+    if schedule_updates <= 0:
+        raise FairseqKDError(
+            f"--kd-{name}-schedule {schedule} needs to know when to end: set --kd-schedule-updates N"
+            " (or --max-update N, its default)"
+        )

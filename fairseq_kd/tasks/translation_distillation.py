@@ -115,6 +115,8 @@ class TranslationDistillationTask(TranslationTask):
             sample["teacher_lprobs"] = self.teacher_lprobs(sample["net_input"], param.device, param.dtype)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        if hasattr(criterion, "set_num_updates"):  # kd_label_smoothed_cross_entropy's alpha/T schedules
+            criterion.set_num_updates(update_num)
         self.add_teacher_lprobs(sample, model)
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
