@@ -7,7 +7,8 @@ teacher caches, one after the other in this one run; tokens/s and peak memory of
         --updates 60 --out benchmarks/results/training_cost
 
 Tokens/s is the median of fairseq's per-interval ``wps`` after the first interval (start-up and warm-up
-excluded); peak memory is the peak resident set size of the training process. Writes OUT.json and OUT.md.
+excluded), and with ``--repeats`` the median over runs; peak memory is the peak resident set size of the
+training process. Writes OUT.json and OUT.md.
 """
 import argparse
 import json
@@ -54,6 +55,8 @@ def main():
     parser.add_argument("--topk", type=int, default=8, help="k of the online top-k variant")
     parser.add_argument("--updates", type=int, default=60)
     parser.add_argument("--log-interval", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every variant this many times, round robin, and keep the median")
     parser.add_argument("--out", required=True, help="writes OUT.json and OUT.md")
     args = parser.parse_args()
 
@@ -66,14 +69,20 @@ def main():
         k, _, directory = item.partition("=")
         variants.append((f"top-{k} cache", ["--kd-alpha", "0.5", "--teacher-topk-cache", directory, "--kd-topk", k]))
 
-    rows = []
-    for name, extra in variants:
-        wps, peak_mb = train(args.data, args.updates, args.log_interval, extra)
-        if len(wps) < 2:
-            sys.exit("error: too few log intervals; raise --updates or lower --log-interval")
-        rows.append({"variant": name, "flags": " ".join(extra), "tokens_per_s": statistics.median(wps[1:]),
-                     "peak_rss_mb": round(peak_mb, 1)})
-        print(f"{name}: {rows[-1]['tokens_per_s']:.0f} tokens/s, peak RSS {peak_mb:.0f} MB", flush=True)
+    runs = {name: [] for name, _ in variants}
+    for repeat in range(args.repeats):  # round robin, so that drift in machine speed hits every variant
+        for name, extra in variants:
+            wps, peak_mb = train(args.data, args.updates, args.log_interval, extra)
+            if len(wps) < 2:
+                sys.exit("error: too few log intervals; raise --updates or lower --log-interval")
+            runs[name].append((statistics.median(wps[1:]), peak_mb))
+            print(f"[{repeat + 1}/{args.repeats}] {name}: {runs[name][-1][0]:.0f} tokens/s, peak RSS {peak_mb:.0f} MB",
+                  flush=True)
+    rows = [{"variant": name, "flags": " ".join(extra),
+             "tokens_per_s": statistics.median(speed for speed, _ in runs[name]),
+             "tokens_per_s_runs": [speed for speed, _ in runs[name]],
+             "peak_rss_mb": round(max(peak for _, peak in runs[name]), 1)}
+            for name, extra in variants]
     plain = rows[0]
     lines = ["| variant | target tokens/s | vs plain | peak RSS MB | vs plain |", "|---|---:|---:|---:|---:|"]
     for row in rows:
@@ -81,10 +90,11 @@ def main():
         row["memory_ratio"] = round(row["peak_rss_mb"] / plain["peak_rss_mb"], 3)
         lines.append(f"| {row['variant']} | {row['tokens_per_s']:.0f} | {row['speed_ratio']:.2f}x "
                      f"| {row['peak_rss_mb']:.0f} | {row['memory_ratio']:.2f}x |")
-    settings = {"updates": args.updates, "threads": torch.get_num_threads(), "student": "transformer_student_tiny",
+    settings = {"updates": args.updates, "repeats": args.repeats, "threads": torch.get_num_threads(), "student": "transformer_student_tiny",
                 "max_tokens": 4096, "data": args.data}
     lines.append("")
-    lines.append(f"{args.updates} updates each, median of per-{args.log_interval}-update wps after the first interval; "
+    lines.append(f"{args.updates} updates per run, {args.repeats} run(s) per variant round robin; tokens/s: median over"
+                 f" runs of the median per-{args.log_interval}-update wps after the first interval; peak RSS: the highest; "
                  f"{settings['threads']} torch threads, {os.cpu_count()} CPUs.")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:
