@@ -20,15 +20,47 @@ def ensemble_lprobs(lprobs_teachers: List[torch.Tensor], weights: torch.Tensor) 
 
     Args:
         lprobs_teachers: K tensors ``(..., V)`` of teacher log-probabilities.
-        weights: ``(K,)`` non-negative weights summing to 1.
+        weights: ``(K,)`` non-negative weights summing to 1, or ``(K, ...)`` per position (each position's
+            K weights summing to 1).
     Returns:
         ``(..., V)`` log-probabilities of ``sum_k weights[k] * p_k``.
     """
     if len(lprobs_teachers) == 1:
         return lprobs_teachers[0].float()
     stacked = torch.stack([lp.float() for lp in lprobs_teachers], dim=0)
-    log_w = weights.float().log().view(-1, *([1] * (stacked.dim() - 1)))
-    return torch.logsumexp(stacked + log_w.to(stacked.device), dim=0)
+    log_w = weights.float().log().to(stacked.device)
+    log_w = log_w.reshape(*log_w.shape, *([1] * (stacked.dim() - log_w.dim())))
+    return torch.logsumexp(stacked + log_w, dim=0)
+
+
+def confidence_weights(lprobs_reference_teachers: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-position teacher weights proportional to each teacher's fixed weight times its probability of
+    the reference token: the teachers that predict the reference best count most there.
+
+    Args:
+        lprobs_reference_teachers: ``(K, ...)`` each teacher's log-probability of the reference token.
+        weights: ``(K,)`` fixed non-negative weights summing to 1.
+    Returns:
+        ``(K, ...)`` weights, summing to 1 over K at every position.
+    """
+    log_w = weights.float().log().to(lprobs_reference_teachers.device)
+    log_w = log_w.reshape(-1, *([1] * (lprobs_reference_teachers.dim() - 1)))
+    return torch.softmax(lprobs_reference_teachers.float() + log_w, dim=0)
+
+
+def mixture_nll(lprobs_reference_teachers: torch.Tensor, weight_logits: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of the reference tokens under the teacher mixture with weights
+    ``softmax(weight_logits)``; minimising it over ``weight_logits`` learns the weights that best explain
+    the data.
+
+    Args:
+        lprobs_reference_teachers: ``(K, N)`` each teacher's log-probability of the reference token.
+        weight_logits: ``(K,)`` learnable logits of the teacher weights.
+    Returns:
+        ``(N,)`` loss per position.
+    """
+    log_w = F.log_softmax(weight_logits.float(), dim=0).unsqueeze(-1)
+    return -torch.logsumexp(lprobs_reference_teachers.float() + log_w, dim=0)
 
 
 def topk_lprobs(lprobs_teacher: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -122,7 +122,7 @@ def build_shard(task, split, teachers, k, directory, shard_id, num_shards, max_t
     for batch in progress:
         sample = dataset.collater([dataset[i] for i in batch])
         net_input = utils.move_to_cuda(sample["net_input"]) if device.type == "cuda" else sample["net_input"]
-        values, ids = topk_lprobs(task.teacher_lprobs(net_input, device, dtype), k)
+        values, ids = topk_lprobs(task.teacher_lprobs(net_input, sample["target"], device, dtype)[0], k)
         values, ids = values.cpu(), ids.cpu()
         keep = sample["target"].ne(pad)
         for row, index in enumerate(sample["id"].tolist()):
@@ -167,6 +167,7 @@ def write_manifest(task, splits, teachers, k, directory, num_shards):
             "target_dictionary_sha256": dictionary_fingerprint(task.target_dictionary),
             "teachers": teachers,
             "teacher_weights": task.teacher_weights.tolist(),
+            "teacher_weighting": str(task.cfg.teacher_weighting),
             "splits": entries,
         },
     )
@@ -277,6 +278,11 @@ def main(argv=None):
     cfg = convert_namespace_to_omegaconf(args)
     if not cfg.task.teacher_path:
         raise FairseqKDError("--teacher-path is required: the checkpoint(s) whose top-k distributions to cache")
+    if cfg.task.teacher_weighting == "learned":
+        raise FairseqKDError(
+            "--teacher-weighting learned trains the weights with the student, so a cache cannot hold them;"
+            " use fixed or confidence, or distil with --teacher-path"
+        )
     if args.topk < 1:
         raise FairseqKDError(f"--topk must be >= 1, got {args.topk}")
     num_shards, shard_id = cfg.dataset.num_shards, cfg.dataset.shard_id

@@ -74,3 +74,19 @@ def teacher(data_bin, tmp_path_factory):
         "--save-dir", save_dir,
     )
     return save_dir / "checkpoint_best.pt"
+
+
+@pytest.fixture(scope="session")
+def weak_teacher(teacher, tmp_path_factory):
+    """A second, worse teacher: the teacher's checkpoint with noise added to every weight."""
+    import torch
+
+    import fairseq_kd  # noqa: F401  (its allowlist lets torch.load read the fairseq checkpoint)
+
+    state = torch.load(teacher, map_location="cpu")
+    generator = torch.Generator().manual_seed(0)
+    state["model"] = {k: v + 0.5 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+                      for k, v in state["model"].items()}
+    path = tmp_path_factory.mktemp("weak_teacher") / "checkpoint_weak.pt"
+    torch.save(state, path)
+    return path

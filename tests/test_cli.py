@@ -62,6 +62,18 @@ def test_schedules_and_selection_from_the_command_line(data_bin, teacher, tmp_pa
     assert 0.25 <= distilled[0] <= 0.35 and all(d < 0.25 for d in distilled[1:]), distilled
 
 
+def test_learned_teacher_weights_train_and_are_saved(data_bin, teacher, weak_teacher, tmp_path):
+    proc = train_student(
+        data_bin, tmp_path, "--task", "translation_distillation", "--teacher-path", f"{teacher}:{weak_teacher}",
+        "--teacher-weighting", "learned", "--max-update", "4",
+    )
+    steps = [line for line in proc.stdout.splitlines() if "train_inner" in line]
+    weights = [float(re.search(r"teacher_weight_0=([\d.]+)", line).group(1)) for line in steps]
+    assert weights[0] == 0.5 and weights[-1] > 0.5 and all("teacher_mix_nll=" in line for line in steps), steps
+    criterion_state = torch.load(tmp_path / "checkpoint_last.pt", map_location="cpu")["criterion"]
+    assert list(criterion_state) == ["teacher_weight_logits"]
+
+
 def test_student_decodes_with_stock_generate(data_bin, teacher, kd_student):
     save_dir, _ = kd_student
     scores = {}

@@ -180,3 +180,49 @@ def test_impossible_strategy_options_are_refused(data_bin, teacher, flags, messa
     with pytest.raises(FairseqKDError) as error:
         build(data_bin, "--teacher-path", teacher, *flags)
     assert message in str(error.value)
+
+
+def test_confidence_weighting_favours_the_teacher_that_predicts_the_reference(data_bin, teacher, weak_teacher):
+    task, model, criterion = build(data_bin, "--teacher-path", f"{teacher}:{weak_teacher}",
+                                   "--teacher-weighting", "confidence")
+    sample = first_batch(task)
+    task.add_teacher_lprobs(sample, model)
+    weights = sample["teacher_weights"]
+    assert torch.allclose(weights.sum(0), torch.ones_like(weights[0]))
+    _, _, log = criterion(model, sample)
+    assert log["teacher_weight_0"] / sample["ntokens"] > 0.8  # the trained teacher, against the noisy one
+    # teachers that agree everywhere: the fixed mixture
+    same = build(data_bin, "--teacher-path", f"{teacher}:{teacher}", "--teacher-weighting", "confidence")[0]
+    fixed = build(data_bin, "--teacher-path", teacher)[0]
+    same.add_teacher_lprobs(a := first_batch(same), model)
+    fixed.add_teacher_lprobs(b := first_batch(fixed), model)
+    assert torch.allclose(a["teacher_lprobs"], b["teacher_lprobs"], atol=1e-5)
+
+
+def test_learned_weighting_trains_towards_the_better_teacher(data_bin, teacher, weak_teacher):
+    task, model, criterion = build(data_bin, "--teacher-path", f"{teacher}:{weak_teacher}",
+                                   "--teacher-weighting", "learned")
+    logits = criterion.teacher_weight_logits
+    assert [name for name, _ in criterion.named_parameters()] == ["teacher_weight_logits"]
+    optimizer = torch.optim.SGD(criterion.parameters(), lr=0.01)
+
+    class Backward:  # the slice of fairseq's optimizer interface that train_step uses
+        def backward(self, loss):
+            loss.backward()
+
+    before = torch.softmax(logits.detach(), 0)[0].item()
+    for update in range(3):
+        used = torch.softmax(logits.detach(), 0)[0].item()  # the mixture this step distils from
+        optimizer.zero_grad()
+        _, _, log = task.train_step(first_batch(task, "train"), model, criterion, Backward(), update_num=update)
+        optimizer.step()
+    after = torch.softmax(logits.detach(), 0)[0].item()
+    assert before == pytest.approx(0.5) and after > before
+    assert log["teacher_weight_0"] / log["ntokens"] == pytest.approx(used)
+    assert "teacher_mix_nll" in log
+
+
+@pytest.mark.parametrize("weighting", ["confidence", "learned"])
+def test_weighting_needs_several_teachers(data_bin, teacher, weighting):
+    with pytest.raises(FairseqKDError, match="weighs several teachers, but --teacher-path names 1"):
+        build(data_bin, "--teacher-path", teacher, "--teacher-weighting", weighting)

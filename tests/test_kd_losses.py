@@ -7,10 +7,12 @@ import torch.nn.functional as F
 
 from fairseq_kd.kd_losses import (
     SCHEDULES,
+    confidence_weights,
     ensemble_lprobs,
     kd_kl_loss,
     kd_topk_kl_loss,
     lprobs_at_temperature,
+    mixture_nll,
     push_recent,
     scheduled_value,
     select_above_quantile,
@@ -143,3 +145,34 @@ def test_recent_loss_queue_keeps_the_last_entries():
     queue = push_recent(torch.empty(0), torch.tensor([1.0, 2.0, 3.0]), size=4)
     queue = push_recent(queue, torch.tensor([4.0, 5.0]), size=4)
     assert queue.tolist() == [2.0, 3.0, 4.0, 5.0]
+
+
+def test_ensemble_with_weights_per_position():
+    lp_a, lp_b = F.log_softmax(torch.randn(2, 3, 5), -1), F.log_softmax(torch.randn(2, 3, 5), -1)
+    w_a = torch.rand(2, 3)
+    averaged = ensemble_lprobs([lp_a, lp_b], torch.stack([w_a, 1 - w_a]))
+    expected = w_a.unsqueeze(-1) * lp_a.exp() + (1 - w_a).unsqueeze(-1) * lp_b.exp()
+    assert torch.allclose(averaged.exp(), expected, atol=1e-6)
+
+
+def test_confidence_weights_follow_the_reference_probability():
+    # teacher a gives the reference 0.6, teacher b 0.2, with fixed weights 0.5 / 0.5 -> 0.75 / 0.25
+    reference = torch.tensor([[0.6], [0.2]]).log()
+    weights = confidence_weights(reference, torch.tensor([0.5, 0.5]))
+    assert torch.allclose(weights, torch.tensor([[0.75], [0.25]]))
+    # fixed weights 0.2 / 0.8 -> 0.12 : 0.16
+    weights = confidence_weights(reference, torch.tensor([0.2, 0.8]))
+    assert torch.allclose(weights, torch.tensor([[0.12 / 0.28], [0.16 / 0.28]]))
+    # teachers equally sure of every reference: the fixed weights, at every position
+    same = torch.randn(1, 4).expand(3, 4)
+    assert torch.allclose(confidence_weights(same, torch.tensor([0.2, 0.3, 0.5])),
+                          torch.tensor([0.2, 0.3, 0.5]).unsqueeze(-1).expand(3, 4))
+
+
+def test_mixture_nll_and_its_gradient_favour_the_better_teacher():
+    reference = torch.tensor([[0.6, 0.5], [0.2, 0.1]]).log()
+    logits = torch.zeros(2, requires_grad=True)
+    loss = mixture_nll(reference, logits)
+    assert torch.allclose(loss, -torch.tensor([0.4, 0.3]).log())
+    loss.sum().backward()
+    assert logits.grad[0] < 0 < logits.grad[1]  # gradient descent raises teacher a's weight

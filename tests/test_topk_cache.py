@@ -44,7 +44,8 @@ def test_cache_holds_the_teachers_topk(data_bin, teacher, cache):
     cached = TopKCache(str(cache), "valid", dataset, task.target_dictionary)
     for index in (0, 7, len(dataset) - 1):
         sample = dataset.collater([dataset[index]])
-        expected_values, expected_ids = topk_lprobs(task.teacher_lprobs(sample["net_input"], torch.device("cpu"), torch.float32)[0], K)
+        lprobs = task.teacher_lprobs(sample["net_input"], sample["target"], torch.device("cpu"), torch.float32)[0]
+        expected_values, expected_ids = topk_lprobs(lprobs[0], K)
         values, ids = map(torch.from_numpy, cached[index])
         assert ids.shape == (len(dataset[index]["target"]), K)
         assert torch.equal(ids, expected_ids)
@@ -53,6 +54,25 @@ def test_cache_holds_the_teachers_topk(data_bin, teacher, cache):
     assert manifest["k"] == K and set(manifest["splits"]) == {"train", "valid"}
     assert manifest["splits"]["valid"]["target_tokens"] == sum(len(dataset[i]["target"]) for i in range(len(dataset)))
     assert len(manifest["teachers"][0]["sha256"]) == 64
+
+
+def test_cache_of_a_confidence_weighted_mixture(data_bin, teacher, weak_teacher, tmp_path):
+    teachers = f"{teacher}:{weak_teacher}"
+    build_cache(data_bin, teachers, tmp_path, "--teacher-weighting", "confidence", "--splits", "valid")
+    args = options.parse_args_and_arch(get_parser(), [str(data_bin), "--teacher-path", teachers,
+                                                      "--teacher-weighting", "confidence", "--out", "unused"])
+    task = tasks.setup_task(convert_namespace_to_omegaconf(args).task)
+    task.load_dataset("valid")
+    dataset = task.dataset("valid")
+    sample = dataset.collater([dataset[3]])
+    lprobs = task.teacher_lprobs(sample["net_input"], sample["target"], torch.device("cpu"), torch.float32)[0]
+    values, ids = map(torch.from_numpy, TopKCache(str(tmp_path), "valid", dataset, task.target_dictionary)[3])
+    expected_values, expected_ids = topk_lprobs(lprobs[0], K)
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(values, expected_values, atol=2e-3, rtol=1e-3)
+    assert json.loads((tmp_path / "manifest.json").read_text())["teacher_weighting"] == "confidence"
+    proc = build_cache(data_bin, teachers, tmp_path / "learned", "--teacher-weighting", "learned", expect_ok=False)
+    assert "a cache cannot hold them" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_sharded_build_equals_unsharded(data_bin, teacher, cache, tmp_path):
@@ -108,6 +128,7 @@ def test_training_from_cache_matches_online_topk(data_bin, teacher, cache, tmp_p
     [
         (("--kd-topk", "8"), "holds the teachers' top-4, so pass --kd-topk 4"),
         (("--kd-topk", str(K), "--teacher-path", "x.pt"), "either --teacher-path or --teacher-topk-cache"),
+        (("--kd-topk", str(K), "--teacher-weighting", "confidence"), "does not apply to --teacher-topk-cache"),
     ],
 )
 def test_cache_option_errors(data_bin, cache, tmp_path, extra, message):

@@ -20,6 +20,7 @@ from fairseq_kd.kd_losses import (
     kd_kl_loss,
     kd_topk_kl_loss,
     lprobs_at_temperature,
+    mixture_nll,
     push_recent,
     scheduled_value,
     select_above_quantile,
@@ -152,6 +153,9 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         self.kd_selection_rate = kd_selection_rate
         self.kd_selection_queue_size = kd_selection_queue_size
         self.recent_nll = torch.empty(0)  # --kd-selection global: losses of the last tokens, this process only
+        if getattr(task.cfg, "teacher_weighting", "fixed") == "learned":
+            # trained by fairseq's optimizer with the student and saved in its checkpoints' criterion state
+            self.teacher_weight_logits = torch.nn.Parameter(task.teacher_weights.clamp_min(1e-4).log())
         self.set_num_updates(0)
 
     def set_num_updates(self, num_updates):
@@ -183,6 +187,16 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             logging_output["kd_alpha"] = self.kd_alpha * sample["ntokens"]
             logging_output["kd_temperature"] = self.kd_temperature * sample["ntokens"]
             logging_output["kd_distilled"] = distilled
+        if "teacher_weights" in sample:  # several teachers: their mean weight per target token
+            nonpad = sample["target"].ne(self.padding_idx)
+            for k, weights in enumerate(sample["teacher_weights"]):
+                logging_output[f"teacher_weight_{k}"] = weights[nonpad].sum().data
+        if hasattr(self, "teacher_weight_logits") and "teacher_lprobs_reference" in sample:
+            nonpad = sample["target"].ne(self.padding_idx)
+            mix_nll = mixture_nll(sample["teacher_lprobs_reference"][:, nonpad], self.teacher_weight_logits).sum()
+            # its gradient reaches only the teacher weights; logged apart from the student's loss
+            loss = loss + mix_nll
+            logging_output["teacher_mix_nll"] = mix_nll.data
         if self.report_accuracy:
             n_correct, total = self.compute_accuracy(model, net_output, sample)
             logging_output["n_correct"] = n_correct.item()
@@ -232,14 +246,18 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
         super().reduce_metrics(logging_outputs)
-        if any("kd_loss" in log for log in logging_outputs):
-            kd_loss_sum = sum(log.get("kd_loss", 0) for log in logging_outputs)
-            ntokens = sum(log.get("ntokens", 0) for log in logging_outputs)
-            metrics.log_scalar("kd_loss", kd_loss_sum / ntokens / math.log(2), ntokens, round=3)
-            for key in ("kd_alpha", "kd_temperature"):
-                metrics.log_scalar(key, sum(log.get(key, 0) for log in logging_outputs) / ntokens, ntokens, round=3)
-            distilled = sum(log.get("kd_distilled", 0) for log in logging_outputs)
-            metrics.log_scalar("kd_distilled", distilled / ntokens, ntokens, round=3)
+        ntokens = sum(log.get("ntokens", 0) for log in logging_outputs)
+
+        def per_token(key):
+            return sum(log.get(key, 0) for log in logging_outputs) / ntokens
+
+        keys = {key for log in logging_outputs for key in log}
+        for key in ("kd_loss", "teacher_mix_nll"):  # in bits, like fairseq's losses
+            if key in keys:
+                metrics.log_scalar(key, per_token(key) / math.log(2), ntokens, round=3)
+        for key in sorted(keys):
+            if key in ("kd_alpha", "kd_temperature", "kd_distilled") or key.startswith("teacher_weight_"):
+                metrics.log_scalar(key, per_token(key), ntokens, round=3)
 
 
 def check_schedule(name, schedule, start, final, schedule_updates, valid, valid_text):

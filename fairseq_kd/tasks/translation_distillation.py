@@ -6,15 +6,18 @@ from typing import Optional
 import torch
 from fairseq import checkpoint_utils, models, utils
 from fairseq.data import Dictionary
+from fairseq.dataclass import ChoiceEnum
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from fairseq_kd.errors import FairseqKDError
-from fairseq_kd.kd_losses import ensemble_lprobs
+from fairseq_kd.kd_losses import confidence_weights, ensemble_lprobs
 from fairseq_kd.topk_cache import TopKCache, TopKCacheDataset, read_manifest
 
 logger = logging.getLogger(__name__)
+
+TEACHER_WEIGHTINGS = ("fixed", "confidence", "learned")
 
 
 @dataclass
@@ -31,6 +34,14 @@ class TranslationDistillationConfig(TranslationConfig):
         metadata={
             "help": "comma-separated non-negative weights of the teachers' probability average"
             " (normalised to sum to 1); default: equal weights"
+        },
+    )
+    teacher_weighting: ChoiceEnum(TEACHER_WEIGHTINGS) = field(
+        default="fixed",
+        metadata={
+            "help": "how several teachers are averaged: 'fixed' by --teacher-weights; 'confidence' per target token,"
+            " each teacher's --teacher-weights times its probability of the reference token; 'learned' by"
+            " softmax(logits) trained with the criterion to maximise the mixture's likelihood of the references"
         },
     )
     teacher_topk_cache: Optional[str] = field(
@@ -56,10 +67,20 @@ class TranslationDistillationTask(TranslationTask):
         super().__init__(cfg, src_dict, tgt_dict)
         if cfg.teacher_topk_cache and cfg.teacher_path:
             raise FairseqKDError("give either --teacher-path or --teacher-topk-cache, not both")
+        if cfg.teacher_topk_cache and cfg.teacher_weighting != "fixed":
+            raise FairseqKDError(
+                f"--teacher-weighting {cfg.teacher_weighting} does not apply to --teacher-topk-cache: the cache holds"
+                " the mixture chosen when it was built (fairseq-kd-build-cache --teacher-weighting confidence)"
+            )
         self.topk_cache_k = read_manifest(cfg.teacher_topk_cache)["k"] if cfg.teacher_topk_cache else None
         paths = utils.split_paths(cfg.teacher_path) if cfg.teacher_path else []
         self.teachers = [self.load_teacher(path) for path in paths]
         self.teacher_weights = self.parse_teacher_weights(cfg.teacher_weights, len(paths))
+        if cfg.teacher_weighting != "fixed" and len(paths) < 2:
+            raise FairseqKDError(
+                f"--teacher-weighting {cfg.teacher_weighting} weighs several teachers, but --teacher-path names"
+                f" {len(paths)}; give two or more checkpoints separated by ':', or drop --teacher-weighting"
+            )
 
     def load_teacher(self, path):
         cfg, state = read_checkpoint(path, "--teacher-path")
@@ -98,31 +119,57 @@ class TranslationDistillationTask(TranslationTask):
             self.datasets[split] = TopKCacheDataset(self.datasets[split], cache, self.cfg.left_pad_target)
 
     @torch.no_grad()
-    def teacher_lprobs(self, net_input, device, dtype):
-        """The teachers' averaged log-probabilities (B x T x V, float32) for a batch on ``device``."""
+    def teacher_lprobs(self, net_input, target, device, dtype, weights=None):
+        """The teachers' mixture for a batch, all float32 on ``device``: ``(lprobs, weights, reference)``,
+        the mixture's log-probabilities ``(B, T, V)``, the weight of each teacher at each target position
+        ``(K, B, T)`` and each teacher's log-probability of the reference token ``(K, B, T)``. The weights
+        follow --teacher-weighting; ``weights`` ``(K,)`` overrides them (the criterion's learned weights)."""
         lprobs = []
         for teacher in self.teachers:
             teacher.to(device=device, dtype=dtype)
             net_output = teacher(**net_input)
-            lprobs.append(teacher.get_normalized_probs(net_output, log_probs=True))
-        return ensemble_lprobs(lprobs, self.teacher_weights)
+            lprobs.append(teacher.get_normalized_probs(net_output, log_probs=True).float())
+        target = target.to(device)
+        reference = torch.stack([lp.gather(-1, target.unsqueeze(-1)).squeeze(-1) for lp in lprobs])
+        if weights is None and self.cfg.teacher_weighting == "confidence":
+            weights = confidence_weights(reference, self.teacher_weights)
+        else:
+            weights = self.teacher_weights if weights is None else weights
+            weights = weights.to(device).view(-1, 1, 1).expand(-1, *target.shape)
+        return ensemble_lprobs(lprobs, weights), weights, reference
 
-    def add_teacher_lprobs(self, sample, model):
+    def add_teacher_lprobs(self, sample, model, weights=None):
         if self.teachers:
             # follow the student's device and dtype (--fp16/--bf16 convert the student after the task
             # is set up)
             param = next(model.parameters())
-            sample["teacher_lprobs"] = self.teacher_lprobs(sample["net_input"], param.device, param.dtype)
+            lprobs, weights, reference = self.teacher_lprobs(
+                sample["net_input"], sample["target"], param.device, param.dtype, weights
+            )
+            sample["teacher_lprobs"] = lprobs
+            if len(self.teachers) > 1:
+                sample["teacher_weights"], sample["teacher_lprobs_reference"] = weights, reference
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         if hasattr(criterion, "set_num_updates"):  # kd_label_smoothed_cross_entropy's alpha/T schedules
             criterion.set_num_updates(update_num)
-        self.add_teacher_lprobs(sample, model)
+        self.add_teacher_lprobs(sample, model, self.learned_weights(criterion))
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def valid_step(self, sample, model, criterion):
-        self.add_teacher_lprobs(sample, model)
+        self.add_teacher_lprobs(sample, model, self.learned_weights(criterion))
         return super().valid_step(sample, model, criterion)
+
+    def learned_weights(self, criterion):
+        """--teacher-weighting learned: the criterion's current teacher weights ``(K,)``, else None."""
+        if self.cfg.teacher_weighting != "learned":
+            return None
+        if not hasattr(criterion, "teacher_weight_logits"):
+            raise FairseqKDError(
+                "--teacher-weighting learned trains the weights in the criterion: use --criterion"
+                " kd_label_smoothed_cross_entropy"
+            )
+        return torch.softmax(criterion.teacher_weight_logits.detach().float(), dim=0)
 
 
 def read_checkpoint(path, option):
