@@ -189,3 +189,21 @@ def select_above_quantile(nll_student: torch.Tensor, mask: torch.Tensor, rate: f
 def push_recent(recent_nll: torch.Tensor, nll_new: torch.Tensor, size: int) -> torch.Tensor:
     """First-in first-out queue of the last ``size`` per-token losses: ``(Q,)`` + ``(M,)`` -> ``(min(Q + M, size),)``."""
     return torch.cat([recent_nll.to(nll_new.device), nll_new.detach().float()])[-size:]
+
+
+def mutual_kl_loss(lprobs_a_t: torch.Tensor, lprobs_b_t: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Deep mutual learning: per-position ``T^2 * (KL(b_T || a_T) + KL(a_T || b_T))``, each peer's
+    distribution a fixed (detached) target for the other, so peer a's gradient is ``T * (p_a_T - p_b_T)``
+    and peer b's the reverse. Symmetric in a and b.
+
+    Args:
+        lprobs_a_t: ``(N, V)`` peer a's log-probabilities at temperature T.
+        lprobs_b_t: ``(N, V)`` peer b's log-probabilities at temperature T.
+    Returns:
+        ``(N,)`` loss per position.
+    """
+    a, b = lprobs_a_t.float(), lprobs_b_t.float()
+    target_a, target_b = a.detach(), b.detach()
+    kl_to_b = (target_b.exp() * (target_b - a)).sum(dim=-1)
+    kl_to_a = (target_a.exp() * (target_a - b)).sum(dim=-1)
+    return (kl_to_b + kl_to_a) * temperature**2

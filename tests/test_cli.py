@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fairseq_kd  # noqa: F401  (torch.load of fairseq checkpoints below relies on its allowlist)
-from conftest import PLUGIN, TINY_TRANSFORMER, TRAIN_FLAGS, binarize, run, write_parallel
+from conftest import PLUGIN, REPO, TINY_TRANSFORMER, TRAIN_FLAGS, binarize, run, write_parallel
 
 STUDENT = ["--arch", "transformer_student_tiny", *TINY_TRANSFORMER]
 
@@ -72,6 +72,31 @@ def test_learned_teacher_weights_train_and_are_saved(data_bin, teacher, weak_tea
     assert weights[0] == 0.5 and weights[-1] > 0.5 and all("teacher_mix_nll=" in line for line in steps), steps
     criterion_state = torch.load(tmp_path / "checkpoint_last.pt", map_location="cpu")["criterion"]
     assert list(criterion_state) == ["teacher_weight_logits"]
+
+
+def test_mutual_learning_peers_decode_with_stock_generate(data_bin, teacher, tmp_path):
+    proc = train_student(
+        data_bin, tmp_path, "--task", "translation_distillation", "--arch", "transformer_mutual_student_tiny",
+        "--kd-alpha", "0.5", "--max-epoch", "6", "--dropout", "0",
+    )
+    train = [line for line in proc.stdout.splitlines() if "| train |" in line][-1]
+    assert re.search(r"\| peer_nll_loss [\d.]+", train) and re.search(r"\| kd_loss [\d.]+", train), train
+    hypotheses, scores = {}, {}
+    for peer in ("a", "b"):
+        run("python", REPO / "scripts" / "extract_peer.py", tmp_path / "checkpoint_last.pt", "--peer", peer,
+            "--out", tmp_path / f"peer_{peer}.pt")
+        assert torch.load(tmp_path / f"peer_{peer}.pt", map_location="cpu")["cfg"]["model"].arch == "transformer"
+    for name in ("checkpoint_last", "peer_a", "peer_b"):
+        out = run("fairseq-generate", data_bin, "--user-dir", PLUGIN, "--path", tmp_path / f"{name}.pt", "--cpu",
+                  "--beam", "2", "--scoring", "sacrebleu", "--max-tokens", "2000")
+        hypotheses[name] = sorted(line for line in out.stdout.splitlines() if line.startswith("H-"))
+        scores[name] = sacrebleu_of(out.stdout + out.stderr)
+    assert hypotheses["checkpoint_last"] == hypotheses["peer_a"]  # the mutual model decodes as peer a
+    assert hypotheses["peer_a"] != hypotheses["peer_b"]
+    assert scores["peer_a"] > 5 and scores["peer_b"] > 5, scores  # as the KD student above; chance is ~1
+    refused = run("python", REPO / "scripts" / "extract_peer.py", teacher, "--peer", "b", "--out", tmp_path / "x.pt",
+                  expect_ok=False)
+    assert "not a transformer_mutual one" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_student_decodes_with_stock_generate(data_bin, teacher, kd_student):
@@ -142,6 +167,7 @@ def corrupt_checkpoint(tmp_path_factory):
         (["--teacher-path", "{teacher}:{teacher}", "--teacher-weights", "1"], "has 1 values but"),
         (["--teacher-path", "{teacher}", "--teacher-weights", "-1"], "must be non-negative"),
         (["--kd-alpha", "0.5"], "needs a teacher"),
+        (["--teacher-path", "{teacher}", "--arch", "transformer_mutual_student_tiny"], "trains two peers"),
     ],
 )
 def test_bad_input_gives_one_clear_error(data_bin, teacher, other_dict_bin, corrupt_checkpoint, tmp_path, flags, message):

@@ -13,6 +13,7 @@ from fairseq_kd.kd_losses import (
     kd_topk_kl_loss,
     lprobs_at_temperature,
     mixture_nll,
+    mutual_kl_loss,
     push_recent,
     scheduled_value,
     select_above_quantile,
@@ -176,3 +177,17 @@ def test_mixture_nll_and_its_gradient_favour_the_better_teacher():
     assert torch.allclose(loss, -torch.tensor([0.4, 0.3]).log())
     loss.sum().backward()
     assert logits.grad[0] < 0 < logits.grad[1]  # gradient descent raises teacher a's weight
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_mutual_kl_is_symmetric_and_each_peer_learns_from_the_other(temperature):
+    logits_a = torch.randn(4, 6, requires_grad=True)
+    logits_b = torch.randn(4, 6, requires_grad=True)
+    a_t, b_t = lprobs_at_temperature(logits_a, temperature), lprobs_at_temperature(logits_b, temperature)
+    loss = mutual_kl_loss(a_t, b_t, temperature)
+    assert torch.allclose(loss, mutual_kl_loss(b_t, a_t, temperature))
+    assert torch.allclose(mutual_kl_loss(a_t, a_t, temperature), torch.zeros(4), atol=1e-6)
+    loss.sum().backward()
+    p_a, p_b = a_t.detach().exp(), b_t.detach().exp()
+    assert torch.allclose(logits_a.grad, temperature * (p_a - p_b), atol=1e-6)
+    assert torch.allclose(logits_b.grad, temperature * (p_b - p_a), atol=1e-6)

@@ -21,6 +21,7 @@ from fairseq_kd.kd_losses import (
     kd_topk_kl_loss,
     lprobs_at_temperature,
     mixture_nll,
+    mutual_kl_loss,
     push_recent,
     scheduled_value,
     select_above_quantile,
@@ -126,10 +127,12 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
                 f"--kd-topk must be between 0 (full distribution) and the vocabulary size {vocab_size}, got {kd_topk}"
             )
         cache_k = getattr(task, "topk_cache_k", None)
-        if max(kd_alpha, kd_alpha_final or 0.0) > 0 and not getattr(task, "teachers", None) and cache_k is None:
+        has_teacher = getattr(task, "teachers", None) or cache_k is not None or getattr(task, "mutual_learning", False)
+        if max(kd_alpha, kd_alpha_final or 0.0) > 0 and not has_teacher:
             raise FairseqKDError(
                 f"--kd-alpha {kd_alpha} needs a teacher, but the task has none: use --task translation_distillation"
-                " --teacher-path TEACHER.pt (or --teacher-topk-cache DIR), or set --kd-alpha 0"
+                " --teacher-path TEACHER.pt (or --teacher-topk-cache DIR, or a peer: --arch transformer_mutual),"
+                " or set --kd-alpha 0"
             )
         if cache_k is not None and kd_topk != cache_k:
             raise FairseqKDError(
@@ -178,8 +181,22 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             "nsentences": sample["target"].size(0),
             "sample_size": sample["target"].size(0) if self.sentence_avg else sample["ntokens"],
         }
-        if "teacher_lprobs" in sample or "teacher_topk" in sample:
-            kd_loss, distilled = self.compute_kd_loss(net_output, lprobs, sample, target, model.training, reduce)
+        peer_output = net_output[1].get("peer_output") if isinstance(net_output[1], dict) else None
+        if peer_output is not None:  # deep mutual learning: both peers' cross-entropies, KL both ways
+            lprobs_peer, _ = self.get_lprobs_and_target(model.peer, peer_output, sample)
+            peer_ls_loss, peer_nll_loss = label_smoothed_nll_loss(
+                lprobs_peer, target, self.eps, ignore_index=self.padding_idx, reduce=reduce
+            )
+            ls_loss = ls_loss + peer_ls_loss
+            logging_output["peer_nll_loss"] = peer_nll_loss.data
+            kd_loss = mutual_kl_loss(self.lprobs_t(net_output, lprobs), self.lprobs_t(peer_output, lprobs_peer),
+                                     self.kd_temperature)
+        elif "teacher_lprobs" in sample or "teacher_topk" in sample:
+            kd_loss = self.teacher_kd_loss(net_output, lprobs, sample)
+        else:
+            kd_loss = None
+        if kd_loss is not None:
+            kd_loss, distilled = self.select_and_sum(kd_loss, lprobs, target, model.training, reduce)
             loss = (1.0 - self.kd_alpha) * ls_loss + self.kd_alpha * kd_loss
             logging_output["loss"] = loss.data
             logging_output["kd_loss"] = kd_loss.data
@@ -203,29 +220,32 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             logging_output["total"] = total.item()
         return loss, logging_output["sample_size"], logging_output
 
-    def compute_kd_loss(self, net_output, lprobs, sample, target, training, reduce=True):
-        """``(loss, distilled)``: T^2 * KL(teacher_T || student_T) per target token, 0 at padding and at
-        tokens not chosen by --kd-selection, and the number of tokens distilled. The teacher side is the
-        full distribution (``teacher_lprobs``, cut to its top-k with --kd-topk) or a cached top-k
-        (``teacher_topk``). ``lprobs`` are the student's ``(N, V)`` log-probabilities from the
-        cross-entropy term, reused as they are at T = 1."""
+    def lprobs_t(self, net_output, lprobs):
+        """A model's ``(N, V)`` log-probabilities at the current T: at T = 1 its cross-entropy term's
+        ``lprobs`` as they are, so KD adds no second softmax over the vocabulary."""
         if self.kd_temperature == 1.0:
-            lprobs_student_t = lprobs
-        else:
-            logits_student = net_output[0][:, self.ignore_prefix_size :, :]
-            logits_student = logits_student.reshape(-1, logits_student.size(-1))
-            lprobs_student_t = lprobs_at_temperature(logits_student, self.kd_temperature)
+            return lprobs
+        logits = net_output[0][:, self.ignore_prefix_size :, :]
+        return lprobs_at_temperature(logits.reshape(-1, logits.size(-1)), self.kd_temperature)
+
+    def teacher_kd_loss(self, net_output, lprobs, sample):
+        """``(N,)`` T^2 * KL(teacher_T || student_T) per target position. The teacher side is the full
+        distribution (``teacher_lprobs``, cut to its top-k with --kd-topk) or a cached top-k
+        (``teacher_topk``); ``lprobs`` are the student's, from the cross-entropy term."""
+        lprobs_student_t = self.lprobs_t(net_output, lprobs)
         if "teacher_topk" in sample:
             values, ids = (t[:, self.ignore_prefix_size :, :].reshape(-1, self.kd_topk) for t in sample["teacher_topk"])
-            kd_loss = kd_topk_kl_loss(lprobs_student_t, values, ids, self.kd_temperature)
-        else:
-            lprobs_teacher = sample["teacher_lprobs"][:, self.ignore_prefix_size :, :]
-            lprobs_teacher = lprobs_teacher.reshape(-1, lprobs_teacher.size(-1))
-            if self.kd_topk > 0:
-                values, ids = topk_lprobs(lprobs_teacher, self.kd_topk)
-                kd_loss = kd_topk_kl_loss(lprobs_student_t, values, ids, self.kd_temperature)
-            else:
-                kd_loss = kd_kl_loss(lprobs_student_t, lprobs_teacher, self.kd_temperature)
+            return kd_topk_kl_loss(lprobs_student_t, values, ids, self.kd_temperature)
+        lprobs_teacher = sample["teacher_lprobs"][:, self.ignore_prefix_size :, :]
+        lprobs_teacher = lprobs_teacher.reshape(-1, lprobs_teacher.size(-1))
+        if self.kd_topk > 0:
+            values, ids = topk_lprobs(lprobs_teacher, self.kd_topk)
+            return kd_topk_kl_loss(lprobs_student_t, values, ids, self.kd_temperature)
+        return kd_kl_loss(lprobs_student_t, lprobs_teacher, self.kd_temperature)
+
+    def select_and_sum(self, kd_loss, lprobs, target, training, reduce=True):
+        """``(loss, distilled)``: the per-position KD loss ``(N,)`` with padding and the tokens not chosen
+        by --kd-selection set to 0, summed unless ``reduce`` is False, and the number of tokens distilled."""
         distil = target.ne(self.padding_idx)
         if self.kd_selection != "none":
             nll_student = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
@@ -252,7 +272,7 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             return sum(log.get(key, 0) for log in logging_outputs) / ntokens
 
         keys = {key for log in logging_outputs for key in log}
-        for key in ("kd_loss", "teacher_mix_nll"):  # in bits, like fairseq's losses
+        for key in ("kd_loss", "teacher_mix_nll", "peer_nll_loss"):  # in bits, like fairseq's losses
             if key in keys:
                 metrics.log_scalar(key, per_token(key) / math.log(2), ntokens, round=3)
         for key in sorted(keys):

@@ -1,1 +1,1 @@
-from . import transformer_student  # noqa: F401
+from . import transformer_mutual, transformer_student  # noqa: F401

@@ -13,6 +13,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.kd_losses import confidence_weights, ensemble_lprobs
+from fairseq_kd.models.transformer_mutual import TransformerMutualModel
 from fairseq_kd.topk_cache import TopKCache, TopKCacheDataset, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class TranslationDistillationTask(TranslationTask):
         paths = utils.split_paths(cfg.teacher_path) if cfg.teacher_path else []
         self.teachers = [self.load_teacher(path) for path in paths]
         self.teacher_weights = self.parse_teacher_weights(cfg.teacher_weights, len(paths))
+        self.mutual_learning = False  # set by build_model for --arch transformer_mutual*
         if cfg.teacher_weighting != "fixed" and len(paths) < 2:
             raise FairseqKDError(
                 f"--teacher-weighting {cfg.teacher_weighting} weighs several teachers, but --teacher-path names"
@@ -111,6 +113,16 @@ class TranslationDistillationTask(TranslationTask):
             raise FairseqKDError(f"--teacher-weights must be non-negative with a positive sum, got {text!r}")
         weights = torch.tensor(weights)
         return weights / weights.sum()
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        self.mutual_learning = isinstance(model, TransformerMutualModel)
+        if self.mutual_learning and (self.teachers or self.topk_cache_k is not None):
+            raise FairseqKDError(
+                "--arch transformer_mutual* trains two peers that teach each other, without a teacher;"
+                " drop --teacher-path/--teacher-topk-cache, or use another --arch"
+            )
+        return model
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         super().load_dataset(split, epoch, combine, **kwargs)
