@@ -1,6 +1,7 @@
 """The demo recipe (README command 1) on a tiny Multi30k-shaped corpus: every stage, the results table,
 skipping finished stages on a re-run, and a failing stage naming its log."""
 import gzip
+import json
 import os
 import random
 import re
@@ -25,9 +26,9 @@ def fake_multi30k(directory):
                 f.writelines(" ".join(pair[side] for pair in s).capitalize() + " .\n" for s in sentences)
 
 
-def run_demo(tmp_path, **env):
+def run_demo(tmp_path, script="run.sh", **env):
     return subprocess.run(
-        ["bash", REPO / "examples" / "multi30k" / "run.sh"],
+        ["bash", REPO / "examples" / "multi30k" / script],
         capture_output=True,
         text=True,
         env={
@@ -79,6 +80,39 @@ def test_rerun_skips_finished_stages_and_prints_the_table(demo):
     assert distilled_src and set(distilled_src) <= set(original_src)
     positions = [original_src.index(line) for line in distilled_src]
     assert positions == sorted(positions)
+
+
+def test_sweep_over_temperature_and_alpha(demo, tmp_path):
+    demo_path, _, finished = demo
+    assert finished.returncode == 0
+    refused = run_demo(tmp_path, "sweep.sh")  # an empty work directory: no teacher yet
+    assert refused.returncode == 1 and "no finished 'teacher' stage" in refused.stderr
+    sweep = run_demo(demo_path, "sweep.sh", TEMPERATURES="1 2", ALPHAS="0.5", SCHEDULE="cosine")
+    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
+    log = (demo_path / "work" / "sweep-cosine-T2-a0.5.log").read_text()
+    # the epoch's mean T over updates 1 and 2 of the cosine from 2 to 1 (2 and 1.5)
+    temperature = float(re.search(r"\| train \|.*kd_temperature ([\d.]+)", log).group(1))
+    assert 1.5 < temperature < 2, temperature
+    table = (demo_path / "work" / "sweep-cosine.md").read_text().splitlines()
+    assert table[0] == "| T \\ alpha | 0.5 |"
+    assert [row.split("|")[1].strip() for row in table[2:4]] == ["1", "2"]
+    assert (demo_path / "work" / "sweep-cosine.png").stat().st_size > 0
+
+
+def test_progressive_distillation_chains_the_models(demo):
+    demo_path, _, finished = demo
+    assert finished.returncode == 0
+    work = demo_path / "work"
+    proc = run_demo(demo_path, "progressive.sh", PROGRESSION="transformer_student_small transformer_student_tiny")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # each stage's cache holds the previous model's distribution
+    teachers = [json.loads((work / f"cache-progressive-{arch}" / "manifest.json").read_text())["teachers"][0]["path"]
+                for arch in ("transformer_student_small", "transformer_student_tiny")]
+    assert teachers == [str(work / "teacher" / "checkpoint_last.pt"),
+                        str(work / "progressive-transformer_student_small" / "checkpoint_last.pt")]
+    rows = [line.split("|")[1].strip() for line in (work / "progressive.md").read_text().splitlines()[2:6]]
+    assert rows == ["teacher", "student-word-kd", "progressive-transformer_student_small",
+                    "progressive-transformer_student_tiny"]
 
 
 def test_prepare_with_bpe_and_a_training_prefix(tmp_path):

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Progressive distillation: the teacher of a run.sh work directory distils into the first architecture of
+# PROGRESSION, that model into the next, and so on, each stage by word-level KD (from a top-k cache of the
+# previous model, or online with KD_TOPK=0) with run.sh's student budget; every model is scored, and the
+# last one is compared with run.sh's student-word-kd, distilled directly from the teacher.
+#
+# Usage: bash examples/multi30k/run.sh && bash examples/multi30k/progressive.sh   (same settings for both)
+#   PROGRESSION="transformer_student_small transformer_student_tiny"   the compression schedule, largest first
+#   ...and every setting of run.sh (WORK, CONFIG, STUDENT_UPDATES, KD_ALPHA, KD_TEMPERATURE, KD_TOPK, ...)
+set -euo pipefail
+
+. "$(dirname "$0")/common.sh"
+
+PROGRESSION=${PROGRESSION:-transformer_student_small transformer_student_tiny}
+
+for needed in teacher student-word-kd evaluate-teacher evaluate-student-word-kd; do
+    if [ ! -f "$WORK/.done-$needed" ]; then
+        echo "error: $WORK has no finished '$needed' stage; run examples/multi30k/run.sh with the same settings first" >&2
+        exit 1
+    fi
+done
+
+last=${PROGRESSION##* }
+if [ "$last" != "$STUDENT_ARCH" ]; then
+    echo "error: PROGRESSION ends in $last, but run.sh's students are STUDENT_ARCH=$STUDENT_ARCH; end it there to compare" >&2
+    exit 1
+fi
+
+previous=$WORK/teacher/checkpoint_last.pt
+names=()
+for arch in $PROGRESSION; do
+    name=progressive-$arch
+    names+=("$name")
+    if [ "$KD_TOPK" -gt 0 ]; then
+        stage "cache-$name" "$WORK/cache-$name.log" build_cache "$DATA" "$WORK/cache-$name" "$previous"
+    fi
+    stage "$name" "$WORK/$name.log" train_student "$name" "$DATA" --arch "$arch" \
+        $(word_kd_flags "$WORK/cache-$name" "$previous")
+    stage "evaluate-$name" "$WORK/results/$name.log" evaluate "$name" "$WORK/$name/checkpoint_last.pt"
+    previous=$WORK/$name/checkpoint_last.pt
+done
+
+echo "[progressive table] $WORK/progressive.md, $WORK/progressive.json"
+python "$ROOT/scripts/results_table.py" --json "$WORK/progressive.json" \
+    "$WORK/results/teacher.json" "$WORK/results/student-word-kd.json" \
+    $(for name in "${names[@]}"; do echo "$WORK/results/$name.json"; done) | tee "$WORK/progressive.md"

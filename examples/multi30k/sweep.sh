@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Word-level KD sensitivity to the temperature T and the weight alpha: the run.sh student trained once per
+# grid point with the same budget, from the teacher (or its top-k cache) of a run.sh work directory, each
+# scored on test and valid; one table (Markdown + JSON) and a heat map of test BLEU.
+#
+# Usage: bash examples/multi30k/run.sh && bash examples/multi30k/sweep.sh   (same settings for both)
+#   TEMPERATURES="1 2 4"   the values of T
+#   ALPHAS="0.25 0.5 0.75" the values of alpha
+#   SCHEDULE=constant      or linear, exponential, cosine: T anneals from each grid value to 1 over the run
+#   ...and every setting of run.sh (WORK, CONFIG, STUDENT_UPDATES, KD_TOPK, ...)
+set -euo pipefail
+
+. "$(dirname "$0")/common.sh"
+
+TEMPERATURES=${TEMPERATURES:-1 2 4}
+ALPHAS=${ALPHAS:-0.25 0.5 0.75}
+SCHEDULE=${SCHEDULE:-constant}
+
+for needed in teacher $([ "$KD_TOPK" -gt 0 ] && echo cache); do
+    if [ ! -f "$WORK/.done-$needed" ]; then
+        echo "error: $WORK has no finished '$needed' stage; run examples/multi30k/run.sh with the same settings first" >&2
+        exit 1
+    fi
+done
+
+schedule_flags() {  # T
+    if [ "$SCHEDULE" != constant ] && [ "$1" != 1 ]; then
+        echo "--kd-temperature-schedule $SCHEDULE --kd-temperature-final 1"
+    fi
+}
+
+mkdir -p "$WORK/results"
+names=()
+for temperature in $TEMPERATURES; do
+    for alpha in $ALPHAS; do
+        name=sweep-$SCHEDULE-T$temperature-a$alpha
+        names+=("$name")
+        stage "$name" "$WORK/$name.log" train_student "$name" "$DATA" \
+            $(KD_ALPHA=$alpha KD_TEMPERATURE=$temperature word_kd_flags "$WORK/cache") \
+            $(schedule_flags "$temperature")
+        stage "evaluate-$name" "$WORK/results/$name.log" evaluate "$name" "$WORK/$name/checkpoint_last.pt"
+    done
+done
+
+echo "[sweep table] $WORK/sweep-$SCHEDULE.md, .json, .png"
+python "$ROOT/scripts/sweep_table.py" --out "$WORK/sweep-$SCHEDULE" \
+    $(for name in "${names[@]}"; do echo "$WORK/results/$name.json"; done) | tee "$WORK/sweep-$SCHEDULE.md"
