@@ -1,6 +1,7 @@
-"""Training cost of word-level KD: the same student, data, batches and number of updates trained with
-plain label-smoothed cross-entropy, with an online teacher (full distribution and top-k) and from top-k
-teacher caches, one after the other in this one run; tokens/s and peak memory of each, as ratios to plain.
+"""Training cost of KD: the same student, data, batches and number of updates trained with plain
+label-smoothed cross-entropy, with an online teacher (full distribution and top-k), from top-k teacher
+caches and (``--mutual``) together with a peer by deep mutual learning, one after the other in this one run;
+tokens/s and peak memory of each, as ratios to plain.
 
     python benchmarks/training_cost.py --data work/multi30k-en-de-full/data-bin \
         --teacher work/multi30k-en-de-full/teacher/checkpoint_last.pt --cache 8=work/multi30k-en-de-full/cache \
@@ -49,10 +50,12 @@ def train(data, updates, log_interval, extra):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="binarized training data")
-    parser.add_argument("--teacher", required=True, help="teacher checkpoint for the online variants")
+    parser.add_argument("--teacher", help="a teacher checkpoint: adds the online-teacher variants")
     parser.add_argument("--cache", action="append", default=[], metavar="K=DIR",
                         help="a top-k cache of that teacher on --data (repeatable)")
     parser.add_argument("--topk", type=int, default=8, help="k of the online top-k variant")
+    parser.add_argument("--mutual", action="store_true",
+                        help="add deep mutual learning: two such students trained together (no teacher)")
     parser.add_argument("--updates", type=int, default=60)
     parser.add_argument("--log-interval", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=1,
@@ -60,14 +63,18 @@ def main():
     parser.add_argument("--out", required=True, help="writes OUT.json and OUT.md")
     args = parser.parse_args()
 
-    variants = [
-        ("plain label-smoothed CE", ["--kd-alpha", "0"]),
-        ("online teacher, full distribution", ["--kd-alpha", "0.5", "--teacher-path", args.teacher]),
-        (f"online teacher, top-{args.topk}", ["--kd-alpha", "0.5", "--teacher-path", args.teacher, "--kd-topk", str(args.topk)]),
-    ]
+    variants = [("plain label-smoothed CE", ["--kd-alpha", "0"])]
+    if args.teacher:
+        variants += [
+            ("online teacher, full distribution", ["--kd-alpha", "0.5", "--teacher-path", args.teacher]),
+            (f"online teacher, top-{args.topk}",
+             ["--kd-alpha", "0.5", "--teacher-path", args.teacher, "--kd-topk", str(args.topk)]),
+        ]
     for item in args.cache:
         k, _, directory = item.partition("=")
         variants.append((f"top-{k} cache", ["--kd-alpha", "0.5", "--teacher-topk-cache", directory, "--kd-topk", k]))
+    if args.mutual:
+        variants.append(("deep mutual learning, two students", ["--kd-alpha", "0.5", "--arch", "transformer_mutual_student_tiny"]))
 
     runs = {name: [] for name, _ in variants}
     for repeat in range(args.repeats):  # round robin, so that drift in machine speed hits every variant
