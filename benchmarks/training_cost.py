@@ -9,7 +9,8 @@ tokens/s and peak memory of each, as ratios to plain.
 
 Tokens/s is the median of fairseq's per-interval ``wps`` after the first interval (start-up and warm-up
 excluded), and with ``--repeats`` the median over runs; peak memory is the peak resident set size of the
-training process. Writes OUT.json and OUT.md.
+training process, or with ``--gpu`` (training on the GPU, --fp16) the peak of torch's CUDA allocations.
+Writes OUT.json and OUT.md.
 """
 import argparse
 import json
@@ -31,11 +32,23 @@ STUDENT = (
 ).split()
 
 
-def train(data, updates, log_interval, extra):
-    """Run fairseq-train; return (per-interval wps values, peak RSS in MB)."""
-    command = [os.path.join(os.path.dirname(sys.executable), "fairseq-train"), data, "--user-dir", PLUGIN,
-               "--task", "translation_distillation", *STUDENT, "--cpu", "--max-update", str(updates),
-               "--log-interval", str(log_interval), *extra]
+# fairseq-train in this interpreter; fairseq resets CUDA's peak-memory counter at every update, so keep it
+# for the whole run and print it at the end
+TRAIN = """
+import sys, torch
+from fairseq_cli.train import cli_main
+torch.cuda.reset_peak_memory_stats = lambda *args, **kwargs: None
+cli_main()
+if torch.cuda.is_available():
+    print(f"peak_cuda_mb={torch.cuda.max_memory_allocated() / 2**20:.1f}")
+"""
+
+
+def train(data, updates, log_interval, gpu, extra):
+    """Run fairseq-train; return (per-interval wps values, peak memory in MB)."""
+    device = ["--fp16"] if gpu else ["--cpu"]
+    command = [sys.executable, "-c", TRAIN, data, "--user-dir", PLUGIN, "--task", "translation_distillation",
+               *STUDENT, *device, "--max-update", str(updates), "--log-interval", str(log_interval), *extra]
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
         _, status, usage = os.wait4(process.pid, 0)
@@ -44,7 +57,8 @@ def train(data, updates, log_interval, extra):
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"error: fairseq-train failed for {' '.join(extra)}:\n{text[-3000:]}")
     wps = [float(v) for v in re.findall(r"train_inner \|.*?wps=([\d.]+)", text)]
-    return wps, usage.ru_maxrss / 1024
+    peak_mb = float(re.search(r"peak_cuda_mb=([\d.]+)", text).group(1)) if gpu else usage.ru_maxrss / 1024
+    return wps, peak_mb
 
 
 def main():
@@ -60,6 +74,7 @@ def main():
     parser.add_argument("--log-interval", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every variant this many times, round robin, and keep the median")
+    parser.add_argument("--gpu", action="store_true", help="train on the GPU with --fp16")
     parser.add_argument("--out", required=True, help="writes OUT.json and OUT.md")
     args = parser.parse_args()
 
@@ -76,33 +91,35 @@ def main():
     if args.mutual:
         variants.append(("deep mutual learning, two students", ["--kd-alpha", "0.5", "--arch", "transformer_mutual_student_tiny"]))
 
+    memory = "CUDA allocated" if args.gpu else "RSS"
     runs = {name: [] for name, _ in variants}
     for repeat in range(args.repeats):  # round robin, so that drift in machine speed hits every variant
         for name, extra in variants:
-            wps, peak_mb = train(args.data, args.updates, args.log_interval, extra)
+            wps, peak_mb = train(args.data, args.updates, args.log_interval, args.gpu, extra)
             if len(wps) < 2:
                 sys.exit("error: too few log intervals; raise --updates or lower --log-interval")
             runs[name].append((statistics.median(wps[1:]), peak_mb))
-            print(f"[{repeat + 1}/{args.repeats}] {name}: {runs[name][-1][0]:.0f} tokens/s, peak RSS {peak_mb:.0f} MB",
+            print(f"[{repeat + 1}/{args.repeats}] {name}: {runs[name][-1][0]:.0f} tokens/s, peak {memory} {peak_mb:.0f} MB",
                   flush=True)
     rows = [{"variant": name, "flags": " ".join(extra),
              "tokens_per_s": statistics.median(speed for speed, _ in runs[name]),
              "tokens_per_s_runs": [speed for speed, _ in runs[name]],
-             "peak_rss_mb": round(max(peak for _, peak in runs[name]), 1)}
+             "peak_memory_mb": round(max(peak for _, peak in runs[name]), 1)}
             for name, extra in variants]
     plain = rows[0]
-    lines = ["| variant | target tokens/s | vs plain | peak RSS MB | vs plain |", "|---|---:|---:|---:|---:|"]
+    lines = [f"| variant | target tokens/s | vs plain | peak {memory} MB | vs plain |", "|---|---:|---:|---:|---:|"]
     for row in rows:
         row["speed_ratio"] = round(row["tokens_per_s"] / plain["tokens_per_s"], 3)
-        row["memory_ratio"] = round(row["peak_rss_mb"] / plain["peak_rss_mb"], 3)
+        row["memory_ratio"] = round(row["peak_memory_mb"] / plain["peak_memory_mb"], 3)
         lines.append(f"| {row['variant']} | {row['tokens_per_s']:.0f} | {row['speed_ratio']:.2f}x "
-                     f"| {row['peak_rss_mb']:.0f} | {row['memory_ratio']:.2f}x |")
-    settings = {"updates": args.updates, "repeats": args.repeats, "threads": torch.get_num_threads(), "student": "transformer_student_tiny",
-                "max_tokens": 4096, "data": args.data}
+                     f"| {row['peak_memory_mb']:.0f} | {row['memory_ratio']:.2f}x |")
+    device = torch.cuda.get_device_name(0) + ", --fp16" if args.gpu else f"cpu, {torch.get_num_threads()} torch threads"
+    settings = {"updates": args.updates, "repeats": args.repeats, "device": device, "memory": f"peak {memory}",
+                "student": "transformer_student_tiny", "max_tokens": 4096, "data": args.data}
     lines.append("")
     lines.append(f"{args.updates} updates per run, {args.repeats} run(s) per variant round robin; tokens/s: median over"
-                 f" runs of the median per-{args.log_interval}-update wps after the first interval; peak RSS: the highest; "
-                 f"{settings['threads']} torch threads, {os.cpu_count()} CPUs.")
+                 f" runs of the median per-{args.log_interval}-update wps after the first interval; peak {memory}: the highest; "
+                 f"{device}, {os.cpu_count()} CPUs.")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump({"settings": settings, "variants": rows}, f, indent=1)
