@@ -9,7 +9,7 @@ The teacher distribution at temperature ``T`` is ``softmax(log p_teacher / T)``,
 top-k cache share one formula.
 """
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +130,48 @@ def kd_topk_kl_loss(
     lprobs_teacher_t = lprobs_at_temperature(topk_lprobs_teacher, temperature)
     kl = (lprobs_teacher_t.exp() * (lprobs_teacher_t - lprobs_student_t)).sum(dim=-1)
     return kl * temperature**2
+
+
+def kd_mi_loss(
+    lprobs_student_t: torch.Tensor,
+    lprobs_teacher: torch.Tensor,
+    temperature: float,
+    num_negatives: int,
+    ids_teacher: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Per-position ``T^2 *`` InfoNCE loss: the mutual-information variant of the KD term.
+
+    A critic scores student position ``i`` against the teacher distribution ``q_T`` of position ``j`` by
+    ``f(i, j) = sum_v q_T(j, v) * log p_student_T(i, v)``, the negative cross-entropy. Each position is
+    contrasted with the teachers of the ``M`` positions that follow it in the flattened batch (wrapping
+    round; mostly other tokens of the same sentence)::
+
+        loss_i = T^2 * (logsumexp_{m=0..M} f(i, i+m) - f(i, i))
+
+    so ``log(M + 1) - loss / T^2`` is a lower bound on the mutual information between the student's and
+    the teacher's distributions at a position (van den Oord et al., 2018; Tian et al., 2020, CRD). Its
+    positive term is the cross-entropy of KL distillation; the other terms push the student away from the
+    distributions the teacher gives other positions, and the loss fades once the student's predictions
+    identify their own position's teacher. With all teacher rows equal it is ``T^2 * log(M + 1)``.
+
+    Args:
+        lprobs_student_t: ``(N, V)`` student log-probabilities at temperature T, non-padding rows only
+            (the rows are each other's negatives).
+        lprobs_teacher: ``(N, V)`` teacher log-probabilities at T = 1, or ``(N, k)`` top-k entries.
+        num_negatives: ``M``, capped at ``N - 1``.
+        ids_teacher: ``(N, k)`` the token ids of top-k entries; None for a full distribution.
+    Returns:
+        ``(N,)`` loss per position.
+    """
+    probs_teacher_t = lprobs_at_temperature(lprobs_teacher, temperature).exp()
+    student = lprobs_student_t.float()
+    scores = []
+    for shift in range(min(num_negatives, student.size(0) - 1) + 1):  # shift 0: the position's own teacher
+        probs = probs_teacher_t.roll(-shift, dims=0)
+        lprobs = student if ids_teacher is None else student.gather(-1, ids_teacher.roll(-shift, dims=0))
+        scores.append((probs * lprobs).sum(dim=-1))
+    scores = torch.stack(scores, dim=-1)
+    return (torch.logsumexp(scores, dim=-1) - scores[:, 0]) * temperature**2
 
 
 SCHEDULES = ("constant", "linear", "exponential", "cosine")

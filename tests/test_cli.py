@@ -62,6 +62,17 @@ def test_schedules_and_selection_from_the_command_line(data_bin, teacher, tmp_pa
     assert 0.25 <= distilled[0] <= 0.35 and all(d < 0.25 for d in distilled[1:]), distilled
 
 
+def test_mutual_information_kd_from_the_command_line(data_bin, teacher, tmp_path):
+    proc = train_student(
+        data_bin, tmp_path, "--task", "translation_distillation", "--teacher-path", teacher, "--max-update", "4",
+        "--kd-loss", "mi", "--kd-mi-negatives", "7", "--kd-topk", "4",
+    )
+    steps = [line for line in proc.stdout.splitlines() if "train_inner" in line]
+    kd = [float(re.search(r"kd_loss=([\d.]+)", line).group(1)) for line in steps]
+    # in bits; log2(8) = 3 when the student cannot yet tell its position's teacher from the 7 others
+    assert len(kd) == 4 and all(0.5 < value < 6 for value in kd), kd
+
+
 def test_learned_teacher_weights_train_and_are_saved(data_bin, teacher, weak_teacher, tmp_path):
     proc = train_student(
         data_bin, tmp_path, "--task", "translation_distillation", "--teacher-path", f"{teacher}:{weak_teacher}",

@@ -9,7 +9,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from conftest import PLUGIN, TINY_TRANSFORMER
 from fairseq_kd.errors import FairseqKDError
-from fairseq_kd.kd_losses import kd_kl_loss, lprobs_at_temperature
+from fairseq_kd.kd_losses import kd_kl_loss, kd_mi_loss, lprobs_at_temperature
 
 
 def build(data_bin, *extra):
@@ -163,6 +163,32 @@ def test_schedules_follow_the_update_count(data_bin, teacher):
         assert log["kd_temperature"] / sample["ntokens"] == pytest.approx(temperature)
 
 
+@pytest.mark.parametrize("topk", [0, 4])
+def test_mi_term_runs_on_the_real_tokens_only(data_bin, teacher, topk):
+    task, model, criterion = build(data_bin, "--teacher-path", teacher, "--kd-loss", "mi", "--kd-temperature", 2,
+                                   "--kd-topk", topk)
+    sample = first_batch(task)
+    real = sample["target"].ne(task.target_dictionary.pad())
+    assert not real.all(), "the batch must contain padding for this test to mean anything"
+    task.add_teacher_lprobs(sample, model)
+    loss, _, log = criterion(model, sample)
+    logits = model(**sample["net_input"])[0][real]
+    lprobs_teacher = sample["teacher_lprobs"][real]
+    ids = None
+    if topk:
+        lprobs_teacher, ids = lprobs_teacher.topk(topk, dim=-1)
+    expected = kd_mi_loss(lprobs_at_temperature(logits, 2), lprobs_teacher, 2, 15, ids).sum()
+    assert log["kd_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    # padded positions are neither distilled nor anyone's negatives
+    sample["teacher_lprobs"][~real] = torch.log_softmax(torch.randn_like(sample["teacher_lprobs"][~real]) * 10, -1)
+    assert torch.allclose(criterion(model, sample)[0], loss)
+
+
+def test_mi_loss_is_refused_for_mutual_learning(data_bin):
+    with pytest.raises(FairseqKDError, match="drop --kd-loss mi"):
+        build(data_bin, "--arch", "transformer_mutual_student_tiny", "--kd-loss", "mi")
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -174,6 +200,7 @@ def test_schedules_follow_the_update_count(data_bin, teacher):
          "needs to know when to end: set --kd-schedule-updates N"),
         (["--kd-selection", "batch", "--kd-selection-rate", "0"], "--kd-selection-rate must be in (0, 1]"),
         (["--kd-selection", "global", "--kd-selection-queue-size", "0"], "--kd-selection-queue-size must be > 0"),
+        (["--kd-loss", "mi", "--kd-mi-negatives", "0"], "--kd-mi-negatives must be > 0"),
     ],
 )
 def test_impossible_strategy_options_are_refused(data_bin, teacher, flags, message):

@@ -10,6 +10,7 @@ from fairseq_kd.kd_losses import (
     confidence_weights,
     ensemble_lprobs,
     kd_kl_loss,
+    kd_mi_loss,
     kd_topk_kl_loss,
     lprobs_at_temperature,
     mixture_nll,
@@ -191,3 +192,41 @@ def test_mutual_kl_is_symmetric_and_each_peer_learns_from_the_other(temperature)
     p_a, p_b = a_t.detach().exp(), b_t.detach().exp()
     assert torch.allclose(logits_a.grad, temperature * (p_a - p_b), atol=1e-6)
     assert torch.allclose(logits_b.grad, temperature * (p_b - p_a), atol=1e-6)
+
+
+def test_mi_loss_is_log_of_candidates_when_teacher_rows_are_alike():
+    """Every candidate teacher is the same distribution: nothing to tell apart, loss = T^2 log(M + 1)."""
+    lprobs_student_t = lprobs_at_temperature(torch.randn(6, 5), 2.0)
+    lprobs_teacher = F.log_softmax(torch.randn(1, 5), -1).expand(6, 5)
+    loss = kd_mi_loss(lprobs_student_t, lprobs_teacher, 2.0, num_negatives=3)
+    assert torch.allclose(loss, torch.full((6,), 4 * math.log(4)), atol=1e-5)
+    # M is capped at N - 1: 6 rows give at most 5 negatives
+    assert torch.allclose(kd_mi_loss(lprobs_student_t, lprobs_teacher, 2.0, 50), torch.full((6,), 4 * math.log(6)))
+
+
+def test_mi_loss_matches_hand_computation():
+    lprobs_student = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.4, 0.3]]).log()
+    probs_teacher = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.5, 0.25, 0.25]])
+    # f(i, j) = sum_v q(j, v) log p(i, v); row 0's candidates are teachers 0 and 1 (M = 1), row 2's 2 and 0
+    f = probs_teacher @ lprobs_student.T  # f[j, i]
+    expected = torch.stack([torch.logsumexp(torch.stack([f[i, i], f[(i + 1) % 3, i]]), 0) - f[i, i] for i in range(3)])
+    assert torch.allclose(kd_mi_loss(lprobs_student, probs_teacher.log(), 1.0, 1), expected, atol=1e-6)
+
+
+def test_mi_topk_with_full_vocabulary_equals_full_mi():
+    lprobs_student_t = lprobs_at_temperature(torch.randn(4, 6), 1.5)
+    lprobs_teacher = F.log_softmax(torch.randn(4, 6), -1)
+    values, ids = topk_lprobs(lprobs_teacher, 6)
+    full = kd_mi_loss(lprobs_student_t, lprobs_teacher, 1.5, 2)
+    assert torch.allclose(kd_mi_loss(lprobs_student_t, values, 1.5, 2, ids), full, atol=1e-5)
+
+
+def test_mi_gradient_is_the_contrastive_formula():
+    """d loss_i / d log p(i, .) = -(1 - w_i0) q(i, .) + sum_{m>0} w_im q(i+m, .), w = softmax over candidates."""
+    lprobs_student = F.log_softmax(torch.randn(5, 4), -1).requires_grad_()
+    probs_teacher = F.softmax(torch.randn(5, 4), -1)
+    kd_mi_loss(lprobs_student, probs_teacher.log(), 1.0, 2).sum().backward()
+    candidates = torch.stack([probs_teacher.roll(-m, 0) for m in range(3)], 1)  # (N, M+1, V)
+    w = torch.softmax((candidates * lprobs_student.detach().unsqueeze(1)).sum(-1), -1)  # (N, M+1)
+    expected = (w.unsqueeze(-1) * candidates).sum(1) - candidates[:, 0]
+    assert torch.allclose(lprobs_student.grad, expected, atol=1e-6)

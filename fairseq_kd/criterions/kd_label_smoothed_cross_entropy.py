@@ -18,6 +18,7 @@ from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.kd_losses import (
     SCHEDULES,
     kd_kl_loss,
+    kd_mi_loss,
     kd_topk_kl_loss,
     lprobs_at_temperature,
     mixture_nll,
@@ -30,6 +31,7 @@ from fairseq_kd.kd_losses import (
 )
 
 SELECTIONS = ("none", "batch", "global")
+KD_LOSSES = ("kl", "mi")
 
 
 @dataclass
@@ -51,6 +53,17 @@ class KDLabelSmoothedCrossEntropyCriterionConfig(LabelSmoothedCrossEntropyCriter
             "help": "distil only the teacher's K most probable tokens per position, renormalised;"
             " 0 uses the full distribution"
         },
+    )
+    kd_loss: ChoiceEnum(KD_LOSSES) = field(
+        default="kl",
+        metadata={
+            "help": "the distillation term: 'kl', T^2 * KL(teacher_T || student_T); 'mi', an InfoNCE lower bound"
+            " on the mutual information between student and teacher distributions, other target positions of"
+            " the batch as negatives (see fairseq_kd.kd_losses.kd_mi_loss)"
+        },
+    )
+    kd_mi_negatives: int = field(
+        default=15, metadata={"help": "--kd-loss mi: target positions each position is contrasted with (> 0)"}
     )
     kd_alpha_schedule: ChoiceEnum(SCHEDULES) = field(
         default="constant",
@@ -104,6 +117,8 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         kd_alpha,
         kd_temperature,
         kd_topk,
+        kd_loss="kl",
+        kd_mi_negatives=15,
         kd_alpha_schedule="constant",
         kd_alpha_final=None,
         kd_temperature_schedule="constant",
@@ -139,6 +154,13 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
                 f"--teacher-topk-cache holds the teachers' top-{cache_k}, so pass --kd-topk {cache_k}"
                 f" (got {kd_topk}), or rebuild the cache with fairseq-kd-build-cache --topk {kd_topk}"
             )
+        if str(kd_loss) == "mi" and getattr(task, "mutual_learning", False):
+            raise FairseqKDError(
+                "--kd-loss mi distils a teacher; deep mutual learning (--arch transformer_mutual*) uses the"
+                " symmetric KL between its peers: drop --kd-loss mi"
+            )
+        if kd_mi_negatives <= 0:
+            raise FairseqKDError(f"--kd-mi-negatives must be > 0, got {kd_mi_negatives}")
         kd_schedule_updates = kd_schedule_updates or max_update
         check_schedule("alpha", kd_alpha_schedule, kd_alpha, kd_alpha_final, kd_schedule_updates,
                        lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
@@ -149,6 +171,8 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         if kd_selection_queue_size <= 0:
             raise FairseqKDError(f"--kd-selection-queue-size must be > 0, got {kd_selection_queue_size}")
         self.kd_topk = kd_topk
+        self.kd_loss = str(kd_loss)
+        self.kd_mi_negatives = kd_mi_negatives
         self.alpha_schedule = (str(kd_alpha_schedule), kd_alpha, kd_alpha_final)
         self.temperature_schedule = (str(kd_temperature_schedule), kd_temperature, kd_temperature_final)
         self.kd_schedule_updates = kd_schedule_updates
@@ -192,7 +216,7 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             kd_loss = mutual_kl_loss(self.lprobs_t(net_output, lprobs), self.lprobs_t(peer_output, lprobs_peer),
                                      self.kd_temperature)
         elif "teacher_lprobs" in sample or "teacher_topk" in sample:
-            kd_loss = self.teacher_kd_loss(net_output, lprobs, sample)
+            kd_loss = self.teacher_kd_loss(net_output, lprobs, target, sample)
         else:
             kd_loss = None
         if kd_loss is not None:
@@ -228,20 +252,27 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         logits = net_output[0][:, self.ignore_prefix_size :, :]
         return lprobs_at_temperature(logits.reshape(-1, logits.size(-1)), self.kd_temperature)
 
-    def teacher_kd_loss(self, net_output, lprobs, sample):
-        """``(N,)`` T^2 * KL(teacher_T || student_T) per target position. The teacher side is the full
-        distribution (``teacher_lprobs``, cut to its top-k with --kd-topk) or a cached top-k
-        (``teacher_topk``); ``lprobs`` are the student's, from the cross-entropy term."""
+    def teacher_kd_loss(self, net_output, lprobs, target, sample):
+        """``(N,)`` KD term per target position (--kd-loss). The teacher side is the full distribution
+        (``teacher_lprobs``, cut to its top-k with --kd-topk) or a cached top-k (``teacher_topk``);
+        ``lprobs`` are the student's, from the cross-entropy term."""
         lprobs_student_t = self.lprobs_t(net_output, lprobs)
         if "teacher_topk" in sample:
             values, ids = (t[:, self.ignore_prefix_size :, :].reshape(-1, self.kd_topk) for t in sample["teacher_topk"])
-            return kd_topk_kl_loss(lprobs_student_t, values, ids, self.kd_temperature)
-        lprobs_teacher = sample["teacher_lprobs"][:, self.ignore_prefix_size :, :]
-        lprobs_teacher = lprobs_teacher.reshape(-1, lprobs_teacher.size(-1))
-        if self.kd_topk > 0:
-            values, ids = topk_lprobs(lprobs_teacher, self.kd_topk)
-            return kd_topk_kl_loss(lprobs_student_t, values, ids, self.kd_temperature)
-        return kd_kl_loss(lprobs_student_t, lprobs_teacher, self.kd_temperature)
+        else:
+            lprobs_teacher = sample["teacher_lprobs"][:, self.ignore_prefix_size :, :]
+            lprobs_teacher = lprobs_teacher.reshape(-1, lprobs_teacher.size(-1))
+            values, ids = topk_lprobs(lprobs_teacher, self.kd_topk) if self.kd_topk > 0 else (lprobs_teacher, None)
+        if self.kd_loss == "mi":
+            # padding positions must not serve as negatives: the loss runs on the real tokens only
+            real = target.ne(self.padding_idx)
+            loss = lprobs_student_t.new_zeros(target.shape, dtype=torch.float)
+            loss[real] = kd_mi_loss(lprobs_student_t[real], values[real], self.kd_temperature, self.kd_mi_negatives,
+                                    None if ids is None else ids[real])
+            return loss
+        if ids is None:
+            return kd_kl_loss(lprobs_student_t, values, self.kd_temperature)
+        return kd_topk_kl_loss(lprobs_student_t, values, ids, self.kd_temperature)
 
     def select_and_sum(self, kd_loss, lprobs, target, training, reduce=True):
         """``(loss, distilled)``: the per-position KD loss ``(N,)`` with padding and the tokens not chosen
