@@ -249,3 +249,112 @@ def mutual_kl_loss(lprobs_a_t: torch.Tensor, lprobs_b_t: torch.Tensor, temperatu
     kl_to_b = (target_b.exp() * (target_b - a)).sum(dim=-1)
     kl_to_a = (target_a.exp() * (target_a - b)).sum(dim=-1)
     return (kl_to_b + kl_to_a) * temperature**2
+
+
+HIDDEN_DISTANCES = ("mse", "cosine")
+
+
+def kd_hidden_loss(hidden_student: torch.Tensor, hidden_teacher: torch.Tensor, distance: str) -> torch.Tensor:
+    """Per-position distance between a student layer's hidden states (projected to the teacher's width
+    when the widths differ) and the mapped teacher layer's.
+
+    Args:
+        hidden_student: ``(N, C)`` student hidden states, in the teacher's width C.
+        hidden_teacher: ``(N, C)`` teacher hidden states.
+        distance: ``mse``, the mean squared difference over the C channels, or ``cosine``, 1 - cosine
+            similarity.
+    Returns:
+        ``(N,)`` loss per position.
+    """
+    student, teacher = hidden_student.float(), hidden_teacher.float()
+    if distance == "cosine":
+        return 1.0 - F.cosine_similarity(student, teacher, dim=-1)
+    return (student - teacher).pow(2).mean(dim=-1)
+
+
+def self_relation_lprobs(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MiniLM-style relations of a layer's positions: ``log_softmax(h h^T / sqrt(C))`` over the real
+    positions of the same sentence.
+
+    Args:
+        hidden: ``(B, T, C)`` hidden states.
+        mask: ``(B, T)`` True at real (non-padding) positions.
+    Returns:
+        ``(B, T, T)``: row t is position t's log-distribution over the sentence's positions.
+    """
+    hidden = hidden.float()
+    scores = hidden @ hidden.transpose(1, 2) / math.sqrt(hidden.size(-1))
+    return F.log_softmax(scores.masked_fill(~mask.unsqueeze(1), float("-inf")), dim=-1)
+
+
+def kd_relation_loss(hidden_student: torch.Tensor, hidden_teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-position ``KL(teacher relations || student relations)``: each position's distribution over
+    the positions of its sentence (``self_relation_lprobs``) matched to the teacher's. Relations are
+    T x T whatever the width, so no projection is needed between layers of different widths.
+
+    Args:
+        hidden_student: ``(B, T, C_student)``; hidden_teacher: ``(B, T, C_teacher)``.
+        mask: ``(B, T)`` True at real positions.
+    Returns:
+        ``(B, T)`` loss per position, 0 at padding.
+    """
+    lprobs_student = self_relation_lprobs(hidden_student, mask)
+    lprobs_teacher = self_relation_lprobs(hidden_teacher, mask)
+    # padded keys have probability 0 on both sides: drop their -inf - -inf before it meets the product
+    difference = (lprobs_teacher - lprobs_student).masked_fill(~mask.unsqueeze(1), 0.0)
+    kl = (lprobs_teacher.exp() * difference).sum(dim=-1)
+    return kl.masked_fill(~mask, 0.0)
+
+
+ATTENTION_DISTANCES = ("kl", "mse")
+
+
+def match_heads(lprobs_teacher: torch.Tensor, student_heads: int) -> torch.Tensor:
+    """The teacher's attention log-probabilities ``(B, H_teacher, T, S)`` brought to the student's head
+    count: groups of H_teacher / H_student consecutive teacher heads averaged (in probability), or each
+    teacher head repeated for H_student / H_teacher student heads.
+
+    Returns:
+        ``(B, H_student, T, S)`` log-probabilities.
+    """
+    teacher_heads = lprobs_teacher.size(1)
+    if teacher_heads == student_heads:
+        return lprobs_teacher
+    if teacher_heads % student_heads == 0:
+        group = teacher_heads // student_heads
+        grouped = lprobs_teacher.unflatten(1, (student_heads, group))
+        return torch.logsumexp(grouped, dim=2) - math.log(group)
+    if student_heads % teacher_heads == 0:
+        return lprobs_teacher.repeat_interleave(student_heads // teacher_heads, dim=1)
+    raise ValueError(
+        f"the student's {student_heads} attention heads and the teacher's {teacher_heads} do not divide one"
+        " another, so heads cannot be matched"
+    )
+
+
+def kd_attention_loss(
+    lprobs_student: torch.Tensor, lprobs_teacher: torch.Tensor, key_mask: torch.Tensor, distance: str
+) -> torch.Tensor:
+    """Per-query distance between the student's attention distributions and the teacher's (heads
+    matched by ``match_heads``), averaged over heads.
+
+    Args:
+        lprobs_student: ``(B, H_student, T, S)`` attention log-probabilities.
+        lprobs_teacher: ``(B, H_teacher, T, S)``.
+        key_mask: ``(B, S)`` True at real keys.
+        distance: ``kl``, KL(teacher || student) summed over keys, or ``mse``, the squared difference of the
+            probabilities summed over keys.
+    Returns:
+        ``(B, T)`` loss per query position.
+    """
+    lprobs_student = lprobs_student.float()
+    lprobs_teacher = match_heads(lprobs_teacher.float(), lprobs_student.size(1))
+    padded = ~key_mask[:, None, None, :]
+    if distance == "mse":
+        terms = (lprobs_teacher.exp() - lprobs_student.exp()).pow(2)
+    else:
+        # keys masked out (padding, future positions) have probability 0 on both sides: drop their
+        # -inf - -inf before it meets the product
+        difference = (lprobs_teacher - lprobs_student).masked_fill(~lprobs_teacher.isfinite(), 0.0)
+        terms = lprobs_teacher.exp() * difference
+    return terms.masked_fill(padded, 0.0).sum(dim=-1).mean(dim=1)

@@ -73,6 +73,25 @@ def test_mutual_information_kd_from_the_command_line(data_bin, teacher, tmp_path
     assert len(kd) == 4 and all(0.5 < value < 6 for value in kd), kd
 
 
+def test_intermediate_layer_kd_from_the_command_line(data_bin, teacher, tmp_path):
+    """Every term at once, the student started from the teacher; its checkpoint decodes with stock
+    fairseq-generate."""
+    proc = train_student(
+        data_bin, tmp_path, "--task", "translation_distillation", "--teacher-path", teacher, "--max-update", "4",
+        "--arch", "transformer", "--init-student-from-teacher", "first", "--kd-hidden-weight", "0.5",
+        "--kd-hidden-distance", "cosine", "--kd-relation-weight", "1", "--kd-attn-weight", "1",
+        "--kd-hidden-map", "enc:0-0;dec:0-0",
+    )
+    log = proc.stdout + proc.stderr
+    assert "student initialised from the teacher" in log
+    assert "intermediate-layer KD, student layer <- teacher layer (0-based): enc 0 <- 0; dec 0 <- 0" in log
+    steps = [line for line in proc.stdout.splitlines() if "train_inner" in line]
+    assert len(steps) == 4 and all(f"{term}=" in line for line in steps for term in ("kd_hidden_loss", "kd_relation_loss", "kd_attn_loss"))
+    generated = run("fairseq-generate", data_bin, "--user-dir", PLUGIN, "--path", tmp_path / "checkpoint_last.pt",
+                    "--cpu", "--max-tokens", "2000", "--beam", "2")
+    assert "Generate test with beam=2" in generated.stdout + generated.stderr
+
+
 def test_learned_teacher_weights_train_and_are_saved(data_bin, teacher, weak_teacher, tmp_path):
     proc = train_student(
         data_bin, tmp_path, "--task", "translation_distillation", "--teacher-path", f"{teacher}:{weak_teacher}",

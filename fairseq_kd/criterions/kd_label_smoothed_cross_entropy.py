@@ -1,4 +1,6 @@
+import logging
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -15,10 +17,24 @@ from fairseq.logging import metrics
 from omegaconf import II
 
 from fairseq_kd.errors import FairseqKDError
+from fairseq_kd.features import (
+    ATTENTIONS,
+    attention_heads,
+    layer_counts,
+    layer_outputs,
+    layer_widths,
+    parse_layer_map,
+    side_mask,
+)
 from fairseq_kd.kd_losses import (
+    ATTENTION_DISTANCES,
+    HIDDEN_DISTANCES,
     SCHEDULES,
+    kd_attention_loss,
+    kd_hidden_loss,
     kd_kl_loss,
     kd_mi_loss,
+    kd_relation_loss,
     kd_topk_kl_loss,
     lprobs_at_temperature,
     mixture_nll,
@@ -29,6 +45,8 @@ from fairseq_kd.kd_losses import (
     select_hardest,
     topk_lprobs,
 )
+
+logger = logging.getLogger(__name__)
 
 SELECTIONS = ("none", "batch", "global")
 KD_LOSSES = ("kl", "mi")
@@ -100,6 +118,42 @@ class KDLabelSmoothedCrossEntropyCriterionConfig(LabelSmoothedCrossEntropyCriter
         default=30000,
         metadata={"help": "tokens in the queue of recent losses of --kd-selection global (per worker process)"},
     )
+    kd_hidden_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight (>= 0) of hidden-state KD: the distance between the hidden states of each student"
+            " layer and its --kd-hidden-map teacher layer, through a learned projection when widths differ"
+        },
+    )
+    kd_hidden_distance: ChoiceEnum(HIDDEN_DISTANCES) = field(
+        default="mse", metadata={"help": "hidden-state KD distance: mean squared error or 1 - cosine similarity"}
+    )
+    kd_relation_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight (>= 0) of relation KD: KL between the teacher's and the student's token-to-token"
+            " relations, softmax(h h^T / sqrt(C)) within each sentence, of --kd-hidden-map layer pairs"
+        },
+    )
+    kd_attn_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight (>= 0) of attention KD: the distance between the attention distributions (encoder"
+            " self, decoder self and cross) of --kd-hidden-map layer pairs, teacher heads averaged in groups (or"
+            " repeated) when the head counts differ"
+        },
+    )
+    kd_attn_distance: ChoiceEnum(ATTENTION_DISTANCES) = field(
+        default="kl", metadata={"help": "attention KD distance: KL(teacher || student) or squared error, per query"}
+    )
+    kd_hidden_map: str = field(
+        default="uniform",
+        metadata={
+            "help": "student-teacher layer pairs of the intermediate-layer terms: 'uniform' (student layer i of"
+            " L_S with teacher layer round((i + 1) * L_T / L_S) - 1, on encoder and decoder) or explicit 0-based"
+            " pairs like 'enc:0-1,1-3;dec:0-5'"
+        },
+    )
     max_update: int = II("optimization.max_update")
 
 
@@ -127,6 +181,12 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         kd_selection="none",
         kd_selection_rate=0.5,
         kd_selection_queue_size=30000,
+        kd_hidden_weight=0.0,
+        kd_hidden_distance="mse",
+        kd_relation_weight=0.0,
+        kd_attn_weight=0.0,
+        kd_attn_distance="kl",
+        kd_hidden_map="uniform",
         max_update=0,
         ignore_prefix_size=0,
         report_accuracy=False,
@@ -183,7 +243,73 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         if getattr(task.cfg, "teacher_weighting", "fixed") == "learned":
             # trained by fairseq's optimizer with the student and saved in its checkpoints' criterion state
             self.teacher_weight_logits = torch.nn.Parameter(task.teacher_weights.clamp_min(1e-4).log())
+        self.kd_hidden_weight = kd_hidden_weight
+        self.kd_hidden_distance = str(kd_hidden_distance)
+        self.kd_relation_weight = kd_relation_weight
+        self.kd_attn_weight = kd_attn_weight
+        self.kd_attn_distance = str(kd_attn_distance)
+        self.layer_pairs = self.build_layer_pairs(task, kd_hidden_map)
         self.set_num_updates(0)
+
+    def build_layer_pairs(self, task, layer_map):
+        """The (side, student layer, teacher layer) pairs of the intermediate-layer terms, and for
+        hidden-state KD between different widths a projection per pair, trained with the student and kept
+        in the criterion (fairseq-generate never needs it). None when those terms are off."""
+        weights = {"--kd-hidden-weight": self.kd_hidden_weight, "--kd-relation-weight": self.kd_relation_weight,
+                   "--kd-attn-weight": self.kd_attn_weight}
+        for name, weight in weights.items():
+            if weight < 0:
+                raise FairseqKDError(f"{name} must be >= 0, got {weight}")
+        if not any(weights.values()):
+            return None
+        teachers = getattr(task, "teachers", [])
+        if len(teachers) != 1:
+            raise FairseqKDError(
+                "--kd-hidden-weight/--kd-relation-weight/--kd-attn-weight distil the layers of one teacher run"
+                " online:"
+                f" give exactly one --teacher-path checkpoint (got {len(teachers)}; a --teacher-topk-cache holds"
+                " no hidden states)"
+            )
+        teacher_layers, teacher_widths = layer_counts(teachers[0], "teacher"), layer_widths(teachers[0], "teacher")
+        pairs = parse_layer_map(layer_map, task.student_layers, teacher_layers)
+        if self.kd_attn_weight > 0:
+            check_heads(task.student_heads, attention_heads(teachers[0]))
+        logger.info(
+            "intermediate-layer KD, student layer <- teacher layer (0-based): "
+            + "; ".join(f"{side} {student} <- {teacher}" for side, student, teacher in pairs)
+        )
+        if self.kd_hidden_weight > 0:
+            self.hidden_projections = torch.nn.ModuleList(
+                torch.nn.Identity()
+                if task.student_widths[side] == teacher_widths[side]
+                else torch.nn.Linear(task.student_widths[side], teacher_widths[side])
+                for side, _, _ in pairs
+            )
+        return pairs
+
+    def layer_losses(self, layers_student, sample):
+        """``(hidden, relation, attention)``: the hidden-state, relation and attention KD terms summed over
+        the layer pairs and their real positions (None for a term that is off)."""
+        hidden = relation = attention = None
+        for i, (side, student, teacher) in enumerate(self.layer_pairs):
+            mask = side_mask(sample, side, self.padding_idx)
+            hidden_student = layers_student[side][student]
+            hidden_teacher = sample["teacher_layers"][side][teacher]
+            if self.kd_hidden_weight > 0:
+                projected = self.hidden_projections[i](hidden_student[mask])
+                term = kd_hidden_loss(projected, hidden_teacher[mask], self.kd_hidden_distance).sum()
+                hidden = term if hidden is None else hidden + term
+            if self.kd_relation_weight > 0:
+                term = kd_relation_loss(hidden_student, hidden_teacher, mask).sum()
+                relation = term if relation is None else relation + term
+            if self.kd_attn_weight > 0:
+                for name in (name for name, (attention_side, _) in ATTENTIONS.items() if attention_side == side):
+                    keys = side_mask(sample, "dec" if name == "dec_self" else "enc", self.padding_idx)
+                    per_query = kd_attention_loss(layers_student[name][student], sample["teacher_layers"][name][teacher],
+                                                  keys, self.kd_attn_distance)
+                    term = per_query[mask].sum()
+                    attention = term if attention is None else attention + term
+        return hidden, relation, attention
 
     def set_num_updates(self, num_updates):
         """Called by ``translation_distillation`` before every training step: alpha and T follow the
@@ -192,7 +318,9 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         self.kd_temperature = scheduled_value(*self.temperature_schedule, num_updates, self.kd_schedule_updates)
 
     def forward(self, model, sample, reduce=True):
-        net_output = model(**sample["net_input"])
+        capture = self.layer_pairs is not None and "teacher_layers" in sample
+        with layer_outputs(model, self.kd_attn_weight > 0) if capture else nullcontext() as layers_student:
+            net_output = model(**sample["net_input"])
         lprobs, target = self.get_lprobs_and_target(model, net_output, sample)
         ls_loss, nll_loss = label_smoothed_nll_loss(
             lprobs, target, self.eps, ignore_index=self.padding_idx, reduce=reduce
@@ -228,6 +356,14 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             logging_output["kd_alpha"] = self.kd_alpha * sample["ntokens"]
             logging_output["kd_temperature"] = self.kd_temperature * sample["ntokens"]
             logging_output["kd_distilled"] = distilled
+        if capture:
+            for name, weight, term in zip(("kd_hidden_loss", "kd_relation_loss", "kd_attn_loss"),
+                                          (self.kd_hidden_weight, self.kd_relation_weight, self.kd_attn_weight),
+                                          self.layer_losses(layers_student, sample)):
+                if term is not None:
+                    loss = loss + weight * term
+                    logging_output[name] = term.data
+            logging_output["loss"] = loss.data
         if "teacher_weights" in sample:  # several teachers: their mean weight per target token
             nonpad = sample["target"].ne(self.padding_idx)
             for k, weights in enumerate(sample["teacher_weights"]):
@@ -307,8 +443,23 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             if key in keys:
                 metrics.log_scalar(key, per_token(key) / math.log(2), ntokens, round=3)
         for key in sorted(keys):
-            if key in ("kd_alpha", "kd_temperature", "kd_distilled") or key.startswith("teacher_weight_"):
+            # per target token, though the encoder's terms sum over source positions
+            if key in ("kd_alpha", "kd_temperature", "kd_distilled", "kd_hidden_loss", "kd_relation_loss",
+                       "kd_attn_loss") \
+                    or key.startswith("teacher_weight_"):
                 metrics.log_scalar(key, per_token(key), ntokens, round=3)
+
+
+def check_heads(student_heads, teacher_heads):
+    """Attention KD matches heads by averaging groups or repeating: one count must divide the other."""
+    for side in student_heads:
+        small, large = sorted((student_heads[side], teacher_heads[side]))
+        if large % small:
+            raise FairseqKDError(
+                f"--kd-attn-weight: the student's {side} attention has {student_heads[side]} heads and the"
+                f" teacher's {teacher_heads[side]}; one count must divide the other for heads to be averaged in"
+                " groups or repeated (set --encoder/--decoder-attention-heads), or drop --kd-attn-weight"
+            )
 
 
 def check_schedule(name, schedule, start, final, schedule_updates, valid, valid_text):
