@@ -82,29 +82,31 @@ def test_rerun_skips_finished_stages_and_prints_the_table(demo):
     assert positions == sorted(positions)
 
 
-def test_sweep_over_temperature_and_alpha(demo, tmp_path):
+def run_after_demo(demo, script, **env):
+    """Run another recipe on the finished demo's work directory, which it must finish; returns that directory."""
     demo_path, _, finished = demo
     assert finished.returncode == 0
+    proc = run_demo(demo_path, script, **env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return demo_path / "work"
+
+
+def test_sweep_over_temperature_and_alpha(demo, tmp_path):
     refused = run_demo(tmp_path, "sweep.sh")  # an empty work directory: no teacher yet
     assert refused.returncode == 1 and "no finished 'teacher' stage" in refused.stderr
-    sweep = run_demo(demo_path, "sweep.sh", TEMPERATURES="1 2", ALPHAS="0.5", SCHEDULE="cosine")
-    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
-    log = (demo_path / "work" / "sweep-cosine-T2-a0.5.log").read_text()
+    work = run_after_demo(demo, "sweep.sh", TEMPERATURES="1 2", ALPHAS="0.5", SCHEDULE="cosine")
+    log = (work / "sweep-cosine-T2-a0.5.log").read_text()
     # the epoch's mean T over updates 1 and 2 of the cosine from 2 to 1 (2 and 1.5)
     temperature = float(re.search(r"\| train \|.*kd_temperature ([\d.]+)", log).group(1))
     assert 1.5 < temperature < 2, temperature
-    table = (demo_path / "work" / "sweep-cosine.md").read_text().splitlines()
+    table = (work / "sweep-cosine.md").read_text().splitlines()
     assert table[0] == "| T \\ alpha | 0.5 |"
     assert [row.split("|")[1].strip() for row in table[2:4]] == ["1", "2"]
-    assert (demo_path / "work" / "sweep-cosine.png").stat().st_size > 0
+    assert (work / "sweep-cosine.png").stat().st_size > 0
 
 
 def test_progressive_distillation_chains_the_models(demo):
-    demo_path, _, finished = demo
-    assert finished.returncode == 0
-    work = demo_path / "work"
-    proc = run_demo(demo_path, "progressive.sh", PROGRESSION="transformer_student_small transformer_student_tiny")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    work = run_after_demo(demo, "progressive.sh", PROGRESSION="transformer_student_small transformer_student_tiny")
     # each stage's cache holds the previous model's distribution
     teachers = [json.loads((work / f"cache-progressive-{arch}" / "manifest.json").read_text())["teachers"][0]["path"]
                 for arch in ("transformer_student_small", "transformer_student_tiny")]
@@ -113,6 +115,20 @@ def test_progressive_distillation_chains_the_models(demo):
     rows = [line.split("|")[1].strip() for line in (work / "progressive.md").read_text().splitlines()[2:6]]
     assert rows == ["teacher", "student-word-kd", "progressive-transformer_student_small",
                     "progressive-transformer_student_tiny"]
+
+
+def test_intermediate_layer_comparison(demo):
+    work = run_after_demo(demo, "layers.sh", VALIDATE_EVERY="1")
+    for name, term in (("hidden", "kd_hidden_loss"), ("attention", "kd_attn_loss"), ("relation", "kd_relation_loss")):
+        assert re.search(rf"\| train \|.*\| {term} [\d.]+", (work / f"layers-{name}.log").read_text()), name
+    assert "kd_hidden_loss" not in (work / "layers-logit.log").read_text()
+    assert "student initialised from the teacher" in (work / "layers-wide-init.log").read_text()
+    assert "student initialised from the teacher" not in (work / "layers-wide-random.log").read_text()
+    table = (work / "layers.md").read_text().splitlines()
+    names = ["logit", "hidden", "attention", "relation", "wide-random", "wide-init"]
+    assert [row.split("|")[1].strip() for row in table[2:9]] == ["teacher", *(f"layers-{n}" for n in names)]
+    curve = table[table.index("| valid NLL (bits/token) at update | 1 | 2 |"):]
+    assert [row.split("|")[1].strip() for row in curve[2:8]] == [f"layers-{n}" for n in names]
 
 
 def test_prepare_with_bpe_and_a_training_prefix(tmp_path):

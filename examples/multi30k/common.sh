@@ -1,4 +1,4 @@
-# Settings and stage functions shared by run.sh and sweep.sh (sourced, not run); the settings are
+# Settings and stage functions shared by the recipes of this directory (sourced, not run); the settings are
 # documented at the top of run.sh.
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)

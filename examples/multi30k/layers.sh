@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Intermediate-layer distillation: run.sh's student trained with word-level KD from the teacher run
+# online, then with each intermediate-layer term added (hidden states, attention, relations), the same
+# budget each; and a student of the teacher's width trained the same way from random weights and from the
+# teacher's layers (--init-student-from-teacher). Every model is validated every VALIDATE_EVERY updates
+# (the convergence table: valid NLL by update) and scored on test and valid (the results table).
+#
+# Usage: bash examples/multi30k/run.sh && bash examples/multi30k/layers.sh   (same settings for both)
+#   HIDDEN_WEIGHT=1 ATTN_WEIGHT=1 RELATION_WEIGHT=1   the weight of each intermediate-layer term
+#   WIDE_ARCH="transformer_student_small --encoder-layers 3"   the student of the teacher's width
+#   INIT_LAYERS=alternate   which teacher layers it starts from (--init-student-from-teacher)
+#   VALIDATE_EVERY=100      updates between validations
+#   ...and every setting of run.sh (WORK, CONFIG, STUDENT_UPDATES, KD_ALPHA, KD_TEMPERATURE, KD_TOPK, ...)
+set -euo pipefail
+
+. "$(dirname "$0")/common.sh"
+
+HIDDEN_WEIGHT=${HIDDEN_WEIGHT:-1}
+ATTN_WEIGHT=${ATTN_WEIGHT:-1}
+RELATION_WEIGHT=${RELATION_WEIGHT:-1}
+WIDE_ARCH=${WIDE_ARCH:-transformer_student_small --encoder-layers 3}
+INIT_LAYERS=${INIT_LAYERS:-alternate}
+VALIDATE_EVERY=${VALIDATE_EVERY:-100}
+TEACHER=$WORK/teacher/checkpoint_last.pt
+
+for needed in teacher evaluate-teacher; do
+    if [ ! -f "$WORK/.done-$needed" ]; then
+        echo "error: $WORK has no finished '$needed' stage; run examples/multi30k/run.sh with the same settings first" >&2
+        exit 1
+    fi
+done
+
+# word-level KD from the teacher run online: the intermediate-layer terms need its hidden states
+LOGIT_KD="--teacher-path $TEACHER --kd-alpha $KD_ALPHA --kd-temperature $KD_TEMPERATURE --kd-topk $KD_TOPK
+    --validate-interval-updates $VALIDATE_EVERY"
+declare -A FLAGS=(
+    [layers-logit]=""
+    [layers-hidden]="--kd-hidden-weight $HIDDEN_WEIGHT"
+    [layers-attention]="--kd-attn-weight $ATTN_WEIGHT"
+    [layers-relation]="--kd-relation-weight $RELATION_WEIGHT"
+    [layers-wide-random]="--arch $WIDE_ARCH"
+    [layers-wide-init]="--arch $WIDE_ARCH --init-student-from-teacher $INIT_LAYERS"
+)
+NAMES="layers-logit layers-hidden layers-attention layers-relation layers-wide-random layers-wide-init"
+
+# all training first, then all decoding, so that the decode times are taken one model at a time
+for name in $NAMES; do
+    stage "$name" "$WORK/$name.log" train_student "$name" "$DATA" $LOGIT_KD ${FLAGS[$name]}
+done
+mkdir -p "$WORK/results"
+for name in $NAMES; do
+    stage "evaluate-$name" "$WORK/results/$name.log" evaluate "$name" "$WORK/$name/checkpoint_last.pt"
+done
+
+echo "[layers tables] $WORK/layers.md, $WORK/layers.json"
+{
+    python "$ROOT/scripts/results_table.py" --json "$WORK/layers.json" \
+        "$WORK/results/teacher.json" $(for name in $NAMES; do echo "$WORK/results/$name.json"; done)
+    echo
+    python "$ROOT/scripts/valid_curve.py" --every "$VALIDATE_EVERY" $(for name in $NAMES; do echo "$WORK/$name.log"; done)
+} | tee "$WORK/layers.md"
