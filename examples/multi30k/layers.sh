@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Intermediate-layer distillation: run.sh's student trained with word-level KD from the teacher run
 # online, then with each intermediate-layer term added (hidden states, attention, relations), the same
-# budget each; and a student of the teacher's width trained the same way from random weights and from the
-# teacher's layers (--init-student-from-teacher). Every model is validated every VALIDATE_EVERY updates
-# (the convergence table: valid NLL by update) and scored on test and valid (the results table).
+# budget each; and a student of the teacher's width trained the same way, WIDE_UPDATES updates, from random
+# weights and from the teacher's layers (--init-student-from-teacher). Every model is validated every
+# VALIDATE_EVERY updates (the convergence table: valid NLL by update) and scored on test and valid (the
+# results table).
 #
 # Usage: bash examples/multi30k/run.sh && bash examples/multi30k/layers.sh   (same settings for both)
 #   HIDDEN_WEIGHT=1 ATTN_WEIGHT=1 RELATION_WEIGHT=1   the weight of each intermediate-layer term
 #   WIDE_ARCH="transformer_student_small --encoder-layers 3"   the student of the teacher's width
 #   INIT_LAYERS=alternate   which teacher layers it starts from (--init-student-from-teacher)
+#   WIDE_UPDATES=n          the wide students' budget (default: STUDENT_UPDATES)
 #   VALIDATE_EVERY=100      updates between validations
 #   ...and every setting of run.sh (WORK, CONFIG, STUDENT_UPDATES, KD_ALPHA, KD_TEMPERATURE, KD_TOPK, ...)
 set -euo pipefail
@@ -20,6 +22,7 @@ ATTN_WEIGHT=${ATTN_WEIGHT:-1}
 RELATION_WEIGHT=${RELATION_WEIGHT:-1}
 WIDE_ARCH=${WIDE_ARCH:-transformer_student_small --encoder-layers 3}
 INIT_LAYERS=${INIT_LAYERS:-alternate}
+WIDE_UPDATES=${WIDE_UPDATES:-$STUDENT_UPDATES}
 VALIDATE_EVERY=${VALIDATE_EVERY:-100}
 TEACHER=$WORK/teacher/checkpoint_last.pt
 
@@ -45,7 +48,8 @@ NAMES="layers-logit layers-hidden layers-attention layers-relation layers-wide-r
 
 # all training first, then all decoding, so that the decode times are taken one model at a time
 for name in $NAMES; do
-    stage "$name" "$WORK/$name.log" train_student "$name" "$DATA" $LOGIT_KD ${FLAGS[$name]}
+    updates=$([[ $name == layers-wide-* ]] && echo "$WIDE_UPDATES" || echo "$STUDENT_UPDATES")
+    STUDENT_UPDATES=$updates stage "$name" "$WORK/$name.log" train_student "$name" "$DATA" $LOGIT_KD ${FLAGS[$name]}
 done
 mkdir -p "$WORK/results"
 for name in $NAMES; do
