@@ -1,6 +1,6 @@
 """Valid-set NLL by update count, read from fairseq-train logs: one Markdown row per run (stdout), to
-compare how fast models converge. Columns are the update counts validated in every run that are
-multiples of --every, plus the last one they share.
+compare how fast models converge. Columns are the validated update counts that are multiples of
+--every, and each run's last; a run not validated at a column shows "-".
 
     python scripts/valid_curve.py --every 100 work/layers-wide-random.log work/layers-wide-init.log
 
@@ -31,16 +31,14 @@ def main():
     args = parser.parse_args()
 
     curves = {os.path.splitext(os.path.basename(log))[0]: valid_nll(log) for log in args.logs}
-    shared = sorted(set.intersection(*(set(points) for points in curves.values())))
-    if not shared:
-        sys.exit("error: the logs share no validated update count; train them with the same --validate-interval-updates")
-    columns = [n for n in shared if n % args.every == 0]
-    columns += [shared[-1]] if shared[-1] not in columns else []
+    columns = sorted({n for points in curves.values() for n in points if n % args.every == 0}
+                     | {max(points) for points in curves.values()})
     lines = [
         "| valid NLL (bits/token) at update | " + " | ".join(str(n) for n in columns) + " |",
         "|---" + "|---:" * len(columns) + "|",
     ]
-    lines += [f"| {name} | " + " | ".join(f"{points[n]:.2f}" for n in columns) + " |" for name, points in curves.items()]
+    lines += [f"| {name} | " + " | ".join(f"{points[n]:.2f}" if n in points else "-" for n in columns) + " |"
+              for name, points in curves.items()]
     print("\n".join(lines))
 
 

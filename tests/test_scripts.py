@@ -63,20 +63,20 @@ def test_distilled_corpus_restores_order_and_drops_degenerate_outputs(tmp_path):
     assert (tmp_path / "union" / "train.src").read_text() == "a b\na b\nc d e\nf\n"
 
 
-def test_valid_curve_keeps_the_update_counts_every_run_validated(tmp_path):
+def test_valid_curve_has_a_column_per_multiple_and_per_last_update(tmp_path):
     def log(name, points):
         lines = [f"2026-11-25 09:00:00 | INFO | valid | epoch 001 | valid on 'valid' subset | loss {nll + 1} | "
                  f"nll_loss {nll} | ppl 10.0 | wps 100 | wpb 50 | bsz 4 | num_updates {n}" for n, nll in points]
         (tmp_path / f"{name}.log").write_text("| train_inner | ignored\n" + "\n".join(lines) + "\n")
         return tmp_path / f"{name}.log"
 
-    # epoch ends at 136 and 272 fall between the multiples of 100; 'init' also validated 300
-    random_init = log("random", [(100, 9.0), (136, 8.5), (200, 7.25), (272, 6.5), (280, 6.0)])
-    init = log("init", [(100, 6.0), (136, 5.5), (200, 5.0), (272, 4.5), (280, 4.0), (300, 3.0)])
-    out = subprocess.run([sys.executable, REPO / "scripts" / "valid_curve.py", "--every", "100", random_init, init],
+    # epoch ends (136, 272) fall between the multiples of 100; 'short' stops at 150
+    long = log("long", [(100, 9.0), (136, 8.5), (200, 7.25), (272, 6.5), (280, 6.0)])
+    short = log("short", [(100, 6.0), (136, 5.5), (150, 5.0)])
+    out = subprocess.run([sys.executable, REPO / "scripts" / "valid_curve.py", "--every", "100", long, short],
                          capture_output=True, text=True, check=True).stdout.splitlines()
-    assert out == ["| valid NLL (bits/token) at update | 100 | 200 | 280 |", "|---|---:|---:|---:|",
-                   "| random | 9.00 | 7.25 | 6.00 |", "| init | 6.00 | 5.00 | 4.00 |"]
+    assert out == ["| valid NLL (bits/token) at update | 100 | 150 | 200 | 280 |", "|---|---:|---:|---:|---:|",
+                   "| long | 9.00 | - | 7.25 | 6.00 |", "| short | 6.00 | 5.00 | - | - |"]
     empty = log("empty", [])
     refused = subprocess.run([sys.executable, REPO / "scripts" / "valid_curve.py", empty], capture_output=True, text=True)
     assert refused.returncode == 1 and "has no validation lines" in refused.stderr
