@@ -73,6 +73,17 @@ stage() {
     touch "$WORK/.done-$name"
 }
 
+# require_stages NAME...: stop unless run.sh has finished these stages in $WORK
+require_stages() {
+    local needed
+    for needed in "$@"; do
+        if [ ! -f "$WORK/.done-$needed" ]; then
+            echo "error: $WORK has no finished '$needed' stage; run examples/multi30k/run.sh with the same settings first" >&2
+            exit 1
+        fi
+    done
+}
+
 train_student() {  # NAME DATA_BIN EXTRA_FLAGS...
     local name=$1 data=$2
     shift 2

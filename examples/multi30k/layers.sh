@@ -26,12 +26,7 @@ WIDE_UPDATES=${WIDE_UPDATES:-$STUDENT_UPDATES}
 VALIDATE_EVERY=${VALIDATE_EVERY:-100}
 TEACHER=$WORK/teacher/checkpoint_last.pt
 
-for needed in teacher evaluate-teacher; do
-    if [ ! -f "$WORK/.done-$needed" ]; then
-        echo "error: $WORK has no finished '$needed' stage; run examples/multi30k/run.sh with the same settings first" >&2
-        exit 1
-    fi
-done
+require_stages teacher evaluate-teacher
 
 # word-level KD from the teacher run online: the intermediate-layer terms need its hidden states
 LOGIT_KD="--teacher-path $TEACHER --kd-alpha $KD_ALPHA --kd-temperature $KD_TEMPERATURE --kd-topk $KD_TOPK

@@ -13,12 +13,7 @@ set -euo pipefail
 
 PROGRESSION=${PROGRESSION:-transformer_student_small transformer_student_tiny}
 
-for needed in teacher student-word-kd evaluate-teacher evaluate-student-word-kd; do
-    if [ ! -f "$WORK/.done-$needed" ]; then
-        echo "error: $WORK has no finished '$needed' stage; run examples/multi30k/run.sh with the same settings first" >&2
-        exit 1
-    fi
-done
+require_stages teacher student-word-kd evaluate-teacher evaluate-student-word-kd
 
 last=${PROGRESSION##* }
 if [ "$last" != "$STUDENT_ARCH" ]; then

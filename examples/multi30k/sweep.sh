@@ -16,12 +16,7 @@ TEMPERATURES=${TEMPERATURES:-1 2 4}
 ALPHAS=${ALPHAS:-0.25 0.5 0.75}
 SCHEDULE=${SCHEDULE:-constant}
 
-for needed in teacher $([ "$KD_TOPK" -gt 0 ] && echo cache); do
-    if [ ! -f "$WORK/.done-$needed" ]; then
-        echo "error: $WORK has no finished '$needed' stage; run examples/multi30k/run.sh with the same settings first" >&2
-        exit 1
-    fi
-done
+require_stages teacher $([ "$KD_TOPK" -gt 0 ] && echo cache)
 
 schedule_flags() {  # T
     if [ "$SCHEDULE" != constant ] && [ "$1" != 1 ]; then
