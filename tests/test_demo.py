@@ -131,6 +131,32 @@ def test_intermediate_layer_comparison(demo):
     assert [row.split("|")[1].strip() for row in curve[2:8]] == [f"layers-{n}" for n in names]
 
 
+def test_strategies_against_plain_kd(demo):
+    refused = run_demo(demo[0], "strategies.sh", STRATEGIES="strategy-mi strategy-magic")
+    assert refused.returncode == 1 and "STRATEGIES names 'strategy-magic'; choose from: strategy-temperature-cosine" in refused.stderr
+    # the others are criterion flags, each run end to end by test_cli.py
+    work = run_after_demo(demo, "strategies.sh", STRATEGIES="strategy-two-teachers-confidence strategy-dml")
+    teacher_2 = str(work / "teacher-2" / "checkpoint_last.pt")
+    manifest = json.loads((work / "cache-two-teachers-confidence" / "manifest.json").read_text())
+    assert [t["path"] for t in manifest["teachers"]] == [str(work / "teacher" / "checkpoint_last.pt"), teacher_2]
+    assert manifest["teacher_weighting"] == "confidence"
+    assert "'seed': 2" in (work / "teacher-2.log").read_text()
+    run_after_demo(demo, "progressive.sh")  # (nothing to do when its test has run)
+    work = run_after_demo(demo, "strategies.sh", STRATEGIES="strategy-two-teachers-confidence strategy-dml")
+    table = (work / "strategies.md").read_text().splitlines()
+    # progressive.sh's last student closes the table
+    assert [row.split("|")[1].strip() for row in table[2:9]] == [
+        "teacher", "student-no-kd", "student-word-kd", "strategy-two-teachers-confidence",
+        "strategy-dml-a", "strategy-dml-b", "progressive-transformer_student_tiny"]
+    curve = table[table.index("| valid NLL (bits/token) at update | 2 |"):]
+    assert [row.split("|")[1].strip() for row in curve[2:7]] == [
+        "student-no-kd", "student-word-kd", "strategy-two-teachers-confidence", "strategy-dml",
+        "progressive-transformer_student_tiny"]
+    peers = [json.loads((work / "results" / f"strategy-dml-{p}.json").read_text()) for p in "ab"]
+    student = json.loads((work / "results" / "student-no-kd.json").read_text())
+    assert peers[0]["params"] == peers[1]["params"] == student["params"]
+
+
 def test_prepare_with_bpe_and_a_training_prefix(tmp_path):
     (tmp_path / "raw").mkdir()
     fake_multi30k(tmp_path / "raw")

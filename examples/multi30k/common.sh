@@ -128,9 +128,11 @@ evaluate() {  # NAME CHECKPOINT
 }
 
 # the teacher's top-k on every training and validation token, for word-level KD without the teacher
-build_cache() {  # DATA_BIN OUT_DIR [TEACHER_CHECKPOINT]
-    fairseq-kd-build-cache "$1" --teacher-path "${3:-$WORK/teacher/checkpoint_last.pt}" --topk "$KD_TOPK" \
-        --splits train,valid --max-tokens 8000 $DEVICE_FLAGS --out "$2"
+build_cache() {  # DATA_BIN OUT_DIR [TEACHER_CHECKPOINTS [EXTRA_FLAGS...]]
+    local data=$1 out=$2 teachers=${3:-$WORK/teacher/checkpoint_last.pt}
+    shift $(($# < 3 ? $# : 3))
+    fairseq-kd-build-cache "$data" --teacher-path "$teachers" --topk "$KD_TOPK" \
+        --splits train,valid --max-tokens 8000 $DEVICE_FLAGS --out "$out" "$@"
 }
 
 word_kd_flags() {  # CACHE_DIR [TEACHER_CHECKPOINT]

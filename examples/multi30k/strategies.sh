@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Distillation strategies against plain word-level KD: run.sh's student, same data and budget, trained with
+# a temperature schedule, an alpha schedule, selective KD (batch and global), the mutual-information loss,
+# two teachers (fixed, confidence and learned weights) and deep mutual learning (two students, no teacher);
+# every model scored on test and valid; one table with run.sh's no-KD and word-KD students (and
+# progressive.sh's last student when that recipe has run), and one of the students' final valid NLL.
+#
+# Usage: bash examples/multi30k/run.sh && bash examples/multi30k/strategies.sh   (same settings for both)
+#   STRATEGIES="..."       which of them to train (default: all, in the order of the table)
+#   SECOND_TEACHER=ckpt    the multi-teacher runs' second teacher (default: one trained here like run.sh's
+#                          teacher, with another seed)
+#   TEMPERATURE_START=2    the temperature schedule: cosine from it down to KD_TEMPERATURE
+#   ALPHA_START=0.9 ALPHA_FINAL=0.1   the alpha schedule: linear between them
+#   SELECTION_RATE=0.5     the fraction of target tokens selective KD distils
+#   DML_ARCH=transformer_mutual_student_tiny   two peers of run.sh's student architecture
+#   ...and every setting of run.sh (WORK, CONFIG, STUDENT_UPDATES, KD_ALPHA, KD_TEMPERATURE, KD_TOPK, ...)
+set -euo pipefail
+
+. "$(dirname "$0")/common.sh"
+
+ALL="strategy-temperature-cosine strategy-alpha-linear strategy-selective-batch strategy-selective-global
+    strategy-mi strategy-two-teachers strategy-two-teachers-confidence strategy-two-teachers-learned strategy-dml"
+STRATEGIES=${STRATEGIES:-$ALL}
+TEMPERATURE_START=${TEMPERATURE_START:-2}
+ALPHA_START=${ALPHA_START:-0.9}
+ALPHA_FINAL=${ALPHA_FINAL:-0.1}
+SELECTION_RATE=${SELECTION_RATE:-0.5}
+DML_ARCH=${DML_ARCH:-transformer_mutual_student_tiny}
+TEACHER=$WORK/teacher/checkpoint_last.pt
+
+require_stages teacher student-no-kd student-word-kd evaluate-teacher evaluate-student-no-kd evaluate-student-word-kd
+for name in $STRATEGIES; do
+    if [[ " $(echo $ALL) " != *" $name "* ]]; then
+        echo "error: STRATEGIES names '$name'; choose from: $(echo $ALL)" >&2
+        exit 1
+    fi
+done
+
+if [[ $STRATEGIES == *strategy-two-teachers* ]] && [ -z "${SECOND_TEACHER:-}" ]; then
+    stage teacher-2 "$WORK/teacher-2.log" fairseq-train "$DATA" --user-dir "$ROOT/fairseq_kd" \
+        $TEACHER_FLAGS \
+        --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
+        $OPTIM_FLAGS \
+        $BATCH_FLAGS --seed 2 --max-update "$TEACHER_UPDATES" $DEVICE_FLAGS \
+        $LOG_FLAGS --save-dir "$WORK/teacher-2"
+fi
+TEACHERS=$TEACHER:${SECOND_TEACHER:-$WORK/teacher-2/checkpoint_last.pt}
+
+# the strategies that only change the criterion distil from run.sh's cache (or teacher); the two-teacher
+# mixtures are cached here (a cache holds the confidence-weighted mixture it was built with)
+declare -A FLAGS=(
+    [strategy-temperature-cosine]="$(word_kd_flags "$WORK/cache") --kd-temperature $TEMPERATURE_START
+        --kd-temperature-schedule cosine --kd-temperature-final $KD_TEMPERATURE"
+    [strategy-alpha-linear]="$(word_kd_flags "$WORK/cache") --kd-alpha $ALPHA_START
+        --kd-alpha-schedule linear --kd-alpha-final $ALPHA_FINAL"
+    [strategy-selective-batch]="$(word_kd_flags "$WORK/cache") --kd-selection batch --kd-selection-rate $SELECTION_RATE"
+    [strategy-selective-global]="$(word_kd_flags "$WORK/cache") --kd-selection global --kd-selection-rate $SELECTION_RATE"
+    [strategy-mi]="$(word_kd_flags "$WORK/cache") --kd-loss mi"
+    [strategy-two-teachers]="$(word_kd_flags "$WORK/cache-two-teachers" "$TEACHERS")"
+    [strategy-two-teachers-confidence]="$(word_kd_flags "$WORK/cache-two-teachers-confidence" "$TEACHERS")
+        $([ "$KD_TOPK" -eq 0 ] && echo --teacher-weighting confidence)"
+    # learned weights train with the student, so the teachers run online
+    [strategy-two-teachers-learned]="--teacher-path $TEACHERS --teacher-weighting learned
+        --kd-alpha $KD_ALPHA --kd-temperature $KD_TEMPERATURE --kd-topk $KD_TOPK"
+    [strategy-dml]="--arch $DML_ARCH --kd-alpha $KD_ALPHA --kd-temperature $KD_TEMPERATURE"
+)
+
+# all training first, then all decoding, so that the decode times are taken one model at a time
+for name in $STRATEGIES; do
+    if [ "$KD_TOPK" -gt 0 ] && [ "$name" = strategy-two-teachers ]; then
+        stage cache-two-teachers "$WORK/cache-two-teachers.log" build_cache "$DATA" "$WORK/cache-two-teachers" "$TEACHERS"
+    fi
+    if [ "$KD_TOPK" -gt 0 ] && [ "$name" = strategy-two-teachers-confidence ]; then
+        stage cache-two-teachers-confidence "$WORK/cache-two-teachers-confidence.log" \
+            build_cache "$DATA" "$WORK/cache-two-teachers-confidence" "$TEACHERS" --teacher-weighting confidence
+    fi
+    stage "$name" "$WORK/$name.log" train_student "$name" "$DATA" ${FLAGS[$name]}
+done
+# deep mutual learning yields two students: each peer is written out as a plain checkpoint and scored
+evaluate_peer() {  # NAME PEER
+    python "$ROOT/scripts/extract_peer.py" "$WORK/$1/checkpoint_last.pt" --peer "$2" --out "$WORK/$1/peer-$2.pt"
+    evaluate "$1-$2" "$WORK/$1/peer-$2.pt"
+}
+mkdir -p "$WORK/results"
+scored=()
+for name in $STRATEGIES; do
+    if [ "$name" = strategy-dml ]; then
+        for peer in a b; do
+            stage "evaluate-$name-$peer" "$WORK/results/$name-$peer.log" evaluate_peer "$name" "$peer"
+            scored+=("$name-$peer")
+        done
+    else
+        stage "evaluate-$name" "$WORK/results/$name.log" evaluate "$name" "$WORK/$name/checkpoint_last.pt"
+        scored+=("$name")
+    fi
+done
+
+# progressive.sh's last student has run.sh's architecture: the same comparison, when it has run
+progressive=$([ -f "$WORK/.done-evaluate-progressive-$STUDENT_ARCH" ] && echo "progressive-$STUDENT_ARCH" || true)
+echo "[strategies tables] $WORK/strategies.md, $WORK/strategies.json"
+{
+    python "$ROOT/scripts/results_table.py" --json "$WORK/strategies.json" \
+        $(for name in teacher student-no-kd student-word-kd "${scored[@]}" $progressive; do
+            echo "$WORK/results/$name.json"
+        done)
+    echo
+    # the students' own valid NLL after the last update (of peer a for deep mutual learning)
+    python "$ROOT/scripts/valid_curve.py" --every "$STUDENT_UPDATES" \
+        $(for name in student-no-kd student-word-kd $STRATEGIES $progressive; do echo "$WORK/$name.log"; done)
+} | tee "$WORK/strategies.md"
