@@ -134,6 +134,7 @@ def test_intermediate_layer_comparison(demo):
 def test_strategies_against_plain_kd(demo):
     refused = run_demo(demo[0], "strategies.sh", STRATEGIES="strategy-mi strategy-magic")
     assert refused.returncode == 1 and "STRATEGIES names 'strategy-magic'; choose from: strategy-temperature-cosine" in refused.stderr
+    run_after_demo(demo, "progressive.sh")  # (nothing to do when its test has run)
     # the others are criterion flags, each run end to end by test_cli.py
     work = run_after_demo(demo, "strategies.sh", STRATEGIES="strategy-two-teachers-confidence strategy-dml")
     teacher_2 = str(work / "teacher-2" / "checkpoint_last.pt")
@@ -141,8 +142,6 @@ def test_strategies_against_plain_kd(demo):
     assert [t["path"] for t in manifest["teachers"]] == [str(work / "teacher" / "checkpoint_last.pt"), teacher_2]
     assert manifest["teacher_weighting"] == "confidence"
     assert "'seed': 2" in (work / "teacher-2.log").read_text()
-    run_after_demo(demo, "progressive.sh")  # (nothing to do when its test has run)
-    work = run_after_demo(demo, "strategies.sh", STRATEGIES="strategy-two-teachers-confidence strategy-dml")
     table = (work / "strategies.md").read_text().splitlines()
     # progressive.sh's last student closes the table
     assert [row.split("|")[1].strip() for row in table[2:9]] == [
