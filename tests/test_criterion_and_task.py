@@ -22,8 +22,8 @@ def build(data_bin, *extra):
          "--label-smoothing", "0.1", "--dropout", "0", *map(str, extra)],
     )
     cfg = convert_namespace_to_omegaconf(args)
+    torch.manual_seed(0)  # where fairseq-train seeds: before the task (and its teachers), then the model
     task = tasks.setup_task(cfg.task)
-    torch.manual_seed(0)
     model = task.build_model(cfg.model)
     return task, model, task.build_criterion(cfg.criterion)
 
@@ -106,6 +106,12 @@ def test_teacher_ensemble_weights(data_bin, teacher):
     single.add_teacher_lprobs(reference := first_batch(single), model)
     # two copies of one teacher average to that teacher
     assert torch.allclose(sample["teacher_lprobs"], reference["teacher_lprobs"], atol=1e-5)
+
+
+def test_the_student_starts_from_the_same_weights_with_or_without_a_teacher(data_bin, teacher):
+    _, with_teacher, _ = build(data_bin, "--teacher-path", teacher)
+    _, without, _ = build(data_bin, "--kd-alpha", 0)
+    assert all(torch.equal(a, b) for a, b in zip(with_teacher.state_dict().values(), without.state_dict().values()))
 
 
 def test_without_teacher_the_task_is_translation(data_bin):

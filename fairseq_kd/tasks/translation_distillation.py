@@ -99,7 +99,11 @@ class TranslationDistillationTask(TranslationTask):
     def load_teacher(self, path):
         cfg, state = read_checkpoint(path, "--teacher-path")
         check_checkpoint_dictionaries(path, f"teacher {path}", cfg, state["model"], self)
-        teacher = models.build_model(cfg.model, self, from_checkpoint=True)
+        # fairseq-train seeds torch before the task loads its teachers and then builds the student: the
+        # teacher's throw-away random initialisation must not draw from that seed, or the student would start
+        # elsewhere than with a cache or without KD
+        with torch.random.fork_rng(devices=[]):
+            teacher = models.build_model(cfg.model, self, from_checkpoint=True)
         teacher.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
         teacher.requires_grad_(False).eval()
         logger.info(f"teacher {path}: {sum(p.numel() for p in teacher.parameters()):,} parameters")
