@@ -5,7 +5,8 @@
 # last one is compared with run.sh's student-word-kd, distilled directly from the teacher.
 #
 # Usage: bash examples/multi30k/run.sh && bash examples/multi30k/progressive.sh   (same settings for both)
-#   PROGRESSION="transformer_student_small transformer_student_tiny"   the compression schedule, largest first
+#   PROGRESSION="transformer_student_small transformer_student_tiny"   the compression schedule, largest first;
+#                          a checkpoint file in it is a link trained elsewhere, used as it is
 #   ...and every setting of run.sh (WORK, CONFIG, STUDENT_UPDATES, KD_ALPHA, KD_TEMPERATURE, KD_TOPK, ...)
 set -euo pipefail
 
@@ -21,9 +22,20 @@ if [ "$last" != "$STUDENT_ARCH" ]; then
     exit 1
 fi
 
+# the stages are named by architecture: another chain in the same WORK would silently reuse them
+if [ -f "$WORK/progressive.chain" ] && [ "$(cat "$WORK/progressive.chain")" != "$PROGRESSION" ]; then
+    echo "error: $WORK holds the chain PROGRESSION=\"$(cat "$WORK/progressive.chain")\"; give that one, or another WORK" >&2
+    exit 1
+fi
+echo "$PROGRESSION" > "$WORK/progressive.chain"
+
 previous=$WORK/teacher/checkpoint_last.pt
 names=()
 for arch in $PROGRESSION; do
+    if [ -f "$arch" ]; then  # a model trained elsewhere: the next link's teacher as it is
+        previous=$arch
+        continue
+    fi
     name=progressive-$arch
     names+=("$name")
     if [ "$KD_TOPK" -gt 0 ]; then
