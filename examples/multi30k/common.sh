@@ -84,6 +84,19 @@ require_stages() {
     done
 }
 
+# --user-dir: fairseq-train resumes from checkpoint_last.pt, which torch >= 2.6 reads only with the
+# plugin's allowlist
+train_teacher() {  # SAVE_DIR EXTRA_FLAGS...
+    local dir=$1
+    shift
+    fairseq-train "$DATA" --user-dir "$ROOT/fairseq_kd" \
+        $TEACHER_FLAGS \
+        --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
+        $OPTIM_FLAGS \
+        $BATCH_FLAGS --max-update "$TEACHER_UPDATES" $DEVICE_FLAGS \
+        $LOG_FLAGS --save-dir "$dir" "$@"
+}
+
 train_student() {  # NAME DATA_BIN EXTRA_FLAGS...
     local name=$1 data=$2
     shift 2

@@ -26,14 +26,7 @@ set -euo pipefail
 
 stage prepare "$WORK/prepare.log" bash "$ROOT/scripts/prepare-multi30k.sh" "$WORK" "$SRC" "$TGT"
 
-# --user-dir: fairseq-train resumes from checkpoint_last.pt, which torch >= 2.6 reads only with the
-# plugin's allowlist
-stage teacher "$WORK/teacher.log" fairseq-train "$DATA" --user-dir "$ROOT/fairseq_kd" \
-    $TEACHER_FLAGS \
-    --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
-    $OPTIM_FLAGS \
-    $BATCH_FLAGS --max-update "$TEACHER_UPDATES" $DEVICE_FLAGS \
-    $LOG_FLAGS --save-dir "$WORK/teacher"
+stage teacher "$WORK/teacher.log" train_teacher "$WORK/teacher"
 
 stage distill "$WORK/distill.log" distill_corpus
 

@@ -37,12 +37,7 @@ for name in $STRATEGIES; do
 done
 
 if [[ $STRATEGIES == *strategy-two-teachers* ]] && [ -z "${SECOND_TEACHER:-}" ]; then
-    stage teacher-2 "$WORK/teacher-2.log" fairseq-train "$DATA" --user-dir "$ROOT/fairseq_kd" \
-        $TEACHER_FLAGS \
-        --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
-        $OPTIM_FLAGS \
-        $BATCH_FLAGS --seed 2 --max-update "$TEACHER_UPDATES" $DEVICE_FLAGS \
-        $LOG_FLAGS --save-dir "$WORK/teacher-2"
+    stage teacher-2 "$WORK/teacher-2.log" train_teacher "$WORK/teacher-2" --seed 2
 fi
 TEACHERS=$TEACHER:${SECOND_TEACHER:-$WORK/teacher-2/checkpoint_last.pt}
 
