@@ -41,16 +41,15 @@ if [[ $STRATEGIES == *strategy-two-teachers* ]] && [ -z "${SECOND_TEACHER:-}" ];
 fi
 TEACHERS=$TEACHER:${SECOND_TEACHER:-$WORK/teacher-2/checkpoint_last.pt}
 
-# the strategies that only change the criterion distil from run.sh's cache (or teacher); the two-teacher
-# mixtures are cached here (a cache holds the confidence-weighted mixture it was built with)
+# the strategies that only change the criterion distil from run.sh's cache (or teacher)
+KD=$(word_kd_flags "$WORK/cache")
 declare -A FLAGS=(
-    [strategy-temperature-cosine]="$(word_kd_flags "$WORK/cache") --kd-temperature $TEMPERATURE_START
+    [strategy-temperature-cosine]="$KD --kd-temperature $TEMPERATURE_START
         --kd-temperature-schedule cosine --kd-temperature-final $KD_TEMPERATURE"
-    [strategy-alpha-linear]="$(word_kd_flags "$WORK/cache") --kd-alpha $ALPHA_START
-        --kd-alpha-schedule linear --kd-alpha-final $ALPHA_FINAL"
-    [strategy-selective-batch]="$(word_kd_flags "$WORK/cache") --kd-selection batch --kd-selection-rate $SELECTION_RATE"
-    [strategy-selective-global]="$(word_kd_flags "$WORK/cache") --kd-selection global --kd-selection-rate $SELECTION_RATE"
-    [strategy-mi]="$(word_kd_flags "$WORK/cache") --kd-loss mi"
+    [strategy-alpha-linear]="$KD --kd-alpha $ALPHA_START --kd-alpha-schedule linear --kd-alpha-final $ALPHA_FINAL"
+    [strategy-selective-batch]="$KD --kd-selection batch --kd-selection-rate $SELECTION_RATE"
+    [strategy-selective-global]="$KD --kd-selection global --kd-selection-rate $SELECTION_RATE"
+    [strategy-mi]="$KD --kd-loss mi"
     [strategy-two-teachers]="$(word_kd_flags "$WORK/cache-two-teachers" "$TEACHERS")"
     [strategy-two-teachers-confidence]="$(word_kd_flags "$WORK/cache-two-teachers-confidence" "$TEACHERS")
         $([ "$KD_TOPK" -eq 0 ] && echo --teacher-weighting confidence)"
@@ -59,15 +58,14 @@ declare -A FLAGS=(
         --kd-alpha $KD_ALPHA --kd-temperature $KD_TEMPERATURE --kd-topk $KD_TOPK"
     [strategy-dml]="--arch $DML_ARCH --kd-alpha $KD_ALPHA --kd-temperature $KD_TEMPERATURE"
 )
+# the two-teacher mixtures cached here (a cache holds the confidence-weighted mixture it was built with)
+declare -A CACHE_FLAGS=([strategy-two-teachers]="" [strategy-two-teachers-confidence]="--teacher-weighting confidence")
 
 # all training first, then all decoding, so that the decode times are taken one model at a time
 for name in $STRATEGIES; do
-    if [ "$KD_TOPK" -gt 0 ] && [ "$name" = strategy-two-teachers ]; then
-        stage cache-two-teachers "$WORK/cache-two-teachers.log" build_cache "$DATA" "$WORK/cache-two-teachers" "$TEACHERS"
-    fi
-    if [ "$KD_TOPK" -gt 0 ] && [ "$name" = strategy-two-teachers-confidence ]; then
-        stage cache-two-teachers-confidence "$WORK/cache-two-teachers-confidence.log" \
-            build_cache "$DATA" "$WORK/cache-two-teachers-confidence" "$TEACHERS" --teacher-weighting confidence
+    if [ "$KD_TOPK" -gt 0 ] && [[ -v CACHE_FLAGS[$name] ]]; then
+        cache=cache-${name#strategy-}
+        stage "$cache" "$WORK/$cache.log" build_cache "$DATA" "$WORK/$cache" "$TEACHERS" ${CACHE_FLAGS[$name]}
     fi
     stage "$name" "$WORK/$name.log" train_student "$name" "$DATA" ${FLAGS[$name]}
 done
