@@ -27,12 +27,17 @@ setup(
         "subword-nmt",
         "tensorboardX",
         "matplotlib",
+        # fairseq-kd-export / -translate / -eval only; training never imports it
+        "ctranslate2==4.8.5",
+        "scipy",
     ],
     extras_require={"test": ["pytest"]},
     entry_points={
         "console_scripts": [
             "fairseq-kd-build-cache = fairseq_kd.topk_cache:main",
             "fairseq-kd-eval = fairseq_kd.evaluate:main",
+            "fairseq-kd-export = fairseq_kd.export:main",
+            "fairseq-kd-translate = fairseq_kd.translate:main",
         ]
     },
 )

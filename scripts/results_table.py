@@ -21,8 +21,9 @@ def main():
             records.append(json.load(f))
     reference = records[0]
     lines = [
-        "| model | params | params vs first | test BLEU | test chrF | BLEU retention | valid BLEU | decode test (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | params | params vs first | test BLEU | length ratio | test chrF | BLEU retention | valid BLEU"
+        " | decode test (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     reference_bleu = reference["test"]["bleu"]
     for r in records:
@@ -31,7 +32,7 @@ def main():
         retention = f"{100 * r['bleu_retention']:.1f} %" if r["bleu_retention"] is not None else "n/a"
         lines.append(
             f"| {r['name']} | {r['params'] / 1e6:.2f} M | {100 * r['param_ratio']:.0f} % | {r['test']['bleu']:.2f} "
-            f"| {r['test']['chrf']:.2f} | {retention} | {r['valid']['bleu']:.2f} | {r['decode_seconds']:.0f} |"
+            f"| {r['test']['length_ratio']:.3f} | {r['test']['chrf']:.2f} | {retention} | {r['valid']['bleu']:.2f} | {r['decode_seconds']:.0f} |"
         )
     with open(args.json, "w") as f:
         json.dump(records, f, indent=1)

@@ -1,12 +1,15 @@
-"""Score fairseq-generate logs of the test and valid sets with sacrebleu; write one JSON record.
+"""Score the test and valid translations of one model with sacrebleu; write one JSON record.
 
     python scripts/score.py --name student --checkpoint ckpt.pt \
         --test test.generate.log raw/test.de --valid valid.generate.log raw/valid.de \
         --decode-seconds 42 --out results/student.json
 
-The logs must come from ``fairseq-generate ... --post-process sentencepiece`` (or ``subword_nmt``), whose
-``D-<id>`` lines hold detokenized hypotheses; they are put back in corpus order and scored against the raw
-references. ``--decode-seconds`` is the wall time of decoding the test set.
+By default the translations are fairseq-generate logs, from ``fairseq-generate ... --post-process
+sentencepiece`` (or ``subword_nmt``), whose ``D-<id>`` lines hold detokenized hypotheses; they are put back
+in corpus order. ``--format text`` reads plain detokenized text instead, a line per sentence in corpus
+order (what ``fairseq-kd-translate`` writes). Both are scored against the raw references.
+``--decode-seconds`` is the wall time of decoding the test set; ``--checkpoint`` gives the parameter count
+(for an export, the checkpoint it came from).
 """
 import argparse
 import json
@@ -14,8 +17,19 @@ import os
 
 import torch
 
-from fairseq_kd.evaluate import count_parameters, quality_scores  # also lets torch.load read fairseq checkpoints
+from fairseq_kd.checkpoints import count_parameters  # also lets torch.load read fairseq checkpoints
+from fairseq_kd.evaluate import quality_scores
 from generate_log import hypotheses_in_corpus_order
+
+
+def read_translations(path, kind, count):
+    if kind == "generate":
+        return hypotheses_in_corpus_order(path, count)
+    with open(path, encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f]
+    if len(lines) != count:
+        raise SystemExit(f"error: {path} has {len(lines)} lines, the reference {count}; translate the whole split")
+    return lines
 
 
 def main():
@@ -24,6 +38,8 @@ def main():
     parser.add_argument("--checkpoint", required=True)
     for split in ("test", "valid"):
         parser.add_argument(f"--{split}", nargs=2, required=True, metavar=("GENERATE_LOG", "RAW_REFERENCE"))
+    parser.add_argument("--format", choices=["generate", "text"], default="generate",
+                        help="fairseq-generate logs (default) or plain text, a line per sentence")
     parser.add_argument("--decode-seconds", type=float, required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -31,11 +47,12 @@ def main():
     state = torch.load(args.checkpoint, map_location="cpu")["model"]
     record = {"name": args.name, "checkpoint": args.checkpoint, "params": count_parameters(state)[0]}
     for split in ("test", "valid"):
-        generate_log, reference = getattr(args, split)
+        translations, reference = getattr(args, split)
         with open(reference, encoding="utf-8") as f:
             refs = [line.rstrip("\n") for line in f]
-        scores = quality_scores(hypotheses_in_corpus_order(generate_log, len(refs)), refs)
-        record[split] = {"bleu": scores["bleu"], "chrf": scores["chrf"], "ter": scores["ter"], "sentences": len(refs)}
+        scores = quality_scores(read_translations(translations, args.format, len(refs)), refs)
+        record[split] = {"bleu": scores["bleu"], "length_ratio": scores["length_ratio"], "chrf": scores["chrf"],
+                         "ter": scores["ter"], "sentences": len(refs)}
     record.update(
         bleu_signature=scores["bleu_signature"],
         chrf_signature=scores["chrf_signature"],

@@ -115,7 +115,7 @@ def test_mutual_learning_peers_decode_with_stock_generate(data_bin, teacher, tmp
     for peer in ("a", "b"):
         run("python", REPO / "scripts" / "extract_peer.py", tmp_path / "checkpoint_last.pt", "--peer", peer,
             "--out", tmp_path / f"peer_{peer}.pt")
-        assert torch.load(tmp_path / f"peer_{peer}.pt", map_location="cpu")["cfg"]["model"].arch == "transformer"
+        assert torch.load(tmp_path / f"peer_{peer}.pt", map_location="cpu")["args"].arch == "transformer"
     for name in ("checkpoint_last", "peer_a", "peer_b"):
         out = run("fairseq-generate", data_bin, "--user-dir", PLUGIN, "--path", tmp_path / f"{name}.pt", "--cpu",
                   "--beam", "2", "--scoring", "sacrebleu", "--max-tokens", "2000")
@@ -127,6 +127,9 @@ def test_mutual_learning_peers_decode_with_stock_generate(data_bin, teacher, tmp
     refused = run("python", REPO / "scripts" / "extract_peer.py", teacher, "--peer", "b", "--out", tmp_path / "x.pt",
                   expect_ok=False)
     assert "not a transformer_mutual one" in refused.stderr and "Traceback" not in refused.stderr
+    refused = run("python", REPO / "scripts" / "extract_peer.py", tmp_path / "checkpoint_last.pt", "--peer", "b",
+                  "--out", tmp_path / "checkpoint_last.pt", expect_ok=False)
+    assert "exists; choose a new file" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_student_decodes_with_stock_generate(data_bin, teacher, kd_student):

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import binarize, run, write_parallel
 from test_cli import train_student
+from test_export import codes, export  # noqa: F401  (codes is a fixture)
 
 
 def evaluate(data_bin, *checkpoints, out, expect_ok=True, extra=()):
@@ -17,33 +18,43 @@ def evaluate(data_bin, *checkpoints, out, expect_ok=True, extra=()):
 
 
 @pytest.fixture(scope="module")
-def report(data_bin, teacher, tmp_path_factory):
+def report(data_bin, teacher, codes, tmp_path_factory):  # noqa: F811
     tmp = tmp_path_factory.mktemp("evaluate")
     train_student(data_bin, tmp / "student", "--kd-alpha", "0", "--max-epoch", "2")
-    proc = evaluate(data_bin, f"teacher={teacher}", f"student={tmp / 'student' / 'checkpoint_last.pt'}", out=tmp / "eval")
+    export(teacher, data_bin, codes, tmp / "teacher-ct2", "--quantization", "float32")
+    proc = evaluate(data_bin, f"teacher={teacher}", f"student={tmp / 'student' / 'checkpoint_last.pt'}",
+                    f"teacher-ct2={tmp / 'teacher-ct2'}", out=tmp / "eval")
     return tmp, proc.stdout
 
 
 def test_report_fields_are_present_and_sane(report):
     tmp, stdout = report
     result = json.loads((tmp / "eval.json").read_text())
-    teacher, student = result["models"]
-    assert [teacher["name"], student["name"]] == ["teacher", "student"]
+    teacher, student, exported = result["models"]
+    assert [teacher["name"], student["name"], exported["name"]] == ["teacher", "student", "teacher-ct2"]
+    assert [m["backend"] for m in result["models"]] == ["fairseq", "fairseq", "ctranslate2"]
     for m in result["models"]:
         for metric in ("bleu", "chrf"):
             assert 0 <= m[metric] <= 100
-        assert m["ter"] >= 0 and "nrefs:1" in m["bleu_signature"]
+        assert m["ter"] >= 0 and "nrefs:1" in m["bleu_signature"] and m["length_ratio"] > 0
         assert m["params"] == m["embedding_params"] + m["non_embedding_params"] > 0
-        assert 0 < m["weights_mb"] < m["checkpoint_mb"]  # checkpoints also hold the optimizer state
+        assert 0 < m["weights_mb"] <= m["file_mb"]  # checkpoints also hold the optimizer state, exports more files
         assert [s["batch_size"] for s in m["speed"]] == [1, 4]
         assert all(s["sentences"] == 4 and s["sentences_per_s"] > 0 and s["tokens_per_s"] > 0 for s in m["speed"])
         assert m["peak_memory_mb"] > 50
+    assert student["weights_mb"] < student["file_mb"]
     assert teacher["compression"] == 1.0 and teacher["bleu_retention"] == 1.0
+    # the float32 export of the teacher translates as the teacher does
+    assert exported["params"] == teacher["params"] and exported["compared_with"] == "teacher"
+    assert exported["identical_share"] == 1.0 and exported["bleu_difference"] == 0
+    assert "compared_with" not in student
+    assert (tmp / "eval.teacher-ct2.txt").read_text() == (tmp / "eval.teacher.txt").read_text()
     assert student["compression"] == pytest.approx(teacher["params"] / student["params"])
     assert result["settings"]["threads"] == 1 and result["settings"]["sentences"] == 40
     assert result["machine"]["torch"] and result["machine"]["cpu_count"] >= 1
     table = (tmp / "eval.md").read_text()
     assert "| teacher |" in table and "| student |" in table and "sent/s b4" in table and table in stdout
+    assert "| teacher-ct2 | teacher | 100.0% | +0.00 |" in table
     assert (tmp / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -65,3 +76,15 @@ def test_empty_split(tmp_path):
     (tmp_path / "x.pt").write_bytes(b"")
     proc = evaluate(data, f"teacher={tmp_path / 'x.pt'}", out=tmp_path / "eval", expect_ok=False)
     assert proc.returncode != 0 and "has no sentences" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--batch-sizes", ","), "must name at least one batch size"),
+    (("--reference", "{tmp}/nope.de"), "--reference {tmp}/nope.de: cannot read it"),
+    (("--max-len-b", "0"), "--max-len-b >= 1"),
+])
+def test_bad_settings_are_refused_before_decoding(data_bin, teacher, tmp_path, extra, message):
+    extra = [e.format(tmp=tmp_path) for e in extra]
+    proc = evaluate(data_bin, f"teacher={teacher}", out=tmp_path / "eval", expect_ok=False, extra=extra)
+    assert proc.returncode != 0 and message.format(tmp=tmp_path) in proc.stderr and "Traceback" not in proc.stderr
+    assert "translating" not in proc.stdout

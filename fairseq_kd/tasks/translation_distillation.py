@@ -1,18 +1,16 @@
 import logging
-import os
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from fairseq import checkpoint_utils, models, utils
-from fairseq.data import Dictionary
+from fairseq import models, utils
 from fairseq.dataclass import ChoiceEnum
-from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+from fairseq_kd.checkpoints import check_checkpoint_dictionaries, read_checkpoint
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.features import attention_heads, layer_counts, layer_outputs, layer_widths, parse_layer_selection
 from fairseq_kd.kd_losses import confidence_weights, ensemble_lprobs
@@ -98,7 +96,8 @@ class TranslationDistillationTask(TranslationTask):
 
     def load_teacher(self, path):
         cfg, state = read_checkpoint(path, "--teacher-path")
-        check_checkpoint_dictionaries(path, f"teacher {path}", cfg, state["model"], self)
+        check_checkpoint_dictionaries(path, f"teacher {path}", cfg.task.data, state["model"],
+                                      (self.cfg.source_lang, self.cfg.target_lang), (self.src_dict, self.tgt_dict))
         # fairseq-train seeds torch before the task loads its teachers and then builds the student: the
         # teacher's throw-away random initialisation must not draw from that seed, or the student would start
         # elsewhere than with a cache or without KD
@@ -272,73 +271,3 @@ def layer_capture(criterion):
     """``(capture_layers, capture_attention)``: whether the criterion's intermediate-layer terms need the
     teacher's hidden states, and its attention."""
     return bool(getattr(criterion, "layer_pairs", None)), getattr(criterion, "kd_attn_weight", 0) > 0
-
-
-def read_checkpoint(path, option):
-    """``(cfg, state)`` of a fairseq checkpoint; ``option`` names where the path came from in errors."""
-    if not os.path.isfile(path):
-        raise FairseqKDError(f"{option}: no such file {path!r}; give a checkpoint .pt file written by fairseq-train")
-    try:
-        state = checkpoint_utils.load_checkpoint_to_cpu(path)
-    except Exception as e:
-        # torch wraps the actual reason in paragraphs of advice; keep the last line before its doc link
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        lines = [line for line in lines if not line.startswith("Check the documentation")]
-        reason = lines[-1] if lines else type(e).__name__
-        raise FairseqKDError(
-            f"{option}: cannot read {path!r} as a fairseq checkpoint ({reason}); give a checkpoint"
-            " written by fairseq-train"
-        ) from e
-    cfg = state["cfg"] if state.get("cfg") is not None else convert_namespace_to_omegaconf(state["args"])
-    return cfg, state
-
-
-def check_checkpoint_dictionaries(path, label, checkpoint_cfg, model_state, task):
-    """A checkpoint's dictionaries must equal the task's, symbol for symbol, or its outputs mean nothing.
-    They are looked for beside the checkpoint, then in the data directory it was trained on; failing
-    both, only the embedding sizes can be compared. ``label`` names the checkpoint in messages."""
-    search = [os.path.dirname(os.path.abspath(path))]
-    if getattr(checkpoint_cfg.task, "data", None):
-        search.append(utils.split_paths(checkpoint_cfg.task.data)[0])
-    fix = (
-        "re-binarize the data with the checkpoint's dictionaries (fairseq-preprocess --srcdict/--tgtdict"
-        " CHECKPOINT_DATA/dict.LANG.txt)"
-    )
-    for side, data_dict, embed_key in (
-        ("source", task.src_dict, "encoder.embed_tokens.weight"),
-        ("target", task.tgt_dict, "decoder.embed_tokens.weight"),
-    ):
-        lang = task.cfg.source_lang if side == "source" else task.cfg.target_lang
-        dict_files = [os.path.join(d, f"dict.{lang}.txt") for d in search]
-        dict_file = next((f for f in dict_files if os.path.isfile(f)), None)
-        if dict_file is not None:
-            checkpoint_symbols = Dictionary.load(dict_file).symbols
-            index = first_difference(checkpoint_symbols, data_dict.symbols)
-            if index is not None:
-                raise FairseqKDError(
-                    f"{label}: its {side} dictionary {dict_file} ({len(checkpoint_symbols)} symbols)"
-                    f" differs from the data's ({len(data_dict)} symbols) at index {index}: checkpoint"
-                    f" {symbol_at(checkpoint_symbols, index)}, data {symbol_at(data_dict.symbols, index)}; {fix}"
-                )
-        elif embed_key in model_state and model_state[embed_key].size(0) != len(data_dict):
-            raise FairseqKDError(
-                f"{label}: its {side} embedding has {model_state[embed_key].size(0)} rows but the"
-                f" data's {side} dictionary has {len(data_dict)} symbols; {fix}"
-            )
-        else:
-            logger.warning(
-                f"{label}: no dict.{lang}.txt beside it or in its data directory, so the {side}"
-                " dictionary could not be compared symbol by symbol; put its dictionaries beside the checkpoint"
-            )
-
-
-def first_difference(symbols_a, symbols_b):
-    """Index of the first position where two symbol lists differ (a length difference counts), else None."""
-    for i, (a, b) in enumerate(zip(symbols_a, symbols_b)):
-        if a != b:
-            return i
-    return None if len(symbols_a) == len(symbols_b) else min(len(symbols_a), len(symbols_b))
-
-
-def symbol_at(symbols, index):
-    return repr(symbols[index]) if index < len(symbols) else "<none, list ends>"

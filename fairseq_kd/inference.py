@@ -1,0 +1,237 @@
+"""Translation with a fairseq checkpoint or an exported CTranslate2 model, under the same decoding rules.
+
+Both backends take batches of subword pieces and return subword pieces, and decode with fairseq's rules:
+beam search of ``beam`` hypotheses, scores normalised by ``length ** lenpen`` (end of sentence included),
+at least one token, and at most ``int(max_len_a * S + max_len_b)`` tokens before the end of sentence,
+where S is the longest source of the batch in pieces plus its end of sentence, capped by the model's
+positions. With the same batches, a float32 export therefore writes what ``fairseq-generate`` writes,
+including for a model that runs to the length limit. ``ctranslate2`` is imported only by its backend.
+"""
+import json
+import os
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from fairseq.data import Dictionary, data_utils
+from fairseq.models.transformer import TransformerModel
+from fairseq.sequence_generator import SequenceGenerator
+
+from fairseq_kd.checkpoints import check_checkpoint_dictionaries, inference_state, read_checkpoint
+from fairseq_kd.errors import FairseqKDError
+
+EXPORT_MANIFEST = "fairseq_kd_export.json"
+
+
+@dataclass
+class DecodingOptions:
+    """fairseq-generate's defaults."""
+
+    beam: int = 5
+    max_len_a: float = 0.0
+    max_len_b: int = 200
+    lenpen: float = 1.0
+
+    def check(self):
+        if self.beam < 1:
+            raise FairseqKDError(f"--beam must be >= 1, got {self.beam}")
+        if not (self.max_len_a >= 0 and self.max_len_b >= 1 and self.max_len_a < float("inf")):
+            raise FairseqKDError(
+                f"--max-len-a must be a finite number >= 0 and --max-len-b >= 1, got {self.max_len_a} and"
+                f" {self.max_len_b}"
+            )
+        if not abs(self.lenpen) < float("inf"):
+            raise FairseqKDError(f"--lenpen must be a finite number, got {self.lenpen}")
+
+
+def max_output_length(options, batch, max_positions):
+    """fairseq's limit on output pieces (end of sentence excluded) for one batch of source pieces."""
+    longest_source = max(len(pieces) for pieces in batch) + 1  # + end of sentence
+    return min(int(options.max_len_a * longest_source + options.max_len_b), max_positions - 1)
+
+
+class Subwords:
+    """The subword model a translator's data was made with: raw text to pieces and back. Back is fairseq's
+    ``--post-process`` rule, so detokenized output equals fairseq-generate's."""
+
+    KINDS = {"sentencepiece": "sentencepiece", "bpe": "subword_nmt"}  # kind -> fairseq post-process name
+
+    def __init__(self, kind, path):
+        if not os.path.isfile(path):
+            option = "--sentencepiece-model" if kind == "sentencepiece" else "--bpe-codes"
+            raise FairseqKDError(f"{option}: no such file {path!r}")
+        self.kind, self.path = kind, path
+        try:
+            if kind == "sentencepiece":
+                import sentencepiece
+
+                self._model = sentencepiece.SentencePieceProcessor(model_file=path)
+            else:
+                from subword_nmt.apply_bpe import BPE
+
+                with open(path, encoding="utf-8") as codes:
+                    self._model = BPE(codes)
+        except Exception as e:
+            raise FairseqKDError(f"cannot read {path!r} as a {kind} model ({e}); give the file the data was made with")
+
+    def encode(self, line):
+        line = line.strip()
+        if self.kind == "sentencepiece":
+            return self._model.encode(line, out_type=str)
+        return self._model.process_line(line).split()
+
+    def decode(self, pieces):
+        return data_utils.post_process(" ".join(pieces), self.KINDS[self.kind])
+
+
+class FairseqTranslator:
+    """A fairseq checkpoint (any supported model, either peer of a mutual one) on the dictionaries of
+    ``data``, decoded with fairseq's SequenceGenerator."""
+
+    backend = "fairseq"
+
+    def __init__(self, checkpoint, data, options, peer="a", device="cpu"):
+        state = inference_state(checkpoint, *read_checkpoint(checkpoint, "checkpoint"), peer)
+        args = state["args"]
+        langs = language_pair(args, data)
+        self.src_dict, self.tgt_dict = load_dictionaries(data, *langs)
+        check_checkpoint_dictionaries(checkpoint, f"checkpoint {checkpoint}", args.data, state["model"], langs,
+                                      (self.src_dict, self.tgt_dict))
+        task = SimpleNamespace(source_dictionary=self.src_dict, target_dictionary=self.tgt_dict)
+        self.model = TransformerModel.build_model(args, task)
+        self.model.load_state_dict(state["model"], strict=True)
+        self.model.eval().to(device)
+        self.device = device
+        self.options = options
+        self.max_positions = self.model.max_decoder_positions()
+        self.generator = SequenceGenerator(
+            [self.model], self.tgt_dict, beam_size=options.beam, max_len_a=options.max_len_a,
+            max_len_b=options.max_len_b, len_penalty=options.lenpen,
+        )
+        self.left_pad_source = getattr(args, "left_pad_source", True)
+
+    @torch.inference_mode()
+    def translate(self, batch):
+        tokens = [self.src_dict.encode_line(" ".join(p), add_if_not_exist=False, append_eos=True).long() for p in batch]
+        lengths = torch.tensor([len(t) for t in tokens])
+        src_tokens = data_utils.collate_tokens(tokens, self.src_dict.pad(), self.src_dict.eos(),
+                                               left_pad=self.left_pad_source)
+        sample = {"net_input": {"src_tokens": src_tokens.to(self.device), "src_lengths": lengths.to(self.device)}}
+        hypotheses = self.generator.generate([self.model], sample)
+        eos = self.tgt_dict.eos()
+        return [[self.tgt_dict[i] for i in hypos[0]["tokens"].tolist() if i != eos] for hypos in hypotheses]
+
+
+def language_pair(args, data):
+    """The checkpoint's languages, or, when it was trained without -s/-t, those of the data directory."""
+    if args.source_lang and args.target_lang:
+        return args.source_lang, args.target_lang
+    if not os.path.isdir(data):
+        raise FairseqKDError(f"--data {data}: no such directory; give the fairseq data-bin the model was trained on")
+    langs = data_utils.infer_language_pair(data)
+    if None in langs:
+        raise FairseqKDError(
+            f"--data {data}: cannot tell the language pair (no binarized split named SPLIT.SRC-TGT.*); give the"
+            " fairseq data-bin the model was trained on"
+        )
+    return langs
+
+
+def load_dictionaries(data, source_lang, target_lang):
+    dictionaries = []
+    for lang in (source_lang, target_lang):
+        path = os.path.join(data, f"dict.{lang}.txt")
+        if not os.path.isfile(path):
+            raise FairseqKDError(
+                f"--data {data}: no dict.{lang}.txt; give the fairseq data-bin the checkpoint was trained on"
+            )
+        dictionaries.append(Dictionary.load(path))
+    return dictionaries
+
+
+class CTranslate2Translator:
+    """A directory written by fairseq-kd-export, decoded by CTranslate2 with fairseq's rules."""
+
+    backend = "ctranslate2"
+
+    def __init__(self, model_dir, options, threads=1, device="cpu", use_vmap=None):
+        self.manifest = read_export_manifest(model_dir)
+        ctranslate2 = import_ctranslate2()
+        self.options = options
+        self.max_positions = self.manifest["max_target_positions"]
+        self.use_vmap = self.manifest["vmap"] if use_vmap is None else use_vmap
+        if self.use_vmap and not self.manifest["vmap"]:
+            raise FairseqKDError(f"{model_dir} was exported without a vocabulary map; export it with --vmap")
+        self.translator = ctranslate2.Translator(model_dir, device=device, intra_threads=threads, inter_threads=1)
+
+    def translate(self, batch):
+        results = self.translator.translate_batch(
+            batch, beam_size=self.options.beam, length_penalty=self.options.lenpen,
+            max_decoding_length=max_output_length(self.options, batch, self.max_positions),
+            min_decoding_length=1, max_input_length=0, use_vmap=self.use_vmap,
+        )
+        return [result.hypotheses[0] for result in results]
+
+
+def read_export_manifest(model_dir):
+    path = os.path.join(model_dir, EXPORT_MANIFEST)
+    if not os.path.isfile(path):
+        raise FairseqKDError(f"{model_dir} has no {EXPORT_MANIFEST}; give a directory written by fairseq-kd-export")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        manifest["subwords"]["kind"], manifest["subwords"]["file"], manifest["max_target_positions"], manifest["vmap"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise FairseqKDError(f"{path} is not a fairseq-kd-export manifest ({e}); export the model again")
+    return manifest
+
+
+def check_export_vocabulary(model_dir, src_dict, tgt_dict):
+    """An exported model's vocabularies must equal the data's dictionaries, symbol for symbol."""
+    files = {"source": "source_vocabulary.json", "target": "target_vocabulary.json"}
+    if os.path.isfile(os.path.join(model_dir, "shared_vocabulary.json")):
+        files = {"source": "shared_vocabulary.json", "target": "shared_vocabulary.json"}
+    for side, dictionary in (("source", src_dict), ("target", tgt_dict)):
+        try:
+            with open(os.path.join(model_dir, files[side])) as f:
+                vocabulary = json.load(f)
+        except (OSError, ValueError) as e:
+            raise FairseqKDError(f"{model_dir}: cannot read its {side} vocabulary ({e}); export the model again")
+        # CTranslate2 names fairseq's padding symbol <blank>
+        symbols = ["<pad>" if symbol == "<blank>" else symbol for symbol in vocabulary]
+        if symbols != dictionary.symbols:
+            raise FairseqKDError(
+                f"{model_dir}: its {side} vocabulary ({len(symbols)} symbols) differs from the data's dictionary"
+                f" ({len(dictionary)} symbols); evaluate it on the data-bin it was exported from"
+            )
+
+
+def import_ctranslate2():
+    try:
+        import ctranslate2
+    except ImportError:
+        raise FairseqKDError(
+            "ctranslate2 is not installed; install it with: pip install ctranslate2==4.8.5 (scripts/setup.sh does)"
+        ) from None
+    return ctranslate2
+
+
+def export_subwords(model_dir):
+    """The subword model bundled in an exported directory."""
+    manifest = read_export_manifest(model_dir)
+    return Subwords(manifest["subwords"]["kind"], os.path.join(model_dir, manifest["subwords"]["file"]))
+
+
+def translate_all(translator, sources, batch_size, on_batch=None):
+    """Translate every piece list of ``sources`` in batches of up to ``batch_size`` sentences of similar
+    length (sorted, so little padding), and return the outputs in the order of ``sources``.
+    ``on_batch(done)`` is called after each batch."""
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    outputs = [None] * len(sources)
+    for start in range(0, len(order), batch_size):
+        indices = order[start:start + batch_size]
+        for i, output in zip(indices, translator.translate([sources[i] for i in indices])):
+            outputs[i] = output
+        if on_batch is not None:
+            on_batch(start + len(indices))
+    return outputs

@@ -1,0 +1,135 @@
+"""``fairseq-kd-translate``: raw text in, detokenized translations out, one line for each line.
+
+    fairseq-kd-translate student-ct2 < raw.en > translated.de                   # exported directory
+    fairseq-kd-translate checkpoint_best.pt --data data-bin --sentencepiece-model spm.model < raw.en
+
+MODEL is a directory written by fairseq-kd-export (CTranslate2; the subword model comes with it) or a
+fairseq checkpoint with the data-bin it was trained on and its subword model. Both decode with
+fairseq-generate's rules and defaults (beam 5, at most 200 output pieces, length penalty 1; see
+``fairseq_kd.inference``), in batches of sentences of similar length; empty lines stay empty. Progress
+goes to stderr.
+"""
+import argparse
+import logging
+import os
+import sys
+import time
+
+import torch
+
+from fairseq_kd.errors import FairseqKDError
+from fairseq_kd.inference import (
+    CTranslate2Translator,
+    DecodingOptions,
+    FairseqTranslator,
+    Subwords,
+    export_subwords,
+    translate_all,
+)
+
+logger = logging.getLogger("fairseq_kd.translate")
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(
+        prog="fairseq-kd-translate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", help="a directory written by fairseq-kd-export, or a fairseq checkpoint")
+    parser.add_argument("--data", help="checkpoint only: the fairseq data-bin it was trained on (its dictionaries)")
+    subwords = parser.add_mutually_exclusive_group()
+    subwords.add_argument("--sentencepiece-model", help="checkpoint only: the sentencepiece model of the data")
+    subwords.add_argument("--bpe-codes", help="checkpoint only: the subword-nmt BPE codes of the data")
+    parser.add_argument("--peer", choices=("a", "b"), default="a", help="checkpoint only: peer of a transformer_mutual model")
+    parser.add_argument("--input", default="-", help="raw text file, one sentence per line (default: stdin)")
+    parser.add_argument("--output", default="-", help="where the translations go (default: stdout)")
+    parser.add_argument("--beam", type=int, default=5, help="beam size (default: 5)")
+    parser.add_argument("--max-len-a", type=float, default=0.0,
+                        help="at most a * source pieces + b output pieces, as fairseq-generate (default: 0)")
+    parser.add_argument("--max-len-b", type=int, default=200, help="see --max-len-a (default: 200)")
+    parser.add_argument("--lenpen", type=float, default=1.0, help="length penalty, as fairseq-generate (default: 1)")
+    parser.add_argument("--batch-size", type=int, default=32, help="sentences per batch (default: 32)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--no-vmap", action="store_true", help="exported model: ignore its vocabulary map")
+    return parser
+
+
+def load(args, options):
+    """``(translator, subwords)`` for MODEL."""
+    checkpoint_only = [flag for flag, value in (("--data", args.data), ("--sentencepiece-model", args.sentencepiece_model),
+                                                ("--bpe-codes", args.bpe_codes)) if value]
+    if os.path.isdir(args.model):
+        if checkpoint_only:
+            raise FairseqKDError(
+                f"{' and '.join(checkpoint_only)} apply to a fairseq checkpoint; {args.model} is an exported"
+                " directory, which carries its own dictionaries and subword model: drop them"
+            )
+        translator = CTranslate2Translator(args.model, options, threads=args.threads, device=args.device,
+                                           use_vmap=False if args.no_vmap else None)
+        return translator, export_subwords(args.model)
+    if not os.path.isfile(args.model):
+        raise FairseqKDError(f"no such file or directory {args.model!r}; give an exported directory or a checkpoint")
+    if not args.data or not (args.sentencepiece_model or args.bpe_codes):
+        raise FairseqKDError(
+            f"{args.model} is a checkpoint: give --data (its data-bin) and --sentencepiece-model or --bpe-codes,"
+            " or translate with a directory written by fairseq-kd-export"
+        )
+    if args.no_vmap:
+        raise FairseqKDError("--no-vmap applies to an exported directory; a checkpoint has no vocabulary map")
+    subwords = Subwords("sentencepiece", args.sentencepiece_model) if args.sentencepiece_model \
+        else Subwords("bpe", args.bpe_codes)
+    torch.set_num_threads(args.threads)
+    return FairseqTranslator(args.model, args.data, options, peer=args.peer, device=args.device), subwords
+
+
+def read_lines(path):
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read().decode("utf-8").splitlines()
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        raise FairseqKDError(f"--input: no such file {path!r}") from None
+    except UnicodeDecodeError as e:
+        raise FairseqKDError(f"--input {path}: not UTF-8 text ({e}); convert it to UTF-8") from None
+
+
+def main(argv=None):
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.WARNING,
+                        stream=sys.stderr, force=True)
+    args = get_parser().parse_args(argv)
+    options = DecodingOptions(beam=args.beam, max_len_a=args.max_len_a, max_len_b=args.max_len_b, lenpen=args.lenpen)
+    options.check()
+    for option, value in (("--batch-size", args.batch_size), ("--threads", args.threads)):
+        if value < 1:
+            raise FairseqKDError(f"{option} must be >= 1, got {value}")
+    if args.output != "-" and os.path.abspath(args.output) in (os.path.abspath(args.input), os.path.abspath(args.model)):
+        raise FairseqKDError(f"--output {args.output} is an input; choose another file")
+    translator, subwords = load(args, options)
+    lines = read_lines(args.input)
+    sources = [subwords.encode(line) for line in lines]
+    todo = [i for i, pieces in enumerate(sources) if pieces]  # empty lines stay empty
+    start = last_report = time.perf_counter()
+
+    def report(done):
+        nonlocal last_report
+        now = time.perf_counter()
+        if now - last_report >= 10 or done == len(todo):
+            print(f"fairseq-kd-translate: {done}/{len(todo)} sentences, {done / (now - start):.1f} sentences/s",
+                  file=sys.stderr)
+            last_report = now
+
+    outputs = translate_all(translator, [sources[i] for i in todo], args.batch_size, report)
+    translations = [""] * len(lines)
+    for i, pieces in zip(todo, outputs):
+        translations[i] = subwords.decode(pieces)
+    text = "".join(line + "\n" for line in translations)
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
