@@ -52,3 +52,5 @@ EVAL=(fairseq-kd-eval "$WORK/data-bin" --split test --reference "$WORK/raw/test.
 python "$ROOT/benchmarks/decode_profile.py" --data "$WORK/data-bin" --split test --threads "$THREADS" \
     --model teacher="$TEACHER_CHECKPOINT" --model "$STUDENT=$STUDENT_CHECKPOINT" --batch-sizes 1,32 \
     --sentences 200 --out "$OUT/decode_profile"
+python "$ROOT/benchmarks/speedups.py" "$OUT/deploy-beam5.json" \
+    --baselines teacher "$STUDENT" teacher-ct2-int8 --out "$OUT/deploy-speedups.md"

@@ -9,6 +9,12 @@ import argparse
 import json
 
 
+def length_ratio(record):
+    """Records scored before score.py kept the length ratio have none."""
+    ratio = record["test"].get("length_ratio")
+    return "-" if ratio is None else f"{ratio:.3f}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("records", nargs="+")
@@ -32,7 +38,7 @@ def main():
         retention = f"{100 * r['bleu_retention']:.1f} %" if r["bleu_retention"] is not None else "n/a"
         lines.append(
             f"| {r['name']} | {r['params'] / 1e6:.2f} M | {100 * r['param_ratio']:.0f} % | {r['test']['bleu']:.2f} "
-            f"| {r['test']['length_ratio']:.3f} | {r['test']['chrf']:.2f} | {retention} | {r['valid']['bleu']:.2f} | {r['decode_seconds']:.0f} |"
+            f"| {length_ratio(r)} | {r['test']['chrf']:.2f} | {retention} | {r['valid']['bleu']:.2f} | {r['decode_seconds']:.0f} |"
         )
     with open(args.json, "w") as f:
         json.dump(records, f, indent=1)

@@ -90,3 +90,16 @@ def weak_teacher(teacher, tmp_path_factory):
     path = tmp_path_factory.mktemp("weak_teacher") / "checkpoint_weak.pt"
     torch.save(state, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def codes(data_bin):
+    """BPE codes learnt on the toy text: with this many merges every toy word is one piece, as binarized."""
+    text = data_bin.parent
+    proc = subprocess.run(
+        [str(BIN / "subword-nmt"), "learn-bpe", "-s", "100"], input=(text / "train.src").read_text()
+        + (text / "train.tgt").read_text(), capture_output=True, text=True, check=True,
+    )
+    path = text / "bpe.codes"
+    path.write_text(proc.stdout)
+    return path

@@ -72,7 +72,14 @@ def test_rerun_skips_finished_stages_and_prints_the_table(demo):
     table = (tmp_path / "work" / "results.md").read_text()
     names = ["teacher", "student-no-kd", "student-word-kd", "student-seq-kd", "student-seq-word-kd"]
     rows = [line for line in table.splitlines() if re.match(r"\| (teacher|student)", line)]
-    assert [row.split("|")[1].strip() for row in rows] == names
+    # the best student by valid BLEU, exported to CTranslate2 int8, closes the table
+    records = {name: json.loads((tmp_path / "work" / "results" / f"{name}.json").read_text()) for name in names}
+    best = max(names[1:], key=lambda name: records[name]["valid"]["bleu"])
+    assert [row.split("|")[1].strip() for row in rows] == [*names, f"{best}-ct2-int8"]
+    manifest = json.loads((tmp_path / "work" / f"{best}-ct2-int8" / "fairseq_kd_export.json").read_text())
+    assert manifest["quantization"] == "int8" and manifest["source_checkpoint"].endswith(f"{best}/checkpoint_last.pt")
+    exported = json.loads((tmp_path / "work" / "results" / f"{best}-ct2-int8.json").read_text())
+    assert exported["params"] == records[best]["params"] and exported["test"]["sentences"] == SPLITS["test_2016_flickr"]
     assert "BLEU: nrefs:1|case:mixed" in table
     # the distilled corpus is in the training source's order: line i of its source is line i of the original
     distilled_src = (tmp_path / "work" / "distill" / "train.en").read_text().splitlines()

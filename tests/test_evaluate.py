@@ -1,12 +1,16 @@
 """fairseq-kd-eval on a tiny teacher and student: every field present and sane, outputs written; bad
 inputs give one clear error."""
 import json
+import multiprocessing
+import os
 
 import pytest
 
 from conftest import binarize, run, write_parallel
 from test_cli import train_student
-from test_export import codes, export  # noqa: F401  (codes is a fixture)
+from fairseq_kd.errors import FairseqKDError
+from fairseq_kd.evaluate import run_in_child
+from test_export import export
 
 
 def evaluate(data_bin, *checkpoints, out, expect_ok=True, extra=()):
@@ -18,7 +22,7 @@ def evaluate(data_bin, *checkpoints, out, expect_ok=True, extra=()):
 
 
 @pytest.fixture(scope="module")
-def report(data_bin, teacher, codes, tmp_path_factory):  # noqa: F811
+def report(data_bin, teacher, codes, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
     train_student(data_bin, tmp / "student", "--kd-alpha", "0", "--max-epoch", "2")
     export(teacher, data_bin, codes, tmp / "teacher-ct2", "--quantization", "float32")
@@ -88,3 +92,29 @@ def test_bad_settings_are_refused_before_decoding(data_bin, teacher, tmp_path, e
     proc = evaluate(data_bin, f"teacher={teacher}", out=tmp_path / "eval", expect_ok=False, extra=extra)
     assert proc.returncode != 0 and message.format(tmp=tmp_path) in proc.stderr and "Traceback" not in proc.stderr
     assert "translating" not in proc.stdout
+
+
+def test_export_with_another_vocabulary_and_duplicate_names(report, teacher, tmp_path):
+    tmp, _ = report
+    write_parallel(tmp_path, seed=3, vocab=20)
+    other = binarize(tmp_path, tmp_path / "bin")
+    proc = evaluate(other, f"x={tmp / 'teacher-ct2'}", out=tmp_path / "eval", expect_ok=False)
+    assert proc.returncode != 0 and "its source vocabulary (32 symbols) differs from the data's" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = evaluate(other, f"a={teacher}", f"a={teacher}", out=tmp_path / "eval", expect_ok=False)
+    assert proc.returncode != 0 and "each model needs its own name" in proc.stderr and "Traceback" not in proc.stderr
+
+
+class ExitsWhenRead:
+    """Settings whose first use ends the process at once, as the out-of-memory killer would."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        os._exit(3)
+
+
+def test_a_model_process_that_dies_is_named():
+    context = multiprocessing.get_context("spawn")
+    with pytest.raises(FairseqKDError, match=r"evaluating broken: its process ended without a result \(exit code 3"):
+        run_in_child(context, "broken", (ExitsWhenRead(), "broken", "x.pt", [1], None, []))

@@ -19,19 +19,6 @@ from test_cli import train_student
 
 
 @pytest.fixture(scope="module")
-def codes(data_bin):
-    """BPE codes learnt on the toy text: with this many merges every toy word is one piece, as binarized."""
-    text = data_bin.parent
-    proc = subprocess.run(
-        [str(BIN / "subword-nmt"), "learn-bpe", "-s", "100"], input=(text / "train.src").read_text()
-        + (text / "train.tgt").read_text(), capture_output=True, text=True, check=True,
-    )
-    path = text / "bpe.codes"
-    path.write_text(proc.stdout)
-    return path
-
-
-@pytest.fixture(scope="module")
 def models(data_bin, teacher, tmp_path_factory):
     """One checkpoint of each supported model: stock transformer, KD student, and a mutual pair."""
     tmp = tmp_path_factory.mktemp("export_models")

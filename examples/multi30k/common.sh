@@ -34,7 +34,10 @@ if [ -z "${MULTI30K_DIR:-}" ] && [ -d "$ROOT/../shared/data/multi30k" ]; then
 fi
 export MULTI30K_DIR
 DATA=$WORK/data-bin
-case "$SUBWORDS" in spm) POST_PROCESS=sentencepiece ;; *) POST_PROCESS=subword_nmt ;; esac
+case "$SUBWORDS" in
+    spm) POST_PROCESS=sentencepiece SUBWORD_MODEL=(--sentencepiece-model "$WORK/subword/spm.model") ;;
+    *) POST_PROCESS=subword_nmt SUBWORD_MODEL=(--bpe-codes "$WORK/subword/bpe.codes") ;;
+esac
 DISTILLED=$WORK/distill
 OPTIM_FLAGS="--optimizer adam --adam-betas (0.9,0.98) --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates $WARMUP_UPDATES --clip-norm 1.0"
 BATCH_FLAGS="--max-tokens $MAX_TOKENS --seed 1"
@@ -137,6 +140,34 @@ evaluate() {  # NAME CHECKPOINT
     python "$ROOT/scripts/score.py" --name "$name" --checkpoint "$checkpoint" \
         --test "$WORK/results/$name.test.log" "$WORK/raw/test.$TGT" \
         --valid "$WORK/results/$name.valid.log" "$WORK/raw/valid.$TGT" \
+        --decode-seconds "$seconds" --out "$WORK/results/$name.json"
+}
+
+# the student with the best valid BLEU among those named, by their evaluate stages' score records
+best_student() {  # NAME...
+    python -c 'import json, sys
+records = [json.load(open(f"{sys.argv[1]}/results/{name}.json")) for name in sys.argv[2:]]
+print(max(records, key=lambda r: r["valid"]["bleu"])["name"])' "$WORK" "$@"
+}
+
+# a checkpoint as a CTranslate2 model directory with its subword model (fairseq-kd-export)
+export_model() {  # CHECKPOINT OUT_DIR EXTRA_FLAGS...
+    local checkpoint=$1 out=$2
+    shift 2
+    fairseq-kd-export "$checkpoint" --data "$DATA" "${SUBWORD_MODEL[@]}" --out "$out" --force "$@"
+}
+
+# an exported model translates the raw test and valid sources with the decoding settings of `decode`
+evaluate_export() {  # NAME EXPORT_DIR SOURCE_CHECKPOINT
+    local name=$1 model=$2 checkpoint=$3 start=$EPOCHREALTIME seconds split
+    for split in test valid; do
+        fairseq-kd-translate "$model" --beam "$BEAM" $LENGTH_FLAGS --batch-size 32 --threads "$(nproc)" \
+            --input "$WORK/raw/$split.$SRC" --output "$WORK/results/$name.$split.txt"
+        if [ "$split" = test ]; then seconds=$(awk "BEGIN { print $EPOCHREALTIME - $start }"); fi
+    done
+    python "$ROOT/scripts/score.py" --name "$name" --checkpoint "$checkpoint" --format text \
+        --test "$WORK/results/$name.test.txt" "$WORK/raw/test.$TGT" \
+        --valid "$WORK/results/$name.valid.txt" "$WORK/raw/valid.$TGT" \
         --decode-seconds "$seconds" --out "$WORK/results/$name.json"
 }
 

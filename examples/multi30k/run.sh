@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end distillation on Multi30k: data -> teacher -> sequence-level KD corpus and top-k teacher caches
 # -> one student architecture trained four ways (no KD, word-level KD, sequence-level KD, both) with the
-# same budget -> sacrebleu on test and valid -> results table. Re-running skips finished stages; a failed
-# stage names its log.
+# same budget -> sacrebleu on test and valid -> the best student (by valid BLEU) exported to CTranslate2
+# int8 and scored the same way -> results table. Re-running skips finished stages; a failed stage names
+# its log.
 #
 # Usage: bash examples/multi30k/run.sh            quick configuration: every stage, small budgets, on a CPU
 #        CONFIG=full bash examples/multi30k/run.sh  the budget of the README's measurements
@@ -40,11 +41,19 @@ stage student-seq-kd "$WORK/student-seq-kd.log" train_student student-seq-kd "$D
 stage student-seq-word-kd "$WORK/student-seq-word-kd.log" \
     train_student student-seq-word-kd "$DISTILLED/data-bin" $(word_kd_flags "$WORK/cache-distilled")
 
-MODELS="teacher student-no-kd student-word-kd student-seq-kd student-seq-word-kd"
+STUDENTS="student-no-kd student-word-kd student-seq-kd student-seq-word-kd"
 mkdir -p "$WORK/results"
-for name in $MODELS; do
+for name in teacher $STUDENTS; do
     stage "evaluate-$name" "$WORK/results/$name.log" evaluate "$name" "$WORK/$name/checkpoint_last.pt"
 done
+
+# deployment: the best student as an int8 CTranslate2 model, translated by fairseq-kd-translate
+BEST=$(best_student $STUDENTS)
+DEPLOYED=$BEST-ct2-int8
+stage "export-$DEPLOYED" "$WORK/export-$DEPLOYED.log" export_model "$WORK/$BEST/checkpoint_last.pt" "$WORK/$DEPLOYED"
+stage "evaluate-$DEPLOYED" "$WORK/results/$DEPLOYED.log" \
+    evaluate_export "$DEPLOYED" "$WORK/$DEPLOYED" "$WORK/$BEST/checkpoint_last.pt"
+MODELS="teacher $STUDENTS $DEPLOYED"
 
 echo "[table] $WORK/results.md, $WORK/results.json"
 python "$ROOT/scripts/results_table.py" --json "$WORK/results.json" \
