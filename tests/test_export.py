@@ -36,6 +36,18 @@ def export(checkpoint, data, codes, out, *extra, expect_ok=True, env=None):
                expect_ok=expect_ok, env=env)
 
 
+def export_here(checkpoint, data, codes, out, *extra):
+    """fairseq-kd-export in this process (no start-up cost; the console script is tested below)."""
+    export_main([str(checkpoint), "--data", str(data), "--bpe-codes", str(codes), "--out", str(out), *map(str, extra)])
+
+
+def translate_here(model, source_file, tmp_path, *extra):
+    """fairseq-kd-translate in this process, file to file; returns the output lines."""
+    out = tmp_path / f"translated-{len(list(tmp_path.glob('translated-*')))}.txt"
+    translate_main([str(model), "--input", str(source_file), "--output", str(out), *map(str, extra)])
+    return out.read_text().splitlines()
+
+
 def translate(model, text, *extra, expect_ok=True):
     proc = subprocess.run([str(BIN / "fairseq-kd-translate"), str(model), *map(str, extra)], input=text,
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -54,16 +66,16 @@ def one_error(proc, message):
 @pytest.mark.parametrize("name", ["teacher", "student", "mutual-a", "mutual-b"])
 def test_export_and_translate_round_trip(data_bin, codes, models, tmp_path, name):
     checkpoint, peer = models[name]
-    export(checkpoint, data_bin, codes, tmp_path / "ct2", "--quantization", "float32", "--peer", peer)
+    export_here(checkpoint, data_bin, codes, tmp_path / "ct2", "--quantization", "float32", "--peer", peer)
     manifest = json.loads((tmp_path / "ct2" / "fairseq_kd_export.json").read_text())
     assert manifest["quantization"] == "float32" and manifest["subwords"] == {"kind": "bpe", "file": "bpe.codes"}
     assert manifest["peer"] == (peer if name.startswith("mutual") else None)
     assert (tmp_path / "ct2" / "bpe.codes").read_text() == codes.read_text()
-    source = (data_bin.parent / "test.src").read_text()
-    exported = translate(tmp_path / "ct2", source, "--beam", "2").stdout.splitlines()
-    original = translate(checkpoint, source, "--beam", "2", "--data", data_bin, "--bpe-codes", codes,
-                         "--peer", peer).stdout.splitlines()
-    assert len(exported) == len(source.splitlines()) == 40
+    source = data_bin.parent / "test.src"
+    exported = translate_here(tmp_path / "ct2", source, tmp_path, "--beam", "2")
+    original = translate_here(checkpoint, source, tmp_path, "--beam", "2", "--data", data_bin, "--bpe-codes", codes,
+                              "--peer", peer)
+    assert len(exported) == len(source.read_text().splitlines()) == 40
     assert all(line.startswith("t") for line in exported)  # target-language words came out
     identical = sum(a == b for a, b in zip(exported, original))
     # tiny students give the first end of sentence real probability, which CTranslate2 renormalises away
@@ -71,20 +83,26 @@ def test_export_and_translate_round_trip(data_bin, codes, models, tmp_path, name
     assert identical == 40 if name == "teacher" else identical >= 30, (identical, name)
 
 
+@pytest.fixture(scope="module")
+def teacher_float32(data_bin, teacher, codes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher_float32") / "ct2"
+    export_here(teacher, data_bin, codes, out, "--quantization", "float32")
+    return out
+
+
 @pytest.mark.parametrize("beam", [1, 5])
-def test_float32_export_matches_fairseq_generate(data_bin, teacher, codes, tmp_path, beam):
-    export(teacher, data_bin, codes, tmp_path / "ct2", "--quantization", "float32")
+def test_float32_export_matches_fairseq_generate(data_bin, teacher, teacher_float32, tmp_path, beam):
     generated = run("fairseq-generate", data_bin, "--user-dir", PLUGIN, "--path", teacher, "--cpu", "--beam", beam,
                     "--required-batch-size-multiple", "1", "--max-tokens", "2000").stdout
     hypotheses = sorted((int(line.split("\t")[0][2:]), line.split("\t")[2]) for line in generated.splitlines()
                         if line.startswith("H-"))
-    source = (data_bin.parent / "test.src").read_text()
-    exported = translate(tmp_path / "ct2", source, "--beam", beam, "--batch-size", "7").stdout.splitlines()
+    exported = translate_here(teacher_float32, data_bin.parent / "test.src", tmp_path, "--beam", beam,
+                              "--batch-size", "7")
     assert [h for _, h in hypotheses] == exported
 
 
 def test_int8_vocabulary_map_and_empty_lines(data_bin, teacher, codes, tmp_path):
-    export(teacher, data_bin, codes, tmp_path / "ct2", "--vmap", "--vmap-per-token", "3", "--vmap-common", "2")
+    export_here(teacher, data_bin, codes, tmp_path / "ct2", "--vmap", "--vmap-per-token", "3", "--vmap-common", "2")
     manifest = json.loads((tmp_path / "ct2" / "fairseq_kd_export.json").read_text())
     assert manifest["quantization"] == "int8" and manifest["vmap"] and manifest["vmap_per_token"] == 3
     vmap = (tmp_path / "ct2" / "vmap.txt").read_text().splitlines()
@@ -93,8 +111,9 @@ def test_int8_vocabulary_map_and_empty_lines(data_bin, teacher, codes, tmp_path)
     # s3 is translated t3: the map must offer t3 for s3
     assert "t3" in next(line for line in vmap if line.startswith("s3\t")).split("\t")[1].split()
     text = "s1 s2 s3\n\ns4 s5\n"
-    with_map = translate(tmp_path / "ct2", text).stdout.splitlines()
-    without = translate(tmp_path / "ct2", text, "--no-vmap").stdout.splitlines()
+    with_map = translate(tmp_path / "ct2", text).stdout.splitlines()  # the console script, from stdin
+    (tmp_path / "text.src").write_text(text)
+    without = translate_here(tmp_path / "ct2", tmp_path / "text.src", tmp_path, "--no-vmap")
     assert len(with_map) == len(without) == 3 and with_map[1] == without[1] == ""
     assert with_map[0].startswith("t") and without[0].startswith("t")
 
@@ -169,7 +188,7 @@ def test_export_refusals_on_the_command_line(data_bin, teacher, codes, tmp_path)
 @pytest.fixture(scope="module")
 def exported_teacher(data_bin, teacher, codes, tmp_path_factory):
     out = tmp_path_factory.mktemp("exported") / "ct2"
-    export(teacher, data_bin, codes, out)
+    export_here(teacher, data_bin, codes, out)
     return out
 
 
