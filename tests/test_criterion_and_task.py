@@ -207,9 +207,21 @@ def test_mi_loss_is_refused_for_mutual_learning(data_bin):
         (["--kd-selection", "batch", "--kd-selection-rate", "0"], "--kd-selection-rate must be in (0, 1]"),
         (["--kd-selection", "global", "--kd-selection-queue-size", "0"], "--kd-selection-queue-size must be > 0"),
         (["--kd-loss", "mi", "--kd-mi-negatives", "0"], "--kd-mi-negatives must be > 0"),
+        # not-a-number and infinity fail every range check
+        (["--kd-temperature", "nan"], "--kd-temperature must be > 0 and finite, got nan"),
+        (["--kd-temperature", "inf"], "--kd-temperature must be > 0 and finite, got inf"),
+        (["--kd-temperature-schedule", "linear", "--kd-temperature-final", "inf", "--max-update", "9"],
+         "--kd-temperature-final must be > 0 and finite"),
+        (["--kd-alpha", "nan"], "--kd-alpha must be in [0, 1], got nan"),
+        (["--kd-hidden-weight", "nan"], "--kd-hidden-weight must be >= 0 and finite, got nan"),
+        (["--kd-relation-weight", "inf"], "--kd-relation-weight must be >= 0 and finite, got inf"),
+        (["--teacher-path", "{teacher}:{teacher}", "--teacher-weights", "nan,1"], "must be non-negative and finite"),
+        (["--init-student-from-teacher", "first", "--arch", "transformer", "--encoder-attention-heads", "4",
+          "--decoder-attention-heads", "4"], "the student's attention heads {'enc': 4, 'dec': 4} differ"),
     ],
 )
 def test_impossible_strategy_options_are_refused(data_bin, teacher, flags, message):
+    flags = [flag.format(teacher=teacher) for flag in flags]
     with pytest.raises(FairseqKDError) as error:
         build(data_bin, "--teacher-path", teacher, *flags)
     assert message in str(error.value)

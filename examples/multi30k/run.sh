@@ -17,6 +17,8 @@
 #                          learning-rate warm-up, the teacher beam that builds the sequence-level KD corpus,
 #                          the evaluation beam
 #   DISTILL_UNION=1        keep the original training pairs beside the distilled ones
+#   STUDENT_ARCH=transformer_student_tiny  the students' architecture
+#   VOCAB_SIZE=8000        joint subword vocabulary size
 #   KD_ALPHA, KD_TEMPERATURE  word-level KD weight and temperature
 #   KD_TOPK=8              word-level KD from a cache of the teacher's top-k (built once); 0 runs the
 #                          teacher online on every batch with its full distribution

@@ -194,8 +194,8 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         if not 0.0 <= kd_alpha <= 1.0:
             raise FairseqKDError(f"--kd-alpha must be in [0, 1], got {kd_alpha}")
-        if kd_temperature <= 0:
-            raise FairseqKDError(f"--kd-temperature must be > 0, got {kd_temperature}")
+        if not 0 < kd_temperature < math.inf:
+            raise FairseqKDError(f"--kd-temperature must be > 0 and finite, got {kd_temperature}")
         vocab_size = len(task.target_dictionary)
         if not 0 <= kd_topk <= vocab_size:
             raise FairseqKDError(
@@ -225,7 +225,7 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         check_schedule("alpha", kd_alpha_schedule, kd_alpha, kd_alpha_final, kd_schedule_updates,
                        lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
         check_schedule("temperature", kd_temperature_schedule, kd_temperature, kd_temperature_final,
-                       kd_schedule_updates, lambda v: v > 0, "> 0")
+                       kd_schedule_updates, lambda v: 0 < v < math.inf, "> 0 and finite")
         if not 0.0 < kd_selection_rate <= 1.0:
             raise FairseqKDError(f"--kd-selection-rate must be in (0, 1], got {kd_selection_rate}")
         if kd_selection_queue_size <= 0:
@@ -258,8 +258,8 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         weights = {"--kd-hidden-weight": self.kd_hidden_weight, "--kd-relation-weight": self.kd_relation_weight,
                    "--kd-attn-weight": self.kd_attn_weight}
         for name, weight in weights.items():
-            if weight < 0:
-                raise FairseqKDError(f"{name} must be >= 0, got {weight}")
+            if not 0 <= weight < math.inf:
+                raise FairseqKDError(f"{name} must be >= 0 and finite, got {weight}")
         if not any(weights.values()):
             return None
         teachers = getattr(task, "teachers", [])

@@ -1,4 +1,5 @@
 import logging
+import math
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -124,8 +125,8 @@ class TranslationDistillationTask(TranslationTask):
             raise FairseqKDError(
                 f"--teacher-weights has {len(weights)} values but --teacher-path names {num_teachers} teachers"
             )
-        if any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise FairseqKDError(f"--teacher-weights must be non-negative with a positive sum, got {text!r}")
+        if not all(0 <= w < math.inf for w in weights) or sum(weights) <= 0:
+            raise FairseqKDError(f"--teacher-weights must be non-negative and finite with a positive sum, got {text!r}")
         weights = torch.tensor(weights)
         return weights / weights.sum()
 
@@ -154,6 +155,13 @@ class TranslationDistillationTask(TranslationTask):
             )
         teacher = self.teachers[0]
         chosen = parse_layer_selection(selection, layer_counts(model, "student"), layer_counts(teacher, "teacher"))
+        # other head counts give the same tensor shapes but split them into other heads: another function
+        if attention_heads(model) != attention_heads(teacher):
+            raise FairseqKDError(
+                f"--init-student-from-teacher: the student's attention heads {attention_heads(model)} differ from the"
+                f" teacher's {attention_heads(teacher)}; copied attention weights would be split into other heads:"
+                " set --encoder/--decoder-attention-heads to the teacher's, or drop the option"
+            )
         teacher_state = teacher.state_dict()
         student_state = model.state_dict()
         copied = {}
