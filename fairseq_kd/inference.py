@@ -180,9 +180,13 @@ def read_export_manifest(model_dir):
     try:
         with open(path) as f:
             manifest = json.load(f)
-        manifest["subwords"]["kind"], manifest["subwords"]["file"], manifest["max_target_positions"], manifest["vmap"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise FairseqKDError(f"{path} is not a fairseq-kd-export manifest ({e}); export the model again")
+        missing = [key for key in ("subwords", "max_target_positions", "vmap", "sha256", "quantization")
+                   if key not in manifest] + [f"subwords.{key}" for key in ("kind", "file")
+                                              if key not in manifest.get("subwords", {})]
+    except (ValueError, TypeError, AttributeError) as e:
+        raise FairseqKDError(f"{path} is not a fairseq-kd-export manifest ({e}); export the model again") from None
+    if missing:
+        raise FairseqKDError(f"{path} lacks {', '.join(missing)}; export the model again")
     return manifest
 
 

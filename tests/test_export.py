@@ -204,9 +204,12 @@ def exported_teacher(data_bin, teacher, codes, tmp_path_factory):
     (["{ct2}", "--input", "{tmp}/latin1.txt"], "not UTF-8"),
     (["{ct2}", "--input", "{tmp}/nope.txt"], "--input: no such file"),
     (["{ct2}", "--input", "{tmp}/latin1.txt", "--output", "{tmp}/latin1.txt"], "is an input"),
+    (["{tmp}/half-export"], "lacks max_target_positions, vmap"),
 ])
 def test_translate_refusals(data_bin, teacher, codes, exported_teacher, tmp_path, args, message):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (tmp_path / "half-export").mkdir()
+    (tmp_path / "half-export" / "fairseq_kd_export.json").write_text('{"subwords": {"kind": "bpe"}}')
     values = dict(tmp=tmp_path, teacher=teacher, data=data_bin, codes=codes, ct2=exported_teacher)
     with pytest.raises(FairseqKDError, match=re.escape(message)):
         translate_main([a.format(**values) for a in args])
