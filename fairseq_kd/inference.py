@@ -4,8 +4,11 @@ Both backends take batches of subword pieces and return subword pieces, and deco
 beam search of ``beam`` hypotheses, scores normalised by ``length ** lenpen`` (end of sentence included),
 at least one token, and at most ``int(max_len_a * S + max_len_b)`` tokens before the end of sentence,
 where S is the longest source of the batch in pieces plus its end of sentence, capped by the model's
-positions. With the same batches, a float32 export therefore writes what ``fairseq-generate`` writes,
-including for a model that runs to the length limit. ``ctranslate2`` is imported only by its backend.
+positions. With the same batches, a float32 export therefore writes what ``fairseq-generate`` writes; at
+beam 1 also for a model that runs to the length limit. In beam search two corner cases can rank
+hypotheses differently (README, "Deploy"): those that reach the length limit (fairseq forces and scores an
+end of sentence, CTranslate2 stops), and models that give the first end of sentence real probability
+(fairseq masks it, CTranslate2 masks and renormalises). ``ctranslate2`` is imported only by its backend.
 """
 import json
 import os
