@@ -26,22 +26,9 @@ import torch
 from fairseq.data import data_utils
 from scipy import sparse
 
-from fairseq_kd.checkpoints import (
-    check_checkpoint_dictionaries,
-    count_parameters,
-    inference_state,
-    model_name,
-    read_checkpoint,
-    sha256,
-)
+from fairseq_kd.checkpoints import count_parameters, inference_state, model_name, read_checkpoint, sha256
 from fairseq_kd.errors import FairseqKDError
-from fairseq_kd.inference import (
-    EXPORT_MANIFEST,
-    Subwords,
-    import_ctranslate2,
-    language_pair,
-    load_dictionaries,
-)
+from fairseq_kd.inference import EXPORT_MANIFEST, Subwords, checked_dictionaries, import_ctranslate2
 
 logger = logging.getLogger("fairseq_kd.export")
 
@@ -161,10 +148,7 @@ def export(args):
     del original_state
     model_args = state["args"]
     check_convertible(args.checkpoint, model_args)
-    langs = language_pair(model_args, args.data)
-    dictionaries = load_dictionaries(args.data, *langs)
-    check_checkpoint_dictionaries(args.checkpoint, f"checkpoint {args.checkpoint}", model_args.data, state["model"],
-                                  langs, dictionaries)
+    langs, dictionaries = checked_dictionaries(args.checkpoint, state, args.data)
     out = os.path.abspath(args.out)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)

@@ -96,10 +96,7 @@ class FairseqTranslator:
     def __init__(self, checkpoint, data, options, peer="a", device="cpu"):
         state = inference_state(checkpoint, *read_checkpoint(checkpoint, "checkpoint"), peer)
         args = state["args"]
-        langs = language_pair(args, data)
-        self.src_dict, self.tgt_dict = load_dictionaries(data, *langs)
-        check_checkpoint_dictionaries(checkpoint, f"checkpoint {checkpoint}", args.data, state["model"], langs,
-                                      (self.src_dict, self.tgt_dict))
+        _, (self.src_dict, self.tgt_dict) = checked_dictionaries(checkpoint, state, data)
         task = SimpleNamespace(source_dictionary=self.src_dict, target_dictionary=self.tgt_dict)
         self.model = TransformerModel.build_model(args, task)
         self.model.load_state_dict(state["model"], strict=True)
@@ -138,6 +135,16 @@ def language_pair(args, data):
             " fairseq data-bin the model was trained on"
         )
     return langs
+
+
+def checked_dictionaries(checkpoint, state, data):
+    """``(languages, (source, target dictionary))`` of the data-bin ``data``, which must be those the
+    checkpoint (its ``inference_state``) was trained with."""
+    langs = language_pair(state["args"], data)
+    dictionaries = load_dictionaries(data, *langs)
+    check_checkpoint_dictionaries(checkpoint, f"checkpoint {checkpoint}", state["args"].data, state["model"], langs,
+                                  dictionaries)
+    return langs, dictionaries
 
 
 def load_dictionaries(data, source_lang, target_lang):
