@@ -34,7 +34,7 @@ setup(
     extras_require={"test": ["pytest"]},
     entry_points={
         "console_scripts": [
-            "fairseq-kd-build-cache = fairseq_kd.topk_cache:main",
+            "fairseq-kd-build-cache = fairseq_kd.build_cache:main",
             "fairseq-kd-eval = fairseq_kd.evaluate:main",
             "fairseq-kd-export = fairseq_kd.export:main",
             "fairseq-kd-translate = fairseq_kd.translate:main",

@@ -34,12 +34,21 @@ def first_batch(task, split="valid"):
     return dataset.collater([dataset[i] for i in range(8)])
 
 
+def teacher_output(task, model, sample):
+    """What the criterion receives from the task's teachers for ``sample`` (``Teachers.predict``)."""
+    return task.teachers.predict(sample, model)
+
+
+def fix_teacher_output(task, output):
+    """From now on the task's teachers say ``output`` about every batch."""
+    task.teachers.predict = lambda *args, **kwargs: output
+
+
 def test_alpha_zero_equals_label_smoothed_cross_entropy(data_bin, teacher):
     task, model, criterion = build(data_bin, "--teacher-path", teacher, "--kd-alpha", 0)
     sample = first_batch(task)
     reference = LabelSmoothedCrossEntropyCriterion(task, sentence_avg=False, label_smoothing=0.1)
     loss_ref, size_ref, log_ref = reference(model, sample)
-    task.add_teacher_lprobs(sample, model)
     loss, size, log = criterion(model, sample)
     assert size == size_ref
     assert torch.equal(loss, loss_ref)
@@ -52,12 +61,13 @@ def test_loss_combines_terms_and_ignores_padding(data_bin, teacher):
     sample = first_batch(task)
     pad = sample["target"].eq(task.target_dictionary.pad())
     assert pad.any(), "the batch must contain padding for this test to mean anything"
-    task.add_teacher_lprobs(sample, model)
     loss, _, log = criterion(model, sample)
     ls_only, _, _ = LabelSmoothedCrossEntropyCriterion(task, False, 0.1)(model, sample)
     assert loss.item() == pytest.approx(0.7 * ls_only.item() + 0.3 * log["kd_loss"].item(), rel=1e-5)
     # garbage teacher distributions at padded positions change nothing
-    sample["teacher_lprobs"][pad] = torch.log_softmax(torch.randn_like(sample["teacher_lprobs"][pad]) * 10, -1)
+    teacher = teacher_output(task, model, sample)
+    teacher.lprobs[pad] = torch.log_softmax(torch.randn_like(teacher.lprobs[pad]) * 10, -1)
+    fix_teacher_output(task, teacher)
     loss_garbage, _, _ = criterion(model, sample)
     assert torch.allclose(loss_garbage, loss)
 
@@ -68,18 +78,17 @@ def test_kd_term_is_the_kl_to_the_student_logits(data_bin, teacher, temperature)
     # computed directly from the student's logits
     task, model, criterion = build(data_bin, "--teacher-path", teacher, "--kd-temperature", temperature)
     sample = first_batch(task)
-    task.add_teacher_lprobs(sample, model)
     _, _, log = criterion(model, sample)
     logits = model(**sample["net_input"])[0]
     kl = kd_kl_loss(lprobs_at_temperature(logits.flatten(0, 1), temperature),
-                    sample["teacher_lprobs"].flatten(0, 1), temperature)
+                    teacher_output(task, model, sample).lprobs.flatten(0, 1), temperature)
     expected = kl[sample["target"].flatten().ne(task.target_dictionary.pad())].sum()
     assert log["kd_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_teacher_is_frozen_in_eval_mode_and_outside_the_student(data_bin, teacher):
     task, model, criterion = build(data_bin, "--teacher-path", teacher, "--kd-alpha", 0.5)
-    (teacher_model,) = task.teachers
+    (teacher_model,) = task.teachers.models
     before = {k: v.clone() for k, v in teacher_model.state_dict().items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
 
@@ -99,13 +108,12 @@ def test_teacher_is_frozen_in_eval_mode_and_outside_the_student(data_bin, teache
 
 def test_teacher_ensemble_weights(data_bin, teacher):
     task, model, _ = build(data_bin, "--teacher-path", f"{teacher}:{teacher}", "--teacher-weights", "1,3")
-    assert task.teacher_weights.tolist() == [0.25, 0.75]
+    assert task.teachers.weights.tolist() == [0.25, 0.75]
     sample = first_batch(task)
-    task.add_teacher_lprobs(sample, model)
     single = build(data_bin, "--teacher-path", teacher)[0]
-    single.add_teacher_lprobs(reference := first_batch(single), model)
     # two copies of one teacher average to that teacher
-    assert torch.allclose(sample["teacher_lprobs"], reference["teacher_lprobs"], atol=1e-5)
+    assert torch.allclose(teacher_output(task, model, sample).lprobs, teacher_output(single, model, sample).lprobs,
+                          atol=1e-5)
 
 
 def test_the_student_starts_from_the_same_weights_with_or_without_a_teacher(data_bin, teacher):
@@ -116,17 +124,17 @@ def test_the_student_starts_from_the_same_weights_with_or_without_a_teacher(data
 
 def test_without_teacher_the_task_is_translation(data_bin):
     task, model, criterion = build(data_bin, "--kd-alpha", 0)
-    assert task.teachers == []
+    assert not task.teachers
     sample = first_batch(task)
-    task.valid_step(sample, model, criterion)
-    assert "teacher_lprobs" not in sample
+    assert teacher_output(task, model, sample) is None
+    _, _, log = task.valid_step(sample, model, criterion)
+    assert "kd_loss" not in log
 
 
 def test_topk_over_the_whole_vocabulary_equals_the_full_distribution(data_bin, teacher):
     task, model, full = build(data_bin, "--teacher-path", teacher, "--kd-alpha", 1, "--kd-temperature", 2)
     vocab_size = len(task.target_dictionary)
     sample = first_batch(task)
-    task.add_teacher_lprobs(sample, model)
     _, _, log_full = full(model, sample)
     for k, same in ((vocab_size, True), (2, False)):
         topk = build(data_bin, "--teacher-path", teacher, "--kd-alpha", 1, "--kd-temperature", 2, "--kd-topk", k)[2]
@@ -141,7 +149,6 @@ def test_selective_kd_distils_only_the_hardest_tokens(data_bin, teacher, selecti
     selective = build(data_bin, "--teacher-path", teacher, "--kd-temperature", 2, "--kd-selection", selection,
                       "--kd-selection-rate", 0.25)[2]
     sample = first_batch(task)
-    task.add_teacher_lprobs(sample, model)
     _, _, log_all = everything(model, sample)
     model.train()  # only training batches feed the global queue: here it holds exactly this batch
     _, _, log = selective(model, sample)
@@ -161,9 +168,8 @@ def test_schedules_follow_the_update_count(data_bin, teacher):
         "--kd-schedule-updates", 100,
     )
     sample = first_batch(task)
-    task.add_teacher_lprobs(sample, model)
     for update, alpha, temperature in ((0, 0.9, 4.0), (50, 0.5, 2.0), (100, 0.1, 1.0), (150, 0.1, 1.0)):
-        criterion.set_num_updates(update)
+        task.num_updates = update  # what train_step records before each update
         _, _, log = criterion(model, sample)
         assert log["kd_alpha"] / sample["ntokens"] == pytest.approx(alpha)
         assert log["kd_temperature"] / sample["ntokens"] == pytest.approx(temperature)
@@ -176,17 +182,18 @@ def test_mi_term_runs_on_the_real_tokens_only(data_bin, teacher, topk):
     sample = first_batch(task)
     real = sample["target"].ne(task.target_dictionary.pad())
     assert not real.all(), "the batch must contain padding for this test to mean anything"
-    task.add_teacher_lprobs(sample, model)
     loss, _, log = criterion(model, sample)
     logits = model(**sample["net_input"])[0][real]
-    lprobs_teacher = sample["teacher_lprobs"][real]
+    teacher = teacher_output(task, model, sample)
+    lprobs_teacher = teacher.lprobs[real]
     ids = None
     if topk:
         lprobs_teacher, ids = lprobs_teacher.topk(topk, dim=-1)
     expected = kd_mi_loss(lprobs_at_temperature(logits, 2), lprobs_teacher, 2, 15, ids).sum()
     assert log["kd_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     # padded positions are neither distilled nor anyone's negatives
-    sample["teacher_lprobs"][~real] = torch.log_softmax(torch.randn_like(sample["teacher_lprobs"][~real]) * 10, -1)
+    teacher.lprobs[~real] = torch.log_softmax(torch.randn_like(teacher.lprobs[~real]) * 10, -1)
+    fix_teacher_output(task, teacher)
     assert torch.allclose(criterion(model, sample)[0], loss)
 
 
@@ -231,17 +238,15 @@ def test_confidence_weighting_favours_the_teacher_that_predicts_the_reference(da
     task, model, criterion = build(data_bin, "--teacher-path", f"{teacher}:{weak_teacher}",
                                    "--teacher-weighting", "confidence")
     sample = first_batch(task)
-    task.add_teacher_lprobs(sample, model)
-    weights = sample["teacher_weights"]
+    weights = teacher_output(task, model, sample).weights
     assert torch.allclose(weights.sum(0), torch.ones_like(weights[0]))
     _, _, log = criterion(model, sample)
     assert log["teacher_weight_0"] / sample["ntokens"] > 0.8  # the trained teacher, against the noisy one
     # teachers that agree everywhere: the fixed mixture
     same = build(data_bin, "--teacher-path", f"{teacher}:{teacher}", "--teacher-weighting", "confidence")[0]
     fixed = build(data_bin, "--teacher-path", teacher)[0]
-    same.add_teacher_lprobs(a := first_batch(same), model)
-    fixed.add_teacher_lprobs(b := first_batch(fixed), model)
-    assert torch.allclose(a["teacher_lprobs"], b["teacher_lprobs"], atol=1e-5)
+    assert torch.allclose(teacher_output(same, model, sample).lprobs, teacher_output(fixed, model, sample).lprobs,
+                          atol=1e-5)
 
 
 def test_learned_weighting_trains_towards_the_better_teacher(data_bin, teacher, weak_teacher):

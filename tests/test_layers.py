@@ -6,7 +6,6 @@ import torch
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.features import attention_lprobs, layer_outputs, parse_layer_map, parse_layer_selection
 from fairseq_kd.kd_losses import kd_attention_loss, kd_hidden_loss, kd_relation_loss, match_heads
-from fairseq_kd.tasks.translation_distillation import layer_capture
 from test_criterion_and_task import build, first_batch
 
 
@@ -143,7 +142,6 @@ def test_student_initialised_as_the_teacher_has_zero_layer_terms(data_bin, teach
                                    "--arch", "transformer")
     model.eval()
     sample = first_batch(task)
-    task.add_teacher_lprobs(sample, model, None, *layer_capture(criterion))
     _, _, log = criterion(model, sample)
     for term in ("kd_loss", "kd_hidden_loss", "kd_relation_loss", "kd_attn_loss"):
         assert log[term].item() == pytest.approx(0, abs=1e-4), (term, log[term])
@@ -154,15 +152,14 @@ def test_layer_terms_add_to_the_loss(data_bin, teacher):
     task, model, criterion = build(data_bin, "--teacher-path", teacher, "--kd-hidden-weight", 0.5,
                                    "--kd-relation-weight", 2, "--encoder-embed-dim", 16, "--decoder-embed-dim", 16)
     sample = first_batch(task)
-    task.add_teacher_lprobs(sample, model, None, *layer_capture(criterion))
     loss, _, log = criterion(model, sample)
     _, _, plain = build(data_bin, "--teacher-path", teacher, "--encoder-embed-dim", 16, "--decoder-embed-dim", 16)
     loss_plain, _, _ = plain(model, sample)
     expected = loss_plain + 0.5 * log["kd_hidden_loss"] + 2 * log["kd_relation_loss"]
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert [tuple(p.weight.shape) for p in criterion.hidden_projections] == [(32, 16), (32, 16)]
+    assert [tuple(p.weight.shape) for p in criterion.layer_kd.projections] == [(32, 16), (32, 16)]
     loss.backward()
-    assert all(p.weight.grad.abs().sum() > 0 for p in criterion.hidden_projections)
+    assert all(p.weight.grad.abs().sum() > 0 for p in criterion.layer_kd.projections)
 
 
 @pytest.mark.parametrize("flags, message", [

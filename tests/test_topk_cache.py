@@ -11,8 +11,11 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 import fairseq_kd  # noqa: F401
 from conftest import PLUGIN, binarize, run, write_parallel
 from fairseq_kd.kd_losses import topk_lprobs
-from fairseq_kd.topk_cache import TopKCache, get_parser
+from fairseq_kd.build_cache import get_parser
+from fairseq_kd.teachers import Teachers
+from fairseq_kd.topk_cache import TopKCache
 from test_cli import train_student
+from test_criterion_and_task import build, first_batch
 
 K = 4
 
@@ -24,11 +27,17 @@ def build_cache(data_bin, teacher, out, *extra, expect_ok=True):
     )
 
 
-def load_task(data_bin, teacher, split):
-    args = options.parse_args_and_arch(get_parser(), [str(data_bin), "--teacher-path", str(teacher), "--out", "unused"])
+def load_teachers(data_bin, teachers, split, *extra):
+    """``(task, teachers)`` as fairseq-kd-build-cache sets them up, with ``split`` loaded."""
+    args = options.parse_args_and_arch(get_parser(), [str(data_bin), "--teacher-path", str(teachers), *extra,
+                                                      "--out", "unused"])
     task = tasks.setup_task(convert_namespace_to_omegaconf(args).task)
     task.load_dataset(split)
-    return task
+    return task, Teachers.load(args.teacher_path, args.teacher_weights, args.teacher_weighting, task)
+
+
+def teacher_lprobs(teachers, sample):
+    return teachers.mixture(sample["net_input"], sample["target"], torch.device("cpu"), torch.float32).lprobs
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +48,12 @@ def cache(data_bin, teacher, tmp_path_factory):
 
 
 def test_cache_holds_the_teachers_topk(data_bin, teacher, cache):
-    task = load_task(data_bin, teacher, "valid")
+    task, teachers = load_teachers(data_bin, teacher, "valid")
     dataset = task.dataset("valid")
     cached = TopKCache(str(cache), "valid", dataset, task.target_dictionary)
     for index in (0, 7, len(dataset) - 1):
         sample = dataset.collater([dataset[index]])
-        lprobs = task.teacher_lprobs(sample["net_input"], sample["target"], torch.device("cpu"), torch.float32)[0]
+        lprobs = teacher_lprobs(teachers, sample)
         expected_values, expected_ids = topk_lprobs(lprobs[0], K)
         values, ids = map(torch.from_numpy, cached[index])
         assert ids.shape == (len(dataset[index]["target"]), K)
@@ -59,13 +68,10 @@ def test_cache_holds_the_teachers_topk(data_bin, teacher, cache):
 def test_cache_of_a_confidence_weighted_mixture(data_bin, teacher, weak_teacher, tmp_path):
     teachers = f"{teacher}:{weak_teacher}"
     build_cache(data_bin, teachers, tmp_path, "--teacher-weighting", "confidence", "--splits", "valid")
-    args = options.parse_args_and_arch(get_parser(), [str(data_bin), "--teacher-path", teachers,
-                                                      "--teacher-weighting", "confidence", "--out", "unused"])
-    task = tasks.setup_task(convert_namespace_to_omegaconf(args).task)
-    task.load_dataset("valid")
+    task, mixture = load_teachers(data_bin, teachers, "valid", "--teacher-weighting", "confidence")
     dataset = task.dataset("valid")
     sample = dataset.collater([dataset[3]])
-    lprobs = task.teacher_lprobs(sample["net_input"], sample["target"], torch.device("cpu"), torch.float32)[0]
+    lprobs = teacher_lprobs(mixture, sample)
     values, ids = map(torch.from_numpy, TopKCache(str(tmp_path), "valid", dataset, task.target_dictionary)[3])
     expected_values, expected_ids = topk_lprobs(lprobs[0], K)
     assert torch.equal(ids, expected_ids)
@@ -89,7 +95,7 @@ def test_sharded_build_equals_unsharded(data_bin, teacher, cache, tmp_path):
     other_k = run("fairseq-kd-build-cache", data_bin, "--teacher-path", teacher, "--topk", "2", "--out", sharded,
                   "--cpu", "--num-shards", "2", "--shard-id", "0", expect_ok=False)
     assert other_k.returncode != 0 and "built with another teacher or k" in other_k.stderr
-    task = load_task(data_bin, teacher, "train")
+    task, _ = load_teachers(data_bin, teacher, "train")
     dataset = task.dataset("train")
     whole = TopKCache(str(cache), "train", dataset, task.target_dictionary)
     parts = TopKCache(str(sharded), "train", dataset, task.target_dictionary)
@@ -102,6 +108,23 @@ def test_sharded_build_equals_unsharded(data_bin, teacher, cache, tmp_path):
         assert abs(values_a - values_b).max() < 0.02, index
         swapped += int((ids_a != ids_b).any(axis=-1).sum())
     assert swapped <= 0.01 * sum(len(dataset[i]["target"]) for i in range(len(dataset)))
+
+
+def test_online_and_cached_teachers_give_the_same_kd_loss(data_bin, teacher, cache):
+    """Through the teacher interface the criterion cannot tell a cache from the teacher it was built from."""
+    online_task, model, online = build(data_bin, "--teacher-path", teacher, "--kd-topk", K, "--kd-temperature", 2)
+    cached_task, _, cached = build(data_bin, "--teacher-topk-cache", cache, "--kd-topk", K, "--kd-temperature", 2)
+    sample, cached_sample = first_batch(online_task), first_batch(cached_task)
+    real = sample["target"].ne(online_task.target_dictionary.pad())
+    assert torch.equal(sample["target"], cached_sample["target"]) and not real.all()
+    (values, ids), (cached_values, cached_ids) = (
+        task.teachers.predict(batch, model).distribution(K)
+        for task, batch in ((online_task, sample), (cached_task, cached_sample))
+    )
+    assert torch.equal(ids[real], cached_ids[real])
+    torch.testing.assert_close(cached_values[real], values[real], atol=2e-3, rtol=1e-3)  # fp16 storage
+    online_loss, cached_loss = online(model, sample)[2]["kd_loss"], cached(model, cached_sample)[2]["kd_loss"]
+    assert cached_loss.item() == pytest.approx(online_loss.item(), rel=1e-3)
 
 
 def valid_kd_loss(log):

@@ -1,0 +1,55 @@
+"""What every distillation task adds to its fairseq task, and what the KD criterion may rely on:
+
+- ``teachers``: the ``Teachers`` it owns (empty without --teacher-path/--teacher-topk-cache);
+- ``student``: a ``Student`` describing the model ``build_model`` built (None before);
+- ``num_updates``: the update count of the latest training step, which the criterion's schedules follow.
+"""
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+from fairseq_kd.errors import FairseqKDError
+from fairseq_kd.features import attention_heads, layer_counts, layer_widths
+from fairseq_kd.models.transformer_mutual import TransformerMutualModel
+from fairseq_kd.teachers import Teachers
+
+
+@dataclass
+class Student:
+    """The student as the criterion's terms see it: whether it is a pair of mutual-learning peers, and
+    its encoder and decoder layer counts, widths and attention heads (None for models without fairseq
+    Transformer layer stacks)."""
+
+    mutual: bool
+    layers: Optional[Dict[str, int]] = None
+    widths: Optional[Dict[str, int]] = None
+    heads: Optional[Dict[str, int]] = None
+
+
+class DistillationTaskMixin:
+    """Mixed into a fairseq task before it (``class T(DistillationTaskMixin, TranslationTask)``); the task's
+    ``__init__`` sets ``self.teachers``."""
+
+    teachers: Teachers
+    student: Optional[Student] = None
+    num_updates: int = 0
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        mutual = isinstance(model, TransformerMutualModel)
+        if mutual and self.teachers:
+            raise FairseqKDError(
+                "--arch transformer_mutual* trains two peers that teach each other, without a teacher;"
+                " drop --teacher-path/--teacher-topk-cache, or use another --arch"
+            )
+        if hasattr(model, "encoder") and hasattr(model.encoder, "layers"):  # a fairseq Transformer
+            self.student = Student(mutual, layer_counts(model, "student"), layer_widths(model, "student"),
+                                   attention_heads(model))
+        else:
+            self.student = Student(mutual)
+        if self.cfg.init_student_from_teacher != "none" and not from_checkpoint:
+            self.teachers.init_student(model, self.cfg.init_student_from_teacher)
+        return model
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        self.num_updates = update_num
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
