@@ -14,7 +14,8 @@ def main():
     parser.add_argument("--out", required=True, help="Markdown file to write (also printed)")
     args = parser.parse_args()
     with open(args.report) as f:
-        models = json.load(f)["models"]
+        report = json.load(f)
+    models, split = report["models"], report["settings"]["splits"][0]
     speed = {m["name"]: {s["batch_size"]: s["sentences_per_s"] for s in m["speed"]} for m in models}
     missing = [name for name in args.baselines if name not in speed]
     if missing:
@@ -24,7 +25,7 @@ def main():
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for m in models:
         ratios = [f"{speed[m['name']][b] / speed[name][b]:.1f}x" for name in args.baselines for b in batch_sizes]
-        lines.append(f"| {m['name']} | {m['bleu']:.2f} | " + " | ".join(ratios) + " |")
+        lines.append(f"| {m['name']} | {m[split]['bleu']:.2f} | " + " | ".join(ratios) + " |")
     table = "\n".join(lines) + "\n"
     with open(args.out, "w") as f:
         f.write(table)

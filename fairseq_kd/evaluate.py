@@ -2,14 +2,19 @@
 and CTranslate2 exports side by side.
 
     fairseq-kd-eval data-bin --checkpoints teacher=teacher.pt student=student.pt student-int8=student-ct2 \\
-        --split test --reference raw/test.de --post-process sentencepiece --beam 5 \\
+        --split test,valid --reference raw/test.de,raw/valid.de --post-process sentencepiece --beam 5 \\
         --batch-sizes 1,32,128 --threads 1 --out-prefix results/eval
 
 writes ``results/eval.json``, ``results/eval.md``, ``results/eval.png`` (BLEU against throughput, point
-area proportional to parameters) and each model's translations, ``results/eval.NAME.txt``. A model is a
-fairseq checkpoint or a directory written by fairseq-kd-export; the first is the reference for compression
+area proportional to parameters) and each model's translations, ``results/eval.NAME.SPLIT.txt``. A model is
+a fairseq checkpoint or a directory written by fairseq-kd-export; the first is the reference for compression
 ratio and BLEU retention. Each model is measured in a fresh process, one after the other, so peak memory is
-its own and no two models compete for the CPU.
+its own and no two models compete for the CPU. The first split is the one the table, retention and speed
+are about; the table adds the BLEU of the others.
+
+Reports of separate runs (e.g. one model each, as the recipes evaluate) become one table with
+``fairseq-kd-eval --merge A.json B.json ... --out-prefix results/all``: same settings required, the first
+model the reference.
 
 Decoding follows fairseq-generate's rules for both backends (``fairseq_kd.inference``), with its default
 length limits unless ``--max-len-a/--max-len-b`` say otherwise. Quality: sacrebleu BLEU (with the length
@@ -87,15 +92,18 @@ def get_parser():
     parser = argparse.ArgumentParser(
         prog="fairseq-kd-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("data", help="fairseq data-bin the models were trained on")
-    parser.add_argument("--checkpoints", nargs="+", required=True, metavar="NAME=MODEL",
+    parser.add_argument("data", nargs="?", help="fairseq data-bin the models were trained on")
+    parser.add_argument("--checkpoints", nargs="+", metavar="NAME=MODEL",
                         help="models to compare, each a fairseq checkpoint or a fairseq-kd-export directory; the"
                         " first is the reference (usually the teacher)")
-    parser.add_argument("--split", default="test", help="split to decode (default: test)")
+    parser.add_argument("--merge", nargs="+", metavar="REPORT",
+                        help="instead of decoding: one table from the PREFIX.json reports of earlier runs")
+    parser.add_argument("--split", default="test",
+                        help="comma-separated splits to decode (default: test); the first is the table's")
     parser.add_argument("--source-lang", default=None)
     parser.add_argument("--target-lang", default=None)
     parser.add_argument("--reference", default=None,
-                        help="raw (detokenized) reference file, one line per sentence of the split")
+                        help="raw (detokenized) reference files, comma-separated, one per split, a line per sentence")
     parser.add_argument("--post-process", default="sentencepiece",
                         help="how fairseq detokenizes output: sentencepiece, subword_nmt, none, ...")
     parser.add_argument("--beam", type=int, default=5)
@@ -104,13 +112,14 @@ def get_parser():
     parser.add_argument("--lenpen", type=float, default=1.0, help="as fairseq-generate (default: 1)")
     parser.add_argument("--batch-size", type=int, default=64, help="sentences per batch of the quality pass")
     parser.add_argument("--batch-sizes", default="1,32,128", help="comma-separated batch sizes timed")
+    parser.add_argument("--no-speed", action="store_true", help="measure quality and size only")
     parser.add_argument("--speed-sentences", type=int, default=128, help="sentences decoded per timed pass")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per batch size (median kept)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="CPU threads of torch and CTranslate2")
     parser.add_argument("--cpu", action="store_true", help="use the CPU even when a GPU is available")
     parser.add_argument("--out-prefix", required=True,
-                        help="writes PREFIX.json, PREFIX.md, PREFIX.png and PREFIX.NAME.txt")
+                        help="writes PREFIX.json, PREFIX.md, PREFIX.png and PREFIX.NAME.SPLIT.txt")
     return parser
 
 
@@ -135,6 +144,17 @@ def parse_checkpoints(items):
 
 
 def check_arguments(args):
+    """``(splits, references, batch sizes, decoding options)`` from the arguments, each checked."""
+    if not args.data or not args.checkpoints:
+        raise FairseqKDError("give the data directory and --checkpoints NAME=MODEL ... (or --merge REPORT ...)")
+    splits = args.split.split(",")
+    if not all(splits) or len(set(splits)) != len(splits):
+        raise FairseqKDError(f"--split must name distinct splits separated by commas, got {args.split!r}")
+    references = args.reference.split(",") if args.reference else [None] * len(splits)
+    if len(references) != len(splits):
+        raise FairseqKDError(
+            f"--reference names {len(references)} files for {len(splits)} splits ({args.split}); give one per split"
+        )
     try:
         batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",") if b.strip()})
     except ValueError:
@@ -154,45 +174,46 @@ def check_arguments(args):
         raise FairseqKDError(f"--out-prefix {args.out_prefix}: cannot create {out_dir} ({e.strerror})") from None
     if not os.access(out_dir, os.W_OK):
         raise FairseqKDError(f"--out-prefix {args.out_prefix}: {out_dir} is not writable; choose another place")
-    return batch_sizes, decoding
+    return splits, references, ([] if args.no_speed else batch_sizes), decoding
 
 
-def setup_task(args):
-    """A ``translation`` task with the split loaded."""
-    fairseq_args = [args.data, "--task", "translation", "--gen-subset", args.split]
+def setup_task(args, splits):
+    """A ``translation`` task with the splits loaded."""
+    fairseq_args = [args.data, "--task", "translation"]
     for option, value in (("--source-lang", args.source_lang), ("--target-lang", args.target_lang)):
         if value:
             fairseq_args += [option, value]
     cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_generation_parser(), fairseq_args))
-    empty = FairseqKDError(f"split '{args.split}' of {args.data} has no sentences; binarize a non-empty split")
     try:
         task = tasks.setup_task(cfg.task)
         src, tgt = task.cfg.source_lang, task.cfg.target_lang
-        # fairseq cannot even open an empty binarized split (mmap of an empty file)
-        for pair in (f"{src}-{tgt}", f"{tgt}-{src}"):
-            source_file = os.path.join(utils.split_paths(args.data)[0], f"{args.split}.{pair}.{src}.bin")
-            if os.path.isfile(source_file) and os.path.getsize(source_file) == 0:
+        for split in splits:
+            empty = FairseqKDError(f"split '{split}' of {args.data} has no sentences; binarize a non-empty split")
+            # fairseq cannot even open an empty binarized split (mmap of an empty file)
+            for pair in (f"{src}-{tgt}", f"{tgt}-{src}"):
+                source_file = os.path.join(utils.split_paths(args.data)[0], f"{split}.{pair}.{src}.bin")
+                if os.path.isfile(source_file) and os.path.getsize(source_file) == 0:
+                    raise empty
+            task.load_dataset(split)
+            if len(task.dataset(split)) == 0:
                 raise empty
-        task.load_dataset(args.split)
     except FileNotFoundError as e:
         raise FairseqKDError(f"{args.data}: {e}; check the data directory, --split and the languages") from None
-    if len(task.dataset(args.split)) == 0:
-        raise empty
     return task
 
 
-def load_references(args, task):
-    dataset = task.dataset(args.split)
-    if args.reference is None:
+def load_references(args, task, split, path):
+    dataset = task.dataset(split)
+    if path is None:
         return [task.tgt_dict.string(dataset[i]["target"], args.post_process) for i in range(len(dataset))]
     try:
-        with open(args.reference, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             references = [line.rstrip("\n") for line in f]
     except (OSError, UnicodeDecodeError) as e:
-        raise FairseqKDError(f"--reference {args.reference}: cannot read it ({e}); give the raw reference file") from None
+        raise FairseqKDError(f"--reference {path}: cannot read it ({e}); give the raw reference file") from None
     if len(references) != len(dataset):
         raise FairseqKDError(
-            f"--reference {args.reference} has {len(references)} lines but split '{args.split}' has"
+            f"--reference {path} has {len(references)} lines but split '{split}' has"
             f" {len(dataset)} sentences; give the raw reference file of that split"
         )
     return references
@@ -227,20 +248,24 @@ def model_size(path, translator):
 
 
 def evaluate_model(args, name, path, batch_sizes, decoding, references):
-    """Everything measured about one model, in the current process."""
+    """Everything measured about one model, in the current process: ``(record, {split: translations})``;
+    ``references`` maps each split to its reference lines, the first split is timed."""
     torch.set_num_threads(args.threads)
     use_cuda = torch.cuda.is_available() and not args.cpu
-    task = setup_task(args)
+    splits = list(references)
+    task = setup_task(args, splits)
     translator = build_translator(args, path, task, decoding, use_cuda)
     if use_cuda and translator.backend == "fairseq":
         torch.cuda.reset_peak_memory_stats()
     total, embedding, weight_bytes, file_bytes = model_size(path, translator)
-    sources = source_pieces(task, args.split)
-
-    logger.info(f"{name}: translating {len(sources)} sentences of '{args.split}' with {translator.backend}"
-                f" (beam {args.beam})")
-    hypotheses = translate_all(translator, sources, args.batch_size)
-    outputs = [data_utils.post_process(" ".join(pieces), args.post_process) for pieces in hypotheses]
+    outputs, scores = {}, {}
+    for split in splits:
+        sources = source_pieces(task, split)
+        logger.info(f"{name}: translating {len(sources)} sentences of '{split}' with {translator.backend}"
+                    f" (beam {args.beam})")
+        hypotheses = translate_all(translator, sources, args.batch_size)
+        outputs[split] = [data_utils.post_process(" ".join(pieces), args.post_process) for pieces in hypotheses]
+        scores[split] = {**quality_scores(outputs[split], references[split]), "sentences": len(sources)}
     record = {"name": name, "model": path, "backend": translator.backend,
               "quantization": translator.manifest["quantization"] if translator.backend == "ctranslate2" else "float32",
               "vmap": translator.backend == "ctranslate2" and translator.use_vmap,
@@ -249,9 +274,9 @@ def evaluate_model(args, name, path, batch_sizes, decoding, references):
                          if translator.backend == "ctranslate2" else f"{sha256(path)}:a"),
               "params": total, "embedding_params": embedding,
               "non_embedding_params": total - embedding, "weights_mb": round(weight_bytes / 2**20, 2),
-              "file_mb": round(file_bytes / 2**20, 2), **quality_scores(outputs, references), "speed": []}
+              "file_mb": round(file_bytes / 2**20, 2), **scores, "speed": []}
 
-    timed_sources = sources[: args.speed_sentences]
+    timed_sources = source_pieces(task, splits[0])[: args.speed_sentences]
     for batch_size in batch_sizes:
         timings = []
         for repeat in range(args.repeats + 1):  # the first pass warms up
@@ -308,8 +333,10 @@ def run_in_child(context, name, target_args):
     return result
 
 
-def compare_exports(models, outputs):
-    """Each export beside the fairseq checkpoint (and peer) it came from, when that is in the run."""
+def compare_exports(models, outputs, split):
+    """Each export beside the fairseq checkpoint (and peer) it came from, when that is in the report: on
+    ``split``, the share of identical translations (``outputs``: name -> translations) and the BLEU
+    difference."""
     for m in models:
         if m["backend"] != "ctranslate2":
             continue
@@ -319,20 +346,25 @@ def compare_exports(models, outputs):
         same = sum(a == b for a, b in zip(outputs[m["name"]], outputs[origin["name"]]))
         m["compared_with"] = origin["name"]
         m["identical_share"] = round(same / len(outputs[m["name"]]), 4)
-        m["bleu_difference"] = round(m["bleu"] - origin["bleu"], 2)
+        m["bleu_difference"] = round(m[split]["bleu"] - origin[split]["bleu"], 2)
 
 
 def markdown_table(report):
-    batch_sizes = [s["batch_size"] for s in report["models"][0]["speed"]]
+    settings, machine = report["settings"], report["machine"]
+    primary, others = settings["splits"][0], settings["splits"][1:]
     header = ["model", "backend", "params", "compression", "weights MB", "BLEU", "length ratio", "chrF", "TER",
               "BLEU retention"]
-    header += [f"sent/s b{b}" for b in batch_sizes] + ["peak memory MB"]
+    header += [f"BLEU {split}" for split in others] + [f"sent/s b{b}" for b in settings["batch_sizes"]]
+    header += ["peak memory MB"]
     lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
     for m in report["models"]:
+        scores = m[primary]
         retention = "n/a" if m["bleu_retention"] is None else f"{m['bleu_retention']:.1%}"
         backend = m["backend"] if m["backend"] == "fairseq" else f"ct2 {m['quantization']}" + (" vmap" if m["vmap"] else "")
         row = [m["name"], backend, f"{m['params'] / 1e6:.2f} M", f"{m['compression']:.2f}x", f"{m['weights_mb']:.1f}",
-               f"{m['bleu']:.2f}", f"{m['length_ratio']:.3f}", f"{m['chrf']:.2f}", f"{m['ter']:.2f}", retention]
+               f"{scores['bleu']:.2f}", f"{scores['length_ratio']:.3f}", f"{scores['chrf']:.2f}", f"{scores['ter']:.2f}",
+               retention]
+        row += [f"{m[split]['bleu']:.2f}" for split in others]
         row += [f"{s['sentences_per_s']:.1f}" for s in m["speed"]] + [f"{m['peak_memory_mb']:.0f}"]
         lines.append("| " + " | ".join(row) + " |")
     exports = [m for m in report["models"] if "compared_with" in m]
@@ -340,16 +372,14 @@ def markdown_table(report):
         lines += ["", "| export | compared with | identical translations | BLEU difference |", "|---|---|---:|---:|"]
         lines += [f"| {m['name']} | {m['compared_with']} | {m['identical_share']:.1%} | {m['bleu_difference']:+.2f} |"
                   for m in exports]
-    machine = report["machine"]
-    settings = report["settings"]
+    speed = (f"; speed: first {settings['speed_sentences']} sentences sorted by length, median of"
+             f" {settings['repeats']} after a warm-up pass" if settings["batch_sizes"] else "")
     lines += [
         "",
-        f"{settings['split']} ({settings['sentences']} sentences), beam {settings['beam']}, length limit"
-        f" {settings['max_len_a']} x source + {settings['max_len_b']}; speed: first {settings['speed_sentences']}"
-        f" sentences sorted by length, median of {settings['repeats']} after a warm-up pass;"
-        f" {machine['device']}, {machine['cpu']}, {settings['threads']} threads; torch {machine['torch']},"
-        f" fairseq {machine['fairseq']}.",
-        f"{report['models'][0]['bleu_signature']}",
+        f"{primary} ({settings['sentences'][primary]} sentences), beam {settings['beam']}, length limit"
+        f" {settings['max_len_a']} x source + {settings['max_len_b']}{speed}; {machine['device']}, {machine['cpu']},"
+        f" {settings['threads']} threads; torch {machine['torch']}, fairseq {machine['fairseq']}.",
+        f"{report['models'][0][primary]['bleu_signature']}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -360,64 +390,122 @@ def plot(report, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    batch_size = max(s["batch_size"] for s in report["models"][0]["speed"])
+    settings = report["settings"]
+    primary, batch_size = settings["splits"][0], max(settings["batch_sizes"])
     fig, ax = plt.subplots(figsize=(6, 4))
     largest = max(m["params"] for m in report["models"])
     for m in report["models"]:
         speed = next(s["sentences_per_s"] for s in m["speed"] if s["batch_size"] == batch_size)
-        ax.scatter(speed, m["bleu"], s=600 * m["params"] / largest, alpha=0.6,
+        ax.scatter(speed, m[primary]["bleu"], s=600 * m["params"] / largest, alpha=0.6,
                    marker="o" if m["backend"] == "fairseq" else "s")
-        ax.annotate(f"{m['name']} ({m['params'] / 1e6:.1f} M)", (speed, m["bleu"]), textcoords="offset points",
-                    xytext=(6, 6), fontsize=8)
+        ax.annotate(f"{m['name']} ({m['params'] / 1e6:.1f} M)", (speed, m[primary]["bleu"]),
+                    textcoords="offset points", xytext=(6, 6), fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel(f"sentences/s, batch {batch_size}, beam {report['settings']['beam']} (circles fairseq,"
-                  " squares CTranslate2)")
-    ax.set_ylabel(f"BLEU ({report['settings']['split']})")
-    ax.set_title(f"quality vs throughput ({report['machine']['device']}, {report['settings']['threads']} threads)",
-                 fontsize=9)
+    ax.set_xlabel(f"sentences/s, batch {batch_size}, beam {settings['beam']} (circles fairseq, squares CTranslate2)")
+    ax.set_ylabel(f"BLEU ({primary})")
+    ax.set_title(f"quality vs throughput ({report['machine']['device']}, {settings['threads']} threads)", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def write_report(report, outputs, out_prefix):
+    """Ratios against the first model, export comparisons, then PREFIX.json, .md and (with speed) .png;
+    ``outputs`` maps each model to its translations of the first split."""
+    primary = report["settings"]["splits"][0]
+    reference = report["models"][0]
+    for m in report["models"]:
+        m["param_ratio"] = round(m["params"] / reference["params"], 4)
+        m["compression"] = reference["params"] / m["params"]
+        m["bleu_retention"] = m[primary]["bleu"] / reference[primary]["bleu"] if reference[primary]["bleu"] > 0 else None
+    compare_exports(report["models"], outputs, primary)
+    with open(out_prefix + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    table = markdown_table(report)
+    with open(out_prefix + ".md", "w") as f:
+        f.write(table)
+    if report["settings"]["batch_sizes"]:
+        plot(report, out_prefix + ".png")
+    print(table, end="")
+
+
+# settings that must agree for reports to share a table
+COMPARABLE = ("splits", "sentences", "beam", "max_len_a", "max_len_b", "lenpen", "post_process", "batch_sizes",
+              "threads", "speed_sentences", "repeats")
+
+
+def read_translations(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f]
+    except OSError as e:
+        raise FairseqKDError(f"--merge: cannot read the translations {path} ({e.strerror}); evaluate again") from None
+
+
+def merge(paths, out_prefix):
+    """One report from the reports of earlier runs, their models in order."""
+    reports = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                reports.append(json.load(f))
+            reports[-1]["settings"]["splits"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise FairseqKDError(f"--merge: {path} is not a fairseq-kd-eval report ({e}); give PREFIX.json files") from None
+    first = reports[0]["settings"]
+    for path, report in zip(paths[1:], reports[1:]):
+        differ = [key for key in COMPARABLE if report["settings"].get(key) != first.get(key)]
+        if differ:
+            raise FairseqKDError(
+                f"--merge: {path} was evaluated with other settings than {paths[0]} ({', '.join(differ)}); evaluate"
+                " the models with the same options"
+            )
+    models = [m for report in reports for m in report["models"]]
+    names = [m["name"] for m in models]
+    if len(set(names)) != len(names):
+        raise FairseqKDError(f"--merge: the reports name some models twice ({' '.join(names)}); give each once")
+    primary = first["splits"][0]
+    outputs = {}
+    if any(m["backend"] == "ctranslate2" for m in models):  # compared with their checkpoints
+        outputs = {m["name"]: read_translations(m["translations"][primary]) for m in models}
+    write_report({"machine": reports[0]["machine"], "settings": first, "models": models}, outputs, out_prefix)
+
+
 def main(argv=None):
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
                         stream=sys.stdout, force=True)
     args = get_parser().parse_args(argv)
-    named = parse_checkpoints(args.checkpoints)
-    batch_sizes, decoding = check_arguments(args)
-    task = setup_task(args)
-    references = load_references(args, task)
+    if args.merge:
+        merge(args.merge, args.out_prefix)
+        return
+    named = parse_checkpoints(args.checkpoints or [])
+    splits, reference_files, batch_sizes, decoding = check_arguments(args)
+    task = setup_task(args, splits)
+    references = {split: load_references(args, task, split, path) for split, path in zip(splits, reference_files)}
     context = multiprocessing.get_context("spawn")
     models, outputs = [], {}
     for name, path in named:
-        record, outputs[name] = run_in_child(context, name, (args, name, path, batch_sizes, decoding, references))
+        record, translations = run_in_child(context, name, (args, name, path, batch_sizes, decoding, references))
+        record["translations"] = {}
+        for split, lines in translations.items():
+            record["translations"][split] = f"{args.out_prefix}.{name}.{split}.txt"
+            with open(record["translations"][split], "w", encoding="utf-8") as f:
+                f.writelines(line + "\n" for line in lines)
         models.append(record)
-        with open(f"{args.out_prefix}.{name}.txt", "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in outputs[name])
-    reference = models[0]
-    for m in models:
-        m["compression"] = reference["params"] / m["params"]
-        m["bleu_retention"] = m["bleu"] / reference["bleu"] if reference["bleu"] > 0 else None
-    compare_exports(models, outputs)
+        outputs[name] = translations[splits[0]]
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     report = {
         "machine": machine_description(device),
-        "settings": {"data": args.data, "split": args.split, "sentences": len(references), "beam": args.beam,
-                     "max_len_a": args.max_len_a, "max_len_b": args.max_len_b, "lenpen": args.lenpen,
-                     "threads": args.threads, "speed_sentences": min(args.speed_sentences, len(references)),
+        "settings": {"data": args.data, "splits": splits, "sentences": {s: len(r) for s, r in references.items()},
+                     "beam": args.beam, "max_len_a": args.max_len_a, "max_len_b": args.max_len_b, "lenpen": args.lenpen,
+                     "threads": args.threads, "batch_sizes": batch_sizes,
+                     "speed_sentences": min(args.speed_sentences, len(references[splits[0]])),
                      "repeats": args.repeats, "post_process": args.post_process},
         "models": models,
     }
-    with open(args.out_prefix + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    table = markdown_table(report)
-    with open(args.out_prefix + ".md", "w") as f:
-        f.write(table)
-    plot(report, args.out_prefix + ".png")
-    print(table, end="")
-    logger.info(f"wrote {args.out_prefix}.json, .md, .png and the translations, {args.out_prefix}.NAME.txt")
+    write_report(report, outputs, args.out_prefix)
+    logger.info(f"wrote {args.out_prefix}.json, .md, .png and the translations, {args.out_prefix}.NAME.SPLIT.txt")
 
 
 if __name__ == "__main__":

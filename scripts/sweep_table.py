@@ -1,4 +1,4 @@
-"""Collect the score.py records of a T x alpha sweep (examples/multi30k/sweep.sh, names
+"""Collect the fairseq-kd-eval reports of a T x alpha sweep (examples/multi30k/sweep.sh, names
 ``sweep-SCHEDULE-T<T>-a<alpha>``) into a grid of test BLEU: a Markdown table (stdout, valid BLEU in
 brackets), OUT.json and a heat map OUT.png.
 
@@ -13,11 +13,11 @@ NAME = re.compile(r"-T([0-9.]+)-a([0-9.]+)$")
 
 
 def read_grid(paths):
-    """``(temperatures, alphas, records by (T, alpha))`` from score.py JSON files, values sorted."""
+    """``(temperatures, alphas, records by (T, alpha))`` from one-model fairseq-kd-eval reports, values sorted."""
     records = {}
     for path in paths:
         with open(path) as f:
-            record = json.load(f)
+            record = json.load(f)["models"][0]
         match = NAME.search(record["name"])
         if not match:
             sys.exit(f"error: {path}: record name {record['name']!r} does not end in -T<temperature>-a<alpha>")
@@ -64,7 +64,7 @@ def heat_map(temperatures, alphas, records, path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("records", nargs="+", help="score.py JSON files")
+    parser.add_argument("records", nargs="+", help="fairseq-kd-eval reports (PREFIX.json), one model each")
     parser.add_argument("--out", required=True, help="writes OUT.json and OUT.png")
     args = parser.parse_args()
     temperatures, alphas, records = read_grid(args.records)
@@ -73,7 +73,7 @@ def main():
     heat_map(temperatures, alphas, records, args.out + ".png")
     any_record = next(iter(records.values()))
     print(markdown(temperatures, alphas, records))
-    print(f"\ntest BLEU (valid BLEU); BLEU: {any_record['bleu_signature']}")
+    print(f"\ntest BLEU (valid BLEU); BLEU: {any_record['test']['bleu_signature']}")
 
 
 if __name__ == "__main__":

@@ -71,16 +71,18 @@ def test_rerun_skips_finished_stages_and_prints_the_table(demo):
         assert f"[{stage}] running" in finished.stdout
     table = (tmp_path / "work" / "results.md").read_text()
     names = ["teacher", "student-no-kd", "student-word-kd", "student-seq-kd", "student-seq-word-kd"]
-    rows = [line for line in table.splitlines() if re.match(r"\| (teacher|student)", line)]
+    rows = [line for line in table.split("\n\n")[0].splitlines() if re.match(r"\| (teacher|student)", line)]
     # the best student by valid BLEU, exported to CTranslate2 int8, closes the table
-    records = {name: json.loads((tmp_path / "work" / "results" / f"{name}.json").read_text()) for name in names}
+    records = {name: json.loads((tmp_path / "work" / "results" / f"{name}.json").read_text())["models"][0]
+               for name in names}
     best = max(names[1:], key=lambda name: records[name]["valid"]["bleu"])
     assert [row.split("|")[1].strip() for row in rows] == [*names, f"{best}-ct2-int8"]
     manifest = json.loads((tmp_path / "work" / f"{best}-ct2-int8" / "fairseq_kd_export.json").read_text())
     assert manifest["quantization"] == "int8" and manifest["source_checkpoint"].endswith(f"{best}/checkpoint_last.pt")
-    exported = json.loads((tmp_path / "work" / "results" / f"{best}-ct2-int8.json").read_text())
+    exported = json.loads((tmp_path / "work" / "results" / f"{best}-ct2-int8.json").read_text())["models"][0]
     assert exported["params"] == records[best]["params"] and exported["test"]["sentences"] == SPLITS["test_2016_flickr"]
-    assert "BLEU: nrefs:1|case:mixed" in table
+    assert f"| {best}-ct2-int8 | {best} |" in table  # the export beside the checkpoint it came from
+    assert "nrefs:1|case:mixed" in table and json.loads((tmp_path / "work" / "results.json").read_text())["models"]
     # the distilled corpus is in the training source's order: line i of its source is line i of the original
     distilled_src = (tmp_path / "work" / "distill" / "train.en").read_text().splitlines()
     original_src = (tmp_path / "work" / "subword" / "train.en").read_text().splitlines()
@@ -125,7 +127,7 @@ def test_progressive_distillation_chains_the_models(demo):
                 for arch in ("transformer_student_small", "transformer_student_tiny")]
     assert teachers == [str(work / "student-seq-kd" / "checkpoint_last.pt"),
                         str(work / "progressive-transformer_student_small" / "checkpoint_last.pt")]
-    rows = [line.split("|")[1].strip() for line in (work / "progressive.md").read_text().splitlines()[2:6]]
+    rows = [line.split("|")[1].strip() for line in (work / "results" / "progressive.md").read_text().splitlines()[2:6]]
     assert rows == ["teacher", "student-word-kd", "progressive-transformer_student_small",
                     "progressive-transformer_student_tiny"]
     # another chain would reuse these stages' results
@@ -150,7 +152,6 @@ def test_intermediate_layer_comparison(demo):
 def test_strategies_against_plain_kd(demo):
     refused = run_demo(demo[0], "strategies.sh", STRATEGIES="strategy-mi strategy-magic")
     assert refused.returncode == 1 and "STRATEGIES names 'strategy-magic'; choose from: strategy-temperature-cosine" in refused.stderr
-    run_after_demo(demo, "progressive.sh", PROGRESSION=progression(demo[0] / "work"))  # (done if its test ran)
     # the others are criterion flags, each run end to end by test_cli.py
     work = run_after_demo(demo, "strategies.sh", STRATEGIES="strategy-two-teachers-confidence strategy-dml")
     teacher_2 = str(work / "teacher-2" / "checkpoint_last.pt")
@@ -159,17 +160,34 @@ def test_strategies_against_plain_kd(demo):
     assert manifest["teacher_weighting"] == "confidence"
     assert "'seed': 2" in (work / "teacher-2.log").read_text()
     table = (work / "strategies.md").read_text().splitlines()
-    # progressive.sh's last student closes the table
-    assert [row.split("|")[1].strip() for row in table[2:9]] == [
+    assert [row.split("|")[1].strip() for row in table[2:8]] == [
         "teacher", "student-no-kd", "student-word-kd", "strategy-two-teachers-confidence",
-        "strategy-dml-a", "strategy-dml-b", "progressive-transformer_student_tiny"]
+        "strategy-dml-a", "strategy-dml-b"]
     curve = table[table.index("| valid NLL (bits/token) at update | 2 |"):]
-    assert [row.split("|")[1].strip() for row in curve[2:7]] == [
-        "student-no-kd", "student-word-kd", "strategy-two-teachers-confidence", "strategy-dml",
-        "progressive-transformer_student_tiny"]
-    peers = [json.loads((work / "results" / f"strategy-dml-{p}.json").read_text()) for p in "ab"]
-    student = json.loads((work / "results" / "student-no-kd.json").read_text())
+    assert [row.split("|")[1].strip() for row in curve[2:6]] == [
+        "student-no-kd", "student-word-kd", "strategy-two-teachers-confidence", "strategy-dml"]
+    peers = [json.loads((work / "results" / f"strategy-dml-{p}.json").read_text())["models"][0] for p in "ab"]
+    student = json.loads((work / "results" / "student-no-kd.json").read_text())["models"][0]
     assert peers[0]["params"] == peers[1]["params"] == student["params"]
+
+
+def test_stages_refuse_changed_settings_and_inputs(demo):
+    """A finished stage is not reused for other settings or for inputs rebuilt since: the re-run stops at it,
+    naming what changed."""
+    tmp_path, _, finished = demo
+    assert finished.returncode == 0
+    changed = run_demo(tmp_path, KD_ALPHA="0.3")
+    assert changed.returncode == 1
+    assert "stage 'student-word-kd'" in changed.stderr and "it ran with --kd-alpha 0.5, now --kd-alpha 0.3" in changed.stderr
+    teacher = tmp_path / "work" / "teacher" / "checkpoint_last.pt"
+    before = teacher.stat()
+    os.utime(teacher)  # as if the teacher had been trained again
+    try:
+        rebuilt = run_demo(tmp_path)
+    finally:
+        os.utime(teacher, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert rebuilt.returncode == 1 and "stage 'distill'" in rebuilt.stderr and f"file {teacher}" in rebuilt.stderr
+    assert "[teacher] finished earlier, skipping" in rebuilt.stdout
 
 
 def test_prepare_with_bpe_and_a_training_prefix(tmp_path):

@@ -27,7 +27,7 @@ def report(data_bin, teacher, codes, tmp_path_factory):
     train_student(data_bin, tmp / "student", "--kd-alpha", "0", "--max-epoch", "2")
     export(teacher, data_bin, codes, tmp / "teacher-ct2", "--quantization", "float32")
     proc = evaluate(data_bin, f"teacher={teacher}", f"student={tmp / 'student' / 'checkpoint_last.pt'}",
-                    f"teacher-ct2={tmp / 'teacher-ct2'}", out=tmp / "eval")
+                    f"teacher-ct2={tmp / 'teacher-ct2'}", out=tmp / "eval", extra=("--split", "test,valid"))
     return tmp, proc.stdout
 
 
@@ -38,9 +38,11 @@ def test_report_fields_are_present_and_sane(report):
     assert [teacher["name"], student["name"], exported["name"]] == ["teacher", "student", "teacher-ct2"]
     assert [m["backend"] for m in result["models"]] == ["fairseq", "fairseq", "ctranslate2"]
     for m in result["models"]:
-        for metric in ("bleu", "chrf"):
-            assert 0 <= m[metric] <= 100
-        assert m["ter"] >= 0 and "nrefs:1" in m["bleu_signature"] and m["length_ratio"] > 0
+        for split in ("test", "valid"):
+            for metric in ("bleu", "chrf"):
+                assert 0 <= m[split][metric] <= 100
+            assert m[split]["ter"] >= 0 and "nrefs:1" in m[split]["bleu_signature"] and m[split]["length_ratio"] > 0
+            assert m[split]["sentences"] == 40
         assert m["params"] == m["embedding_params"] + m["non_embedding_params"] > 0
         assert 0 < m["weights_mb"] <= m["file_mb"]  # checkpoints also hold the optimizer state, exports more files
         assert [s["batch_size"] for s in m["speed"]] == [1, 4]
@@ -52,14 +54,34 @@ def test_report_fields_are_present_and_sane(report):
     assert exported["params"] == teacher["params"] and exported["compared_with"] == "teacher"
     assert exported["identical_share"] == 1.0 and exported["bleu_difference"] == 0
     assert "compared_with" not in student
-    assert (tmp / "eval.teacher-ct2.txt").read_text() == (tmp / "eval.teacher.txt").read_text()
+    assert (tmp / "eval.teacher-ct2.test.txt").read_text() == (tmp / "eval.teacher.test.txt").read_text()
+    assert exported["translations"]["valid"] == f"{tmp}/eval.teacher-ct2.valid.txt"
     assert student["compression"] == pytest.approx(teacher["params"] / student["params"])
-    assert result["settings"]["threads"] == 1 and result["settings"]["sentences"] == 40
+    assert student["param_ratio"] == pytest.approx(student["params"] / teacher["params"], abs=1e-4)
+    assert result["settings"]["threads"] == 1 and result["settings"]["sentences"] == {"test": 40, "valid": 40}
     assert result["machine"]["torch"] and result["machine"]["cpu_count"] >= 1
     table = (tmp / "eval.md").read_text()
     assert "| teacher |" in table and "| student |" in table and "sent/s b4" in table and table in stdout
+    assert "BLEU valid" in table
     assert "| teacher-ct2 | teacher | 100.0% | +0.00 |" in table
     assert (tmp / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reports_of_separate_runs_merge_into_one_table(report, data_bin, teacher, tmp_path):
+    tmp, _ = report
+    quick = ("--split", "test,valid", "--no-speed")
+    evaluate(data_bin, f"teacher={teacher}", out=tmp_path / "teacher", extra=quick)
+    evaluate(data_bin, f"teacher-ct2={tmp / 'teacher-ct2'}", out=tmp_path / "export", extra=quick)
+    assert not (tmp_path / "teacher.png").exists()  # no speed, no speed plot
+    proc = run("fairseq-kd-eval", "--merge", tmp_path / "teacher.json", tmp_path / "export.json",
+               "--out-prefix", tmp_path / "all")
+    merged = json.loads((tmp_path / "all.json").read_text())
+    assert [m["name"] for m in merged["models"]] == ["teacher", "teacher-ct2"]
+    assert merged["models"][1]["identical_share"] == 1.0 and merged["models"][1]["bleu_retention"] == 1.0
+    assert "| teacher-ct2 | teacher | 100.0% | +0.00 |" in proc.stdout
+    proc = run("fairseq-kd-eval", "--merge", tmp_path / "teacher.json", tmp / "eval.json", "--out-prefix",
+               tmp_path / "mixed", expect_ok=False)
+    assert proc.returncode != 0 and "was evaluated with other settings" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_missing_checkpoint(data_bin, tmp_path):
@@ -86,6 +108,7 @@ def test_empty_split(tmp_path):
     (("--batch-sizes", ","), "must name at least one batch size"),
     (("--reference", "{tmp}/nope.de"), "--reference {tmp}/nope.de: cannot read it"),
     (("--max-len-b", "0"), "--max-len-b >= 1"),
+    (("--split", "test,valid", "--reference", "{tmp}/a.de"), "--reference names 1 files for 2 splits"),
 ])
 def test_bad_settings_are_refused_before_decoding(data_bin, teacher, tmp_path, extra, message):
     extra = [e.format(tmp=tmp_path) for e in extra]

@@ -1,6 +1,5 @@
 """The scoring scripts the recipes rely on."""
 import importlib.util
-import json
 import subprocess
 import sys
 
@@ -28,25 +27,6 @@ def test_hypotheses_are_put_back_in_corpus_order(tmp_path):
     assert generate_log.hypotheses_in_corpus_order(log, 3, kind="H") == ["▁eins", "", "▁dr ei"]
     with pytest.raises(SystemExit, match="no hypothesis for 1 sentences"):
         generate_log.hypotheses_in_corpus_order(log, 4)
-
-
-def test_results_table_reports_retention_against_the_first_model(tmp_path):
-    records = []
-    # the teacher's record predates the length ratio
-    for name, params, bleu, ratio in (("teacher", 8_000_000, 40.0, None), ("student", 2_000_000, 38.0, 1.05)):
-        test = dict(bleu=bleu, chrf=60.0, sentences=1000, **({"length_ratio": ratio} if ratio else {}))
-        record = dict(name=name, params=params, test=test,
-                      valid=dict(bleu=bleu + 1, chrf=61.0, sentences=1014), bleu_signature="sig",
-                      chrf_signature="sig", decode_seconds=10.0, threads=1)
-        (tmp_path / f"{name}.json").write_text(json.dumps(record))
-        records.append(str(tmp_path / f"{name}.json"))
-    out = subprocess.run(
-        [sys.executable, REPO / "scripts" / "results_table.py", "--json", tmp_path / "all.json", *records],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    assert "| teacher | 8.00 M | 100 % | 40.00 | - | 60.00 | 100.0 % | 41.00 | 10 |" in out
-    assert "| student | 2.00 M | 25 % | 38.00 | 1.050 | 60.00 | 95.0 % | 39.00 | 10 |" in out
-    assert [r["bleu_retention"] for r in json.loads((tmp_path / "all.json").read_text())] == [1.0, 0.95]
 
 
 def test_distilled_corpus_restores_order_and_drops_degenerate_outputs(tmp_path):

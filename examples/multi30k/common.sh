@@ -13,44 +13,43 @@ case "$CONFIG" in
           "${WARMUP_UPDATES:=300}" "${DISTILL_BEAM:=5}" "${BEAM:=5}" ;;
     *) echo "error: CONFIG must be quick or full, got '$CONFIG'" >&2; exit 2 ;;
 esac
-export TRAIN_SENTENCES
 WORK=${WORK:-$ROOT/work/multi30k-$SRC-$TGT-$CONFIG}
 STUDENT_ARCH=${STUDENT_ARCH:-transformer_student_tiny}
 KD_ALPHA=${KD_ALPHA:-0.5}
 KD_TEMPERATURE=${KD_TEMPERATURE:-1}
 KD_TOPK=${KD_TOPK:-8}
 SUBWORDS=${SUBWORDS:-spm}
-export SUBWORDS
+VOCAB_SIZE=${VOCAB_SIZE:-8000}
 DISTILL_UNION=${DISTILL_UNION:-0}
-DEVICE_FLAGS=${DEVICE_FLAGS---cpu}
+read -r -a DEVICE_FLAGS <<< "${DEVICE_FLAGS---cpu}"
 # outputs longer than 1.2 x source + 10 subwords are runaway repetitions; bounding them keeps an
 # undertrained model from decoding to fairseq's default limit of 200
-LENGTH_FLAGS="--max-len-a 1.2 --max-len-b 10"
+LENGTH_FLAGS=(--max-len-a 1.2 --max-len-b 10)
 # fairseq drops a last batch whose size is not a multiple of --required-batch-size-multiple (default 8):
 # decoding would silently skip the longest sentences
-DECODE_FLAGS="$LENGTH_FLAGS --required-batch-size-multiple 1 --max-tokens 8000"
+DECODE_FLAGS=("${LENGTH_FLAGS[@]}" --required-batch-size-multiple 1 --max-tokens 8000)
 if [ -z "${MULTI30K_DIR:-}" ] && [ -d "$ROOT/../shared/data/multi30k" ]; then
     MULTI30K_DIR=$ROOT/../shared/data/multi30k
 fi
-export MULTI30K_DIR
 DATA=$WORK/data-bin
 case "$SUBWORDS" in
     spm) POST_PROCESS=sentencepiece SUBWORD_MODEL=(--sentencepiece-model "$WORK/subword/spm.model") ;;
     *) POST_PROCESS=subword_nmt SUBWORD_MODEL=(--bpe-codes "$WORK/subword/bpe.codes") ;;
 esac
 DISTILLED=$WORK/distill
-OPTIM_FLAGS="--optimizer adam --adam-betas (0.9,0.98) --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates $WARMUP_UPDATES --clip-norm 1.0"
-BATCH_FLAGS="--max-tokens $MAX_TOKENS --seed 1"
-LOG_FLAGS="--no-epoch-checkpoints --log-format simple --log-interval 50"
-TEACHER_FLAGS="--arch transformer --share-all-embeddings --encoder-layers 3 --decoder-layers 3
+OPTIM_FLAGS=(--optimizer adam --adam-betas "(0.9,0.98)" --lr 1e-3 --lr-scheduler inverse_sqrt
+    --warmup-updates "$WARMUP_UPDATES" --clip-norm 1.0)
+BATCH_FLAGS=(--max-tokens "$MAX_TOKENS" --seed 1)
+LOG_FLAGS=(--no-epoch-checkpoints --log-format simple --log-interval 50)
+TEACHER_FLAGS=(--arch transformer --share-all-embeddings --encoder-layers 3 --decoder-layers 3
     --encoder-embed-dim 256 --decoder-embed-dim 256 --encoder-ffn-embed-dim 1024 --decoder-ffn-embed-dim 1024
-    --encoder-attention-heads 4 --decoder-attention-heads 4 --dropout 0.2"
-STUDENT_FLAGS="--arch $STUDENT_ARCH --share-all-embeddings --dropout 0.1"
+    --encoder-attention-heads 4 --decoder-attention-heads 4 --dropout 0.2)
+STUDENT_FLAGS=(--arch "$STUDENT_ARCH" --share-all-embeddings --dropout 0.1)
 
 mkdir -p "$WORK"
 
-# the log lines a stage shows: fairseq's training progress and summaries, our scripts' own messages
-PROGRESS='train_inner|\| (train|valid) \||\| fairseq_kd\.topk_cache \||shard [0-9]+:|^\[|error|BLEU'
+# the log lines a stage shows: fairseq's training progress and summaries, our tools' own messages
+PROGRESS='train_inner|\| (train|valid) \||\| fairseq_kd\.(build_cache|evaluate) \||shard [0-9]+:|^\[|error|BLEU'
 
 # line by line as they come (mawk, Debian's awk, reads a pipe in blocks and would show them late)
 show_progress() {
@@ -60,31 +59,78 @@ show_progress() {
     done
 }
 
-# stage NAME LOG COMMAND...: run once; show its progress; stop with the log's name on failure
-stage() {
-    local name=$1 log=$2
-    shift 2
-    if [ -f "$WORK/.done-$name" ]; then
-        echo "[$name] finished earlier, skipping"
+# cmd COMMAND...: a command of a stage. A stage runs its commands through cmd so that it can also be listed
+# (STAGE_LIST set): its command lines, and the size and time of every existing file they name (also as
+# NAME=FILE), without running anything.
+cmd() {
+    if [ -z "${STAGE_LIST:-}" ]; then
+        "$@"
         return
+    fi
+    local arg
+    printf '%q ' "$@" >> "$STAGE_LIST"
+    printf '\n' >> "$STAGE_LIST"
+    for arg in "$@"; do
+        if [ -f "${arg#*=}" ]; then echo "file ${arg#*=} $(stat -c '%s bytes, modified %y' "${arg#*=}")" >> "$STAGE_LIST"; fi
+    done
+}
+
+# stage NAME LOG FUNCTION ARGS...: run a stage once, showing its progress, stopping with the log's name on
+# failure. Its record, WORK/.stage-NAME, holds its listing as it finished; a later run skips the stage when
+# the listing is the same and stops, naming the difference, when settings or input files have changed.
+stage() {
+    local name=$1 log=$2 record=$WORK/.stage-$1
+    shift 2
+    if [ -f "$record" ]; then
+        STAGE_LIST=$record.now "$@" > /dev/null
+        if cmp -s "$record" "$record.now"; then
+            rm "$record.now"
+            echo "[$name] finished earlier, skipping"
+            return
+        fi
+        echo "error: stage '$name' in $WORK ran with other settings or inputs: $(changes "$record" "$record.now");" \
+            "use another WORK, or delete $record and the stage's outputs to run it again" >&2
+        rm "$record.now"
+        exit 1
     fi
     echo "[$name] running, log: $log"
     if ! "$@" 2>&1 | tee "$log" | show_progress; then
         echo "error: stage '$name' failed; see $log" >&2
         exit 1
     fi
-    touch "$WORK/.done-$name"
+    rm -f "$record.tmp"
+    STAGE_LIST=$record.tmp "$@" > /dev/null
+    mv "$record.tmp" "$record"
+}
+
+# what differs between two stage listings: the first changed line, as the options or words only one has
+changes() {  # OLD NEW
+    local old new
+    old=$(diff "$1" "$2" | sed -n 's/^< //p' | head -1)
+    new=$(diff "$1" "$2" | sed -n 's/^> //p' | head -1)
+    if [[ $old == file* || $new == file* ]]; then
+        echo "${old:-$new} ${new:+-> now ${new#file }}"
+        return
+    fi
+    # '--option value' as one word, so that a changed value is shown with its option
+    words() { awk '{ for (i = 1; i <= NF; i++) { w = $i; if (w ~ /^--/ && i < NF && $(i + 1) !~ /^--/) w = w " " $(++i); print w } }' <<< "$1" | sort; }
+    echo "it ran with $(comm -23 <(words "$old") <(words "$new") | paste -sd ' '), now $(comm -13 <(words "$old") <(words "$new") | paste -sd ' ')"
 }
 
 # require_stages NAME...: stop unless run.sh has finished these stages in $WORK
 require_stages() {
     local needed
     for needed in "$@"; do
-        if [ ! -f "$WORK/.done-$needed" ]; then
+        if [ ! -f "$WORK/.stage-$needed" ]; then
             echo "error: $WORK has no finished '$needed' stage; run examples/multi30k/run.sh with the same settings first" >&2
             exit 1
         fi
     done
+}
+
+prepare_data() {
+    cmd env SUBWORDS="$SUBWORDS" VOCAB_SIZE="$VOCAB_SIZE" TRAIN_SENTENCES="$TRAIN_SENTENCES" \
+        MULTI30K_DIR="$MULTI30K_DIR" bash "$ROOT/scripts/prepare-multi30k.sh" "$WORK" "$SRC" "$TGT"
 }
 
 # --user-dir: fairseq-train resumes from checkpoint_last.pt, which torch >= 2.6 reads only with the
@@ -92,98 +138,80 @@ require_stages() {
 train_teacher() {  # SAVE_DIR EXTRA_FLAGS...
     local dir=$1
     shift
-    fairseq-train "$DATA" --user-dir "$ROOT/fairseq_kd" \
-        $TEACHER_FLAGS \
-        --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
-        $OPTIM_FLAGS \
-        $BATCH_FLAGS --max-update "$TEACHER_UPDATES" $DEVICE_FLAGS \
-        $LOG_FLAGS --save-dir "$dir" "$@"
+    cmd fairseq-train "$DATA" --user-dir "$ROOT/fairseq_kd" "${TEACHER_FLAGS[@]}" \
+        --criterion label_smoothed_cross_entropy --label-smoothing 0.1 "${OPTIM_FLAGS[@]}" \
+        "${BATCH_FLAGS[@]}" --max-update "$TEACHER_UPDATES" "${DEVICE_FLAGS[@]}" "${LOG_FLAGS[@]}" --save-dir "$dir" "$@"
 }
 
 train_student() {  # NAME DATA_BIN EXTRA_FLAGS...
     local name=$1 data=$2
     shift 2
-    fairseq-train "$data" --user-dir "$ROOT/fairseq_kd" --task translation_distillation \
-        $STUDENT_FLAGS \
-        --criterion kd_label_smoothed_cross_entropy --label-smoothing 0.1 "$@" \
-        $OPTIM_FLAGS \
-        $BATCH_FLAGS --max-update "$STUDENT_UPDATES" $DEVICE_FLAGS \
-        $LOG_FLAGS --save-dir "$WORK/$name"
+    cmd fairseq-train "$data" --user-dir "$ROOT/fairseq_kd" --task translation_distillation "${STUDENT_FLAGS[@]}" \
+        --criterion kd_label_smoothed_cross_entropy --label-smoothing 0.1 "$@" "${OPTIM_FLAGS[@]}" \
+        "${BATCH_FLAGS[@]}" --max-update "$STUDENT_UPDATES" "${DEVICE_FLAGS[@]}" "${LOG_FLAGS[@]}" --save-dir "$WORK/$name"
 }
 
 # the teacher beam-decodes the training source; its outputs, in corpus order and without degenerate ones,
 # are binarized with the teacher's dictionaries
 distill_corpus() {
     mkdir -p "$DISTILLED"
-    fairseq-generate "$DATA" --user-dir "$ROOT/fairseq_kd" --path "$WORK/teacher/checkpoint_last.pt" \
-        --gen-subset train --beam "$DISTILL_BEAM" $DECODE_FLAGS $DEVICE_FLAGS \
-        > "$DISTILLED/train.generate.log"
-    python "$ROOT/scripts/distilled_corpus.py" --generate-log "$DISTILLED/train.generate.log" \
+    cmd fairseq-generate "$DATA" --user-dir "$ROOT/fairseq_kd" --path "$WORK/teacher/checkpoint_last.pt" \
+        --gen-subset train --beam "$DISTILL_BEAM" "${DECODE_FLAGS[@]}" "${DEVICE_FLAGS[@]}" --results-path "$DISTILLED"
+    local union=()
+    if [ "$DISTILL_UNION" = 1 ]; then union=(--union); fi
+    cmd python "$ROOT/scripts/distilled_corpus.py" --generate-log "$DISTILLED/generate-train.txt" \
         --source "$WORK/subword/train.$SRC" --target "$WORK/subword/train.$TGT" \
-        --out-prefix "$DISTILLED/train" --src "$SRC" --tgt "$TGT" $([ "$DISTILL_UNION" = 1 ] && echo --union)
-    fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" \
+        --out-prefix "$DISTILLED/train" --src "$SRC" --tgt "$TGT" "${union[@]}"
+    cmd fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" \
         --trainpref "$DISTILLED/train" --validpref "$WORK/subword/valid" --testpref "$WORK/subword/test" \
         --srcdict "$DATA/dict.$SRC.txt" --tgtdict "$DATA/dict.$TGT.txt" \
         --destdir "$DISTILLED/data-bin" --workers 2
 }
 
-decode() {  # CHECKPOINT SPLIT
-    fairseq-generate "$DATA" --user-dir "$ROOT/fairseq_kd" --path "$1" \
-        --gen-subset "$2" --beam "$BEAM" $DECODE_FLAGS --post-process "$POST_PROCESS" $DEVICE_FLAGS
+# a model (checkpoint or export) on test and valid with fairseq-kd-eval, quality only:
+# WORK/results/NAME.json and .md, translations WORK/results/NAME.NAME.SPLIT.txt
+evaluate() {  # NAME MODEL
+    mkdir -p "$WORK/results"
+    cmd fairseq-kd-eval "$DATA" --checkpoints "$1=$2" --split test,valid \
+        --reference "$WORK/raw/test.$TGT,$WORK/raw/valid.$TGT" --post-process "$POST_PROCESS" \
+        --beam "$BEAM" "${LENGTH_FLAGS[@]}" --no-speed --threads "$(nproc)" --out-prefix "$WORK/results/$1"
 }
 
-evaluate() {  # NAME CHECKPOINT
-    local name=$1 checkpoint=$2 start=$EPOCHREALTIME seconds
-    decode "$checkpoint" test > "$WORK/results/$name.test.log"
-    seconds=$(awk "BEGIN { print $EPOCHREALTIME - $start }")
-    decode "$checkpoint" valid > "$WORK/results/$name.valid.log"
-    python "$ROOT/scripts/score.py" --name "$name" --checkpoint "$checkpoint" \
-        --test "$WORK/results/$name.test.log" "$WORK/raw/test.$TGT" \
-        --valid "$WORK/results/$name.valid.log" "$WORK/raw/valid.$TGT" \
-        --decode-seconds "$seconds" --out "$WORK/results/$name.json"
+# one table (OUT.md, OUT.json) of evaluated models, the first the reference
+table() {  # OUT NAME...
+    local out=$1
+    shift
+    fairseq-kd-eval --merge $(printf "$WORK/results/%s.json " "$@") --out-prefix "$out"
 }
 
-# the student with the best valid BLEU among those named, by their evaluate stages' score records
+# the student with the best valid BLEU among those named, by their evaluate stages' reports
 best_student() {  # NAME...
     python -c 'import json, sys
-records = [json.load(open(f"{sys.argv[1]}/results/{name}.json")) for name in sys.argv[2:]]
-print(max(records, key=lambda r: r["valid"]["bleu"])["name"])' "$WORK" "$@"
+reports = {name: json.load(open(f"{sys.argv[1]}/results/{name}.json")) for name in sys.argv[2:]}
+print(max(reports, key=lambda name: reports[name]["models"][0]["valid"]["bleu"]))' "$WORK" "$@"
 }
 
 # a checkpoint as a CTranslate2 model directory with its subword model (fairseq-kd-export)
 export_model() {  # CHECKPOINT OUT_DIR EXTRA_FLAGS...
     local checkpoint=$1 out=$2
     shift 2
-    fairseq-kd-export "$checkpoint" --data "$DATA" "${SUBWORD_MODEL[@]}" --out "$out" --force "$@"
-}
-
-# an exported model translates the raw test and valid sources with the decoding settings of `decode`
-evaluate_export() {  # NAME EXPORT_DIR SOURCE_CHECKPOINT
-    local name=$1 model=$2 checkpoint=$3 start=$EPOCHREALTIME seconds split
-    for split in test valid; do
-        fairseq-kd-translate "$model" --beam "$BEAM" $LENGTH_FLAGS --batch-size 32 --threads "$(nproc)" \
-            --input "$WORK/raw/$split.$SRC" --output "$WORK/results/$name.$split.txt"
-        if [ "$split" = test ]; then seconds=$(awk "BEGIN { print $EPOCHREALTIME - $start }"); fi
-    done
-    python "$ROOT/scripts/score.py" --name "$name" --checkpoint "$checkpoint" --format text \
-        --test "$WORK/results/$name.test.txt" "$WORK/raw/test.$TGT" \
-        --valid "$WORK/results/$name.valid.txt" "$WORK/raw/valid.$TGT" \
-        --decode-seconds "$seconds" --out "$WORK/results/$name.json"
+    cmd fairseq-kd-export "$checkpoint" --data "$DATA" "${SUBWORD_MODEL[@]}" --out "$out" --force "$@"
 }
 
 # the teacher's top-k on every training and validation token, for word-level KD without the teacher
 build_cache() {  # DATA_BIN OUT_DIR [TEACHER_CHECKPOINTS [EXTRA_FLAGS...]]
     local data=$1 out=$2 teachers=${3:-$WORK/teacher/checkpoint_last.pt}
     shift $(($# < 3 ? $# : 3))
-    fairseq-kd-build-cache "$data" --teacher-path "$teachers" --topk "$KD_TOPK" \
-        --splits train,valid --max-tokens 8000 $DEVICE_FLAGS --out "$out" "$@"
+    cmd fairseq-kd-build-cache "$data" --teacher-path "$teachers" --topk "$KD_TOPK" \
+        --splits train,valid --max-tokens 8000 "${DEVICE_FLAGS[@]}" --out "$out" "$@"
 }
 
+# KD_FLAGS: the word-level KD options, from a cache of the teacher's top-k or from the teacher online
 word_kd_flags() {  # CACHE_DIR [TEACHER_CHECKPOINT]
-    echo "--kd-alpha $KD_ALPHA --kd-temperature $KD_TEMPERATURE"
+    KD_FLAGS=(--kd-alpha "$KD_ALPHA" --kd-temperature "$KD_TEMPERATURE")
     if [ "$KD_TOPK" -gt 0 ]; then
-        echo "--teacher-topk-cache $1 --kd-topk $KD_TOPK"
+        KD_FLAGS+=(--teacher-topk-cache "$1" --kd-topk "$KD_TOPK")
     else
-        echo "--teacher-path ${2:-$WORK/teacher/checkpoint_last.pt}"
+        KD_FLAGS+=(--teacher-path "${2:-$WORK/teacher/checkpoint_last.pt}")
     fi
 }

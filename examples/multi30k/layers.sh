@@ -29,32 +29,31 @@ TEACHER=$WORK/teacher/checkpoint_last.pt
 require_stages teacher evaluate-teacher
 
 # word-level KD from the teacher run online: the intermediate-layer terms need its hidden states
-LOGIT_KD="--teacher-path $TEACHER --kd-alpha $KD_ALPHA --kd-temperature $KD_TEMPERATURE --kd-topk $KD_TOPK
-    --validate-interval-updates $VALIDATE_EVERY"
-declare -A FLAGS=(
-    [layers-logit]=""
-    [layers-hidden]="--kd-hidden-weight $HIDDEN_WEIGHT"
-    [layers-attention]="--kd-attn-weight $ATTN_WEIGHT"
-    [layers-relation]="--kd-relation-weight $RELATION_WEIGHT"
-    [layers-wide-random]="--arch $WIDE_ARCH"
-    [layers-wide-init]="--arch $WIDE_ARCH --init-student-from-teacher $INIT_LAYERS"
-)
-NAMES="layers-logit layers-hidden layers-attention layers-relation layers-wide-random layers-wide-init"
+read -r -a WIDE_ARCH <<< "$WIDE_ARCH"
+LOGIT_KD=(--teacher-path "$TEACHER" --kd-alpha "$KD_ALPHA" --kd-temperature "$KD_TEMPERATURE" --kd-topk "$KD_TOPK"
+    --validate-interval-updates "$VALIDATE_EVERY")
+# the flags of each run, a bash array per name ('-' replaced by '_')
+layers_logit=()
+layers_hidden=(--kd-hidden-weight "$HIDDEN_WEIGHT")
+layers_attention=(--kd-attn-weight "$ATTN_WEIGHT")
+layers_relation=(--kd-relation-weight "$RELATION_WEIGHT")
+layers_wide_random=(--arch "${WIDE_ARCH[@]}")
+layers_wide_init=(--arch "${WIDE_ARCH[@]}" --init-student-from-teacher "$INIT_LAYERS")
+NAMES=(layers-logit layers-hidden layers-attention layers-relation layers-wide-random layers-wide-init)
 
-# all training first, then all decoding, so that the decode times are taken one model at a time
-for name in $NAMES; do
+for name in "${NAMES[@]}"; do
+    declare -n flags=${name//-/_}
     updates=$([[ $name == layers-wide-* ]] && echo "$WIDE_UPDATES" || echo "$STUDENT_UPDATES")
-    STUDENT_UPDATES=$updates stage "$name" "$WORK/$name.log" train_student "$name" "$DATA" $LOGIT_KD ${FLAGS[$name]}
+    STUDENT_UPDATES=$updates stage "$name" "$WORK/$name.log" train_student "$name" "$DATA" "${LOGIT_KD[@]}" "${flags[@]}"
 done
 mkdir -p "$WORK/results"
-for name in $NAMES; do
+for name in "${NAMES[@]}"; do
     stage "evaluate-$name" "$WORK/results/$name.log" evaluate "$name" "$WORK/$name/checkpoint_last.pt"
 done
 
-echo "[layers tables] $WORK/layers.md, $WORK/layers.json"
+echo "[layers tables] $WORK/layers.md, $WORK/results/layers.json"
 {
-    python "$ROOT/scripts/results_table.py" --json "$WORK/layers.json" \
-        "$WORK/results/teacher.json" $(for name in $NAMES; do echo "$WORK/results/$name.json"; done)
+    table "$WORK/results/layers" teacher "${NAMES[@]}"
     echo
-    python "$ROOT/scripts/valid_curve.py" --every "$VALIDATE_EVERY" $(for name in $NAMES; do echo "$WORK/$name.log"; done)
+    python "$ROOT/scripts/valid_curve.py" --every "$VALIDATE_EVERY" $(printf "$WORK/%s.log " "${NAMES[@]}")
 } | tee "$WORK/layers.md"

@@ -41,13 +41,11 @@ for arch in $PROGRESSION; do
     if [ "$KD_TOPK" -gt 0 ]; then
         stage "cache-$name" "$WORK/cache-$name.log" build_cache "$DATA" "$WORK/cache-$name" "$previous"
     fi
-    stage "$name" "$WORK/$name.log" train_student "$name" "$DATA" --arch "$arch" \
-        $(word_kd_flags "$WORK/cache-$name" "$previous")
+    word_kd_flags "$WORK/cache-$name" "$previous"
+    stage "$name" "$WORK/$name.log" train_student "$name" "$DATA" --arch "$arch" "${KD_FLAGS[@]}"
     stage "evaluate-$name" "$WORK/results/$name.log" evaluate "$name" "$WORK/$name/checkpoint_last.pt"
     previous=$WORK/$name/checkpoint_last.pt
 done
 
-echo "[progressive table] $WORK/progressive.md, $WORK/progressive.json"
-python "$ROOT/scripts/results_table.py" --json "$WORK/progressive.json" \
-    "$WORK/results/teacher.json" "$WORK/results/student-word-kd.json" \
-    $(for name in "${names[@]}"; do echo "$WORK/results/$name.json"; done) | tee "$WORK/progressive.md"
+echo "[progressive table] $WORK/results/progressive.md, $WORK/results/progressive.json"
+table "$WORK/results/progressive" teacher student-word-kd "${names[@]}"

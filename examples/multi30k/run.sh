@@ -23,11 +23,14 @@
 #   KD_TOPK=8              word-level KD from a cache of the teacher's top-k (built once); 0 runs the
 #                          teacher online on every batch with its full distribution
 #   DEVICE_FLAGS="--cpu"   set to "" on a GPU machine
+#
+# Each stage records its command lines and the files they read (WORK/.stage-NAME); re-running with other
+# settings stops at the first stage they change, naming the change.
 set -euo pipefail
 
 . "$(dirname "$0")/common.sh"
 
-stage prepare "$WORK/prepare.log" bash "$ROOT/scripts/prepare-multi30k.sh" "$WORK" "$SRC" "$TGT"
+stage prepare "$WORK/prepare.log" prepare_data
 
 stage teacher "$WORK/teacher.log" train_teacher "$WORK/teacher"
 
@@ -38,25 +41,24 @@ if [ "$KD_TOPK" -gt 0 ]; then
     stage cache-distilled "$WORK/cache-distilled.log" build_cache "$DISTILLED/data-bin" "$WORK/cache-distilled"
 fi
 stage student-no-kd "$WORK/student-no-kd.log" train_student student-no-kd "$DATA" --kd-alpha 0
-stage student-word-kd "$WORK/student-word-kd.log" train_student student-word-kd "$DATA" $(word_kd_flags "$WORK/cache")
+word_kd_flags "$WORK/cache"
+stage student-word-kd "$WORK/student-word-kd.log" train_student student-word-kd "$DATA" "${KD_FLAGS[@]}"
 stage student-seq-kd "$WORK/student-seq-kd.log" train_student student-seq-kd "$DISTILLED/data-bin" --kd-alpha 0
+word_kd_flags "$WORK/cache-distilled"
 stage student-seq-word-kd "$WORK/student-seq-word-kd.log" \
-    train_student student-seq-word-kd "$DISTILLED/data-bin" $(word_kd_flags "$WORK/cache-distilled")
+    train_student student-seq-word-kd "$DISTILLED/data-bin" "${KD_FLAGS[@]}"
 
-STUDENTS="student-no-kd student-word-kd student-seq-kd student-seq-word-kd"
+STUDENTS=(student-no-kd student-word-kd student-seq-kd student-seq-word-kd)
 mkdir -p "$WORK/results"
-for name in teacher $STUDENTS; do
+for name in teacher "${STUDENTS[@]}"; do
     stage "evaluate-$name" "$WORK/results/$name.log" evaluate "$name" "$WORK/$name/checkpoint_last.pt"
 done
 
-# deployment: the best student as an int8 CTranslate2 model, translated by fairseq-kd-translate
-BEST=$(best_student $STUDENTS)
+# deployment: the best student as an int8 CTranslate2 model, scored the same way
+BEST=$(best_student "${STUDENTS[@]}")
 DEPLOYED=$BEST-ct2-int8
 stage "export-$DEPLOYED" "$WORK/export-$DEPLOYED.log" export_model "$WORK/$BEST/checkpoint_last.pt" "$WORK/$DEPLOYED"
-stage "evaluate-$DEPLOYED" "$WORK/results/$DEPLOYED.log" \
-    evaluate_export "$DEPLOYED" "$WORK/$DEPLOYED" "$WORK/$BEST/checkpoint_last.pt"
-MODELS="teacher $STUDENTS $DEPLOYED"
+stage "evaluate-$DEPLOYED" "$WORK/results/$DEPLOYED.log" evaluate "$DEPLOYED" "$WORK/$DEPLOYED"
 
 echo "[table] $WORK/results.md, $WORK/results.json"
-python "$ROOT/scripts/results_table.py" --json "$WORK/results.json" \
-    $(for name in $MODELS; do echo "$WORK/results/$name.json"; done) | tee "$WORK/results.md"
+table "$WORK/results" teacher "${STUDENTS[@]}" "$DEPLOYED"

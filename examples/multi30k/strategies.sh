@@ -2,8 +2,8 @@
 # Distillation strategies against plain word-level KD: run.sh's student, same data and budget, trained with
 # a temperature schedule, an alpha schedule, selective KD (batch and global), the mutual-information loss,
 # two teachers (fixed, confidence and learned weights) and deep mutual learning (two students, no teacher);
-# every model scored on test and valid; one table with run.sh's no-KD and word-KD students (and
-# progressive.sh's last student when that recipe has run), and one of the students' final valid NLL.
+# every model scored on test and valid; one table with run.sh's no-KD and word-KD students, and one of the
+# students' final valid NLL.
 #
 # Usage: bash examples/multi30k/run.sh && bash examples/multi30k/strategies.sh   (same settings for both)
 #   STRATEGIES="..."       which of them to train (default: all, in the order of the table)
@@ -18,9 +18,9 @@ set -euo pipefail
 
 . "$(dirname "$0")/common.sh"
 
-ALL="strategy-temperature-cosine strategy-alpha-linear strategy-selective-batch strategy-selective-global
-    strategy-mi strategy-two-teachers strategy-two-teachers-confidence strategy-two-teachers-learned strategy-dml"
-STRATEGIES=${STRATEGIES:-$ALL}
+ALL=(strategy-temperature-cosine strategy-alpha-linear strategy-selective-batch strategy-selective-global
+    strategy-mi strategy-two-teachers strategy-two-teachers-confidence strategy-two-teachers-learned strategy-dml)
+read -r -a STRATEGIES <<< "${STRATEGIES:-${ALL[*]}}"
 TEMPERATURE_START=${TEMPERATURE_START:-2}
 ALPHA_START=${ALPHA_START:-0.9}
 ALPHA_FINAL=${ALPHA_FINAL:-0.1}
@@ -29,54 +29,58 @@ DML_ARCH=${DML_ARCH:-transformer_mutual_student_tiny}
 TEACHER=$WORK/teacher/checkpoint_last.pt
 
 require_stages teacher student-no-kd student-word-kd evaluate-teacher evaluate-student-no-kd evaluate-student-word-kd
-for name in $STRATEGIES; do
-    if [[ " $(echo $ALL) " != *" $name "* ]]; then
-        echo "error: STRATEGIES names '$name'; choose from: $(echo $ALL)" >&2
+for name in "${STRATEGIES[@]}"; do
+    if [[ " ${ALL[*]} " != *" $name "* ]]; then
+        echo "error: STRATEGIES names '$name'; choose from: ${ALL[*]}" >&2
         exit 1
     fi
 done
 
-if [[ $STRATEGIES == *strategy-two-teachers* ]] && [ -z "${SECOND_TEACHER:-}" ]; then
+if [[ " ${STRATEGIES[*]} " == *" strategy-two-teachers"* ]] && [ -z "${SECOND_TEACHER:-}" ]; then
     stage teacher-2 "$WORK/teacher-2.log" train_teacher "$WORK/teacher-2" --seed 2
 fi
 TEACHERS=$TEACHER:${SECOND_TEACHER:-$WORK/teacher-2/checkpoint_last.pt}
 
 # the strategies that only change the criterion distil from run.sh's cache (or teacher)
-KD=$(word_kd_flags "$WORK/cache")
-declare -A FLAGS=(
-    [strategy-temperature-cosine]="$KD --kd-temperature $TEMPERATURE_START
-        --kd-temperature-schedule cosine --kd-temperature-final $KD_TEMPERATURE"
-    [strategy-alpha-linear]="$KD --kd-alpha $ALPHA_START --kd-alpha-schedule linear --kd-alpha-final $ALPHA_FINAL"
-    [strategy-selective-batch]="$KD --kd-selection batch --kd-selection-rate $SELECTION_RATE"
-    [strategy-selective-global]="$KD --kd-selection global --kd-selection-rate $SELECTION_RATE"
-    [strategy-mi]="$KD --kd-loss mi"
-    [strategy-two-teachers]="$(word_kd_flags "$WORK/cache-two-teachers" "$TEACHERS")"
-    [strategy-two-teachers-confidence]="$(word_kd_flags "$WORK/cache-two-teachers-confidence" "$TEACHERS")
-        $([ "$KD_TOPK" -eq 0 ] && echo --teacher-weighting confidence)"
-    # learned weights train with the student, so the teachers run online
-    [strategy-two-teachers-learned]="--teacher-path $TEACHERS --teacher-weighting learned
-        --kd-alpha $KD_ALPHA --kd-temperature $KD_TEMPERATURE --kd-topk $KD_TOPK"
-    [strategy-dml]="--arch $DML_ARCH --kd-alpha $KD_ALPHA --kd-temperature $KD_TEMPERATURE"
-)
+word_kd_flags "$WORK/cache"
+KD=("${KD_FLAGS[@]}")
+# the flags of each strategy, a bash array per strategy (name with '-' replaced by '_')
+strategy_temperature_cosine=("${KD[@]}" --kd-temperature "$TEMPERATURE_START" --kd-temperature-schedule cosine
+    --kd-temperature-final "$KD_TEMPERATURE")
+strategy_alpha_linear=("${KD[@]}" --kd-alpha "$ALPHA_START" --kd-alpha-schedule linear --kd-alpha-final "$ALPHA_FINAL")
+strategy_selective_batch=("${KD[@]}" --kd-selection batch --kd-selection-rate "$SELECTION_RATE")
+strategy_selective_global=("${KD[@]}" --kd-selection global --kd-selection-rate "$SELECTION_RATE")
+strategy_mi=("${KD[@]}" --kd-loss mi)
+word_kd_flags "$WORK/cache-two-teachers" "$TEACHERS"
+strategy_two_teachers=("${KD_FLAGS[@]}")
+word_kd_flags "$WORK/cache-two-teachers-confidence" "$TEACHERS"
+strategy_two_teachers_confidence=("${KD_FLAGS[@]}")
+if [ "$KD_TOPK" -eq 0 ]; then strategy_two_teachers_confidence+=(--teacher-weighting confidence); fi
+# learned weights train with the student, so the teachers run online
+strategy_two_teachers_learned=(--teacher-path "$TEACHERS" --teacher-weighting learned --kd-alpha "$KD_ALPHA"
+    --kd-temperature "$KD_TEMPERATURE" --kd-topk "$KD_TOPK")
+strategy_dml=(--arch "$DML_ARCH" --kd-alpha "$KD_ALPHA" --kd-temperature "$KD_TEMPERATURE")
 # the two-teacher mixtures cached here (a cache holds the confidence-weighted mixture it was built with)
-declare -A CACHE_FLAGS=([strategy-two-teachers]="" [strategy-two-teachers-confidence]="--teacher-weighting confidence")
+cache_strategy_two_teachers=()
+cache_strategy_two_teachers_confidence=(--teacher-weighting confidence)
 
-# all training first, then all decoding, so that the decode times are taken one model at a time
-for name in $STRATEGIES; do
-    if [ "$KD_TOPK" -gt 0 ] && [[ -v CACHE_FLAGS[$name] ]]; then
-        cache=cache-${name#strategy-}
-        stage "$cache" "$WORK/$cache.log" build_cache "$DATA" "$WORK/$cache" "$TEACHERS" ${CACHE_FLAGS[$name]}
+for name in "${STRATEGIES[@]}"; do
+    declare -n flags=${name//-/_}
+    if [ "$KD_TOPK" -gt 0 ] && declare -p "cache_${name//-/_}" &> /dev/null; then
+        declare -n cache_flags=cache_${name//-/_}
+        stage "cache-${name#strategy-}" "$WORK/cache-${name#strategy-}.log" \
+            build_cache "$DATA" "$WORK/cache-${name#strategy-}" "$TEACHERS" "${cache_flags[@]}"
     fi
-    stage "$name" "$WORK/$name.log" train_student "$name" "$DATA" ${FLAGS[$name]}
+    stage "$name" "$WORK/$name.log" train_student "$name" "$DATA" "${flags[@]}"
 done
 # deep mutual learning yields two students: each peer is written out as a plain checkpoint and scored
 evaluate_peer() {  # NAME PEER
-    python "$ROOT/scripts/extract_peer.py" "$WORK/$1/checkpoint_last.pt" --peer "$2" --out "$WORK/$1/peer-$2.pt"
+    cmd python "$ROOT/scripts/extract_peer.py" "$WORK/$1/checkpoint_last.pt" --peer "$2" --out "$WORK/$1/peer-$2.pt"
     evaluate "$1-$2" "$WORK/$1/peer-$2.pt"
 }
 mkdir -p "$WORK/results"
 scored=()
-for name in $STRATEGIES; do
+for name in "${STRATEGIES[@]}"; do
     if [ "$name" = strategy-dml ]; then
         for peer in a b; do
             stage "evaluate-$name-$peer" "$WORK/results/$name-$peer.log" evaluate_peer "$name" "$peer"
@@ -88,16 +92,11 @@ for name in $STRATEGIES; do
     fi
 done
 
-# progressive.sh's last student has run.sh's architecture: the same comparison, when it has run
-progressive=$([ -f "$WORK/.done-evaluate-progressive-$STUDENT_ARCH" ] && echo "progressive-$STUDENT_ARCH" || true)
-echo "[strategies tables] $WORK/strategies.md, $WORK/strategies.json"
+echo "[strategies tables] $WORK/strategies.md, $WORK/results/strategies.json"
 {
-    python "$ROOT/scripts/results_table.py" --json "$WORK/strategies.json" \
-        $(for name in teacher student-no-kd student-word-kd "${scored[@]}" $progressive; do
-            echo "$WORK/results/$name.json"
-        done)
+    table "$WORK/results/strategies" teacher student-no-kd student-word-kd "${scored[@]}"
     echo
     # the students' own valid NLL after the last update (of peer a for deep mutual learning)
     python "$ROOT/scripts/valid_curve.py" --every "$STUDENT_UPDATES" \
-        $(for name in student-no-kd student-word-kd $STRATEGIES $progressive; do echo "$WORK/$name.log"; done)
+        $(printf "$WORK/%s.log " student-no-kd student-word-kd "${STRATEGIES[@]}")
 } | tee "$WORK/strategies.md"

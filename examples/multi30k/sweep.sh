@@ -18,9 +18,10 @@ SCHEDULE=${SCHEDULE:-constant}
 
 require_stages teacher $([ "$KD_TOPK" -gt 0 ] && echo cache)
 
-schedule_flags() {  # T
+schedule_flags() {  # T: SCHEDULE_FLAGS, the temperature schedule from T
+    SCHEDULE_FLAGS=()
     if [ "$SCHEDULE" != constant ] && [ "$1" != 1 ]; then
-        echo "--kd-temperature-schedule $SCHEDULE --kd-temperature-final 1"
+        SCHEDULE_FLAGS=(--kd-temperature-schedule "$SCHEDULE" --kd-temperature-final 1)
     fi
 }
 
@@ -30,9 +31,9 @@ for temperature in $TEMPERATURES; do
     for alpha in $ALPHAS; do
         name=sweep-$SCHEDULE-T$temperature-a$alpha
         names+=("$name")
-        stage "$name" "$WORK/$name.log" train_student "$name" "$DATA" \
-            $(KD_ALPHA=$alpha KD_TEMPERATURE=$temperature word_kd_flags "$WORK/cache") \
-            $(schedule_flags "$temperature")
+        KD_ALPHA=$alpha KD_TEMPERATURE=$temperature word_kd_flags "$WORK/cache"
+        schedule_flags "$temperature"
+        stage "$name" "$WORK/$name.log" train_student "$name" "$DATA" "${KD_FLAGS[@]}" "${SCHEDULE_FLAGS[@]}"
         stage "evaluate-$name" "$WORK/results/$name.log" evaluate "$name" "$WORK/$name/checkpoint_last.pt"
     done
 done
