@@ -40,22 +40,51 @@ def read_json(path):
         return json.load(f)
 
 
-def build_shard(task, teachers, identity, split, k, directory, shard_id, num_shards, max_tokens, device, dtype,
-                log_format):
-    """Write one shard of ``split``'s cache from ``teachers``; a shard already complete is left as it is.
-    ``identity`` names the teacher checkpoints (paths and hashes) and is recorded with the shard."""
-    prefix = shard_prefix(directory, split, shard_id, num_shards)
-    if os.path.isfile(prefix + ".json"):
-        done = read_json(prefix + ".json")
-        if done["k"] != k or [t["sha256"] for t in done["teachers"]] != [t["sha256"] for t in identity]:
-            raise FairseqKDError(
-                f"{prefix}.json: this shard was built with another teacher or k (top-{done['k']}); use a new --out"
-                " directory, or the same --teacher-path and --topk"
-            )
-        logger.info(f"{prefix}: complete, skipping")
-        return
+def shard_settings(task, teachers, teacher_files, split, k, shard_id, num_shards, dtype):
+    """Everything that determines the contents of one shard: its sentences, the target dictionary, the
+    teachers (checkpoint hashes), their mixture, k and the dtype they run in."""
     dataset = task.dataset(split)
     lo, hi = shard_range(len(dataset), shard_id, num_shards)
+    return {
+        "split": split,
+        "range": [lo, hi],
+        "data_sha256": split_fingerprint(dataset, lo, hi),
+        "target_dictionary_sha256": dictionary_fingerprint(task.target_dictionary),
+        "teachers": teacher_files,
+        "teacher_weights": teachers.weights.tolist(),
+        "teacher_weighting": teachers.weighting,
+        "k": k,
+        "dtype": str(dtype),
+    }
+
+
+def differences(recorded, settings):
+    """The settings that differ between a recorded shard and this build, named for a message."""
+    return [key for key in settings if key != "teachers" and recorded.get(key) != settings[key]] + (
+        ["teachers"] if [t["sha256"] for t in recorded.get("teachers", [])] != [t["sha256"] for t in settings["teachers"]]
+        else []
+    )
+
+
+def build_shard(task, teachers, settings, directory, shard_id, num_shards, max_tokens, device, dtype, log_format,
+                force):
+    """Write one shard of the cache of ``settings["split"]`` from ``teachers``. A complete shard built with
+    the same ``settings`` is kept; one built otherwise is rebuilt with ``force``, else refused."""
+    split = settings["split"]
+    prefix = shard_prefix(directory, split, shard_id, num_shards)
+    if os.path.isfile(prefix + ".json"):
+        changed = differences(read_json(prefix + ".json"), settings)
+        if not changed:
+            logger.info(f"{prefix}: complete, skipping")
+            return
+        if not force:
+            raise FairseqKDError(
+                f"{prefix}.json: this shard was built with other {', '.join(changed)}; pass --force to rebuild it"
+                " for this data and these teachers, or use a new --out directory"
+            )
+        os.remove(prefix + ".json")
+    dataset = task.dataset(split)
+    lo, hi = settings["range"]
     # batches of similar lengths (little padding) from windows of consecutive sentences, so only one
     # window's results wait in memory to be written in corpus order
     batches = []
@@ -73,7 +102,7 @@ def build_shard(task, teachers, identity, split, k, directory, shard_id, num_sha
     for batch in progress:
         sample = dataset.collater([dataset[i] for i in batch])
         net_input = utils.move_to_cuda(sample["net_input"]) if device.type == "cuda" else sample["net_input"]
-        values, ids = teachers.mixture(net_input, sample["target"], device, dtype).distribution(k)
+        values, ids = teachers.mixture(net_input, sample["target"], device, dtype).distribution(settings["k"])
         values, ids = values.cpu(), ids.cpu()
         keep = sample["target"].ne(pad)
         for row, index in enumerate(sample["id"].tolist()):
@@ -89,13 +118,14 @@ def build_shard(task, teachers, identity, split, k, directory, shard_id, num_sha
         builder.finalize(index_file_path(prefix + f".tmp.{name}"))
         for path_of in (data_file_path, index_file_path):
             os.replace(path_of(prefix + f".tmp.{name}"), path_of(prefix + f".{name}"))
-    write_json(prefix + ".json", {"split": split, "range": [lo, hi], "target_tokens": target_tokens, "k": k,
-                                  "teachers": identity})
+    checksums = {name: sha256(data_file_path(prefix + f".{name}")) for name in builders}
+    write_json(prefix + ".json", {**settings, "target_tokens": target_tokens, "content_sha256": checksums})
     logger.info(f"{prefix}: sentences {lo}-{hi - 1}, {target_tokens:,} target tokens")
 
 
-def write_manifest(task, teachers, identity, splits, k, directory, num_shards):
-    """Write ``manifest.json`` once all shards of all splits exist; return whether it was written."""
+def write_manifest(task, teachers, teacher_files, splits, k, directory, num_shards, dtype):
+    """Write ``manifest.json`` once all shards of all splits exist, each built with this build's settings;
+    return whether it was written."""
     entries = {}
     for split in splits:
         shard_files = [shard_prefix(directory, split, i, num_shards) + ".json" for i in range(num_shards)]
@@ -103,12 +133,22 @@ def write_manifest(task, teachers, identity, splits, k, directory, num_shards):
         if missing:
             logger.info(f"{split}: shards {missing} of {num_shards} still to build; manifest not written yet")
             return False
+        shards = [read_json(path) for path in shard_files]
+        for shard_id, (path, shard) in enumerate(zip(shard_files, shards)):
+            changed = differences(shard, shard_settings(task, teachers, teacher_files, split, k, shard_id, num_shards,
+                                                        dtype))
+            if changed:
+                raise FairseqKDError(
+                    f"{path}: this shard (built by another process) has other {', '.join(changed)} than this build;"
+                    " build every shard with the same options (--force rebuilds it)"
+                )
         dataset = task.dataset(split)
         entries[split] = {
             "sentences": len(dataset),
-            "target_tokens": sum(read_json(path)["target_tokens"] for path in shard_files),
+            "target_tokens": sum(shard["target_tokens"] for shard in shards),
             "num_shards": num_shards,
             "data_sha256": split_fingerprint(dataset),
+            "content_sha256": [shard["content_sha256"] for shard in shards],
         }
     write_json(
         os.path.join(directory, MANIFEST),
@@ -116,7 +156,7 @@ def write_manifest(task, teachers, identity, splits, k, directory, num_shards):
             "format_version": FORMAT_VERSION,
             "k": k,
             "target_dictionary_sha256": dictionary_fingerprint(task.target_dictionary),
-            "teachers": identity,
+            "teachers": teacher_files,
             "teacher_weights": teachers.weights.tolist(),
             "teacher_weighting": teachers.weighting,
             "splits": entries,
@@ -138,6 +178,8 @@ def get_parser():
     group.add_argument("--topk", type=int, default=8, help="teacher tokens kept per target position")
     group.add_argument("--splits", default="train,valid", help="comma-separated splits to cache")
     group.add_argument("--out", required=True, help="cache directory (created if missing)")
+    group.add_argument("--force", action="store_true",
+                       help="rebuild shards of --out that were built with other data, teachers or settings")
     return parser
 
 
@@ -168,12 +210,13 @@ def main(argv=None):
     dtype = torch.float16 if use_cuda and cfg.common.fp16 else torch.float32
     os.makedirs(args.out, exist_ok=True)
     splits = args.splits.split(",")
-    identity = [{"path": os.path.abspath(p), "sha256": sha256(p)} for p in utils.split_paths(args.teacher_path)]
+    teacher_files = [{"path": os.path.abspath(p), "sha256": sha256(p)} for p in utils.split_paths(args.teacher_path)]
     for split in splits:
         task.load_dataset(split)
-        build_shard(task, teachers, identity, split, args.topk, args.out, shard_id, num_shards,
-                    cfg.dataset.max_tokens or 8000, device, dtype, cfg.common.log_format)
-    if write_manifest(task, teachers, identity, splits, args.topk, args.out, num_shards):
+        settings = shard_settings(task, teachers, teacher_files, split, args.topk, shard_id, num_shards, dtype)
+        build_shard(task, teachers, settings, args.out, shard_id, num_shards, cfg.dataset.max_tokens or 8000, device,
+                    dtype, cfg.common.log_format, args.force)
+    if write_manifest(task, teachers, teacher_files, splits, args.topk, args.out, num_shards, dtype):
         logger.info(f"cache complete: {os.path.join(args.out, MANIFEST)}")
 
 

@@ -1,5 +1,5 @@
-"""Reading fairseq checkpoints: one place for loading, dictionary checks, parameter counts and the clean
-inference checkpoint that export and translation start from.
+"""Reading fairseq checkpoints: one place for loading, dictionary checks, building a model from a
+checkpoint, parameter counts and the clean inference checkpoint that export and translation start from.
 
 Reading keeps torch's ``weights_only=True`` (the plugin's allowlist, ``safe_load``, makes fairseq
 checkpoints load under it).
@@ -9,7 +9,8 @@ import hashlib
 import logging
 import os
 
-from fairseq import checkpoint_utils, utils
+import torch
+from fairseq import checkpoint_utils, models, utils
 from fairseq.data import Dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.models import ARCH_MODEL_NAME_REGISTRY
@@ -42,6 +43,22 @@ def read_checkpoint(path, option):
         ) from e
     cfg = state["cfg"] if state.get("cfg") is not None else convert_namespace_to_omegaconf(state["args"])
     return cfg, state
+
+
+def load_model(path, option, label, task):
+    """The model of a checkpoint, built for ``task`` and holding the checkpoint's weights, once its
+    dictionaries are found equal to ``task``'s (``check_checkpoint_dictionaries``); ``option`` and ``label``
+    name it in errors."""
+    cfg, state = read_checkpoint(path, option)
+    check_checkpoint_dictionaries(path, label, cfg.task.data, state["model"], (task.cfg.source_lang, task.cfg.target_lang),
+                                  (task.source_dictionary, task.target_dictionary))
+    # fairseq-train seeds torch before the task loads its teachers and then builds the student: a loaded
+    # model's throw-away random initialisation must not draw from that seed, or the student would start
+    # elsewhere than with a cache or without KD
+    with torch.random.fork_rng(devices=[]):
+        model = models.build_model(cfg.model, task, from_checkpoint=True)
+    model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
+    return model
 
 
 def sha256(path):

@@ -505,7 +505,8 @@ def main(argv=None):
         "models": models,
     }
     write_report(report, outputs, args.out_prefix)
-    logger.info(f"wrote {args.out_prefix}.json, .md, .png and the translations, {args.out_prefix}.NAME.SPLIT.txt")
+    logger.info(f"wrote {args.out_prefix}.json, .md{'' if args.no_speed else ', .png'} and the translations,"
+                f" {args.out_prefix}.NAME.SPLIT.txt")
 
 
 if __name__ == "__main__":

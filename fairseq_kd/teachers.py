@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from fairseq import models, utils
+from fairseq import utils
 
-from fairseq_kd.checkpoints import check_checkpoint_dictionaries, read_checkpoint
+from fairseq_kd.checkpoints import load_model
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.features import attention_heads, layer_counts, layer_outputs, parse_layer_selection
 from fairseq_kd.kd_losses import confidence_weights, ensemble_lprobs, topk_lprobs
@@ -196,18 +196,8 @@ class Teachers:
 
 
 def load_teacher(path, task):
-    """One teacher checkpoint, checked against ``task``'s languages and dictionaries, built for ``task``,
-    frozen and in eval mode."""
-    cfg, state = read_checkpoint(path, "--teacher-path")
-    check_checkpoint_dictionaries(path, f"teacher {path}", cfg.task.data, state["model"],
-                                  (task.cfg.source_lang, task.cfg.target_lang),
-                                  (task.source_dictionary, task.target_dictionary))
-    # fairseq-train seeds torch before the task loads its teachers and then builds the student: the
-    # teacher's throw-away random initialisation must not draw from that seed, or the student would start
-    # elsewhere than with a cache or without KD
-    with torch.random.fork_rng(devices=[]):
-        teacher = models.build_model(cfg.model, task, from_checkpoint=True)
-    teacher.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
+    """One teacher checkpoint built for ``task`` (its dictionaries checked), frozen and in eval mode."""
+    teacher = load_model(path, "--teacher-path", f"teacher {path}", task)
     teacher.requires_grad_(False).eval()
     logger.info(f"teacher {path}: {sum(p.numel() for p in teacher.parameters()):,} parameters")
     return teacher

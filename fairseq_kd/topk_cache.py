@@ -13,10 +13,12 @@ A cache directory holds, per split and shard (``--num-shards N --shard-id I``, o
   in corpus order, ``len(target) * K`` token ids;
 - ``{split}.shard{I}-of-{N}.lprobs.{bin,idx}``: the same layout, fp16 log-probabilities stored as their
   int16 bit patterns (fairseq's indexed datasets have no float16 type);
-- ``{split}.shard{I}-of-{N}.json``: written last, so a shard with it is complete and is skipped on re-run;
+- ``{split}.shard{I}-of-{N}.json``: written last, so a shard with it is complete: everything that
+  determined its contents (its sentences' fingerprint, dictionary, teacher hashes, mixture, k, dtype) and
+  its files' checksums. A re-run skips a shard only when all of that matches;
 - ``manifest.json``: written once every shard of every split is there: K, dictionary and data
-  fingerprints, teacher checkpoint hashes and split sizes. Students refuse a cache whose manifest does
-  not match their data.
+  fingerprints, teacher checkpoint hashes, split sizes and shard checksums. Students refuse a cache whose
+  manifest does not match their data, or whose files are not those the build wrote.
 """
 import hashlib
 import json
@@ -25,18 +27,20 @@ import os
 import numpy as np
 import torch
 from fairseq.data import BaseWrapperDataset
-from fairseq.data.indexed_dataset import MMapIndexedDataset
+from fairseq.data.indexed_dataset import MMapIndexedDataset, data_file_path, index_file_path
 
+from fairseq_kd.checkpoints import sha256
 from fairseq_kd.errors import FairseqKDError
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
-def split_fingerprint(dataset) -> str:
-    """sha256 of every source and target sentence of a ``LanguagePairDataset``, in corpus order."""
+def split_fingerprint(dataset, lo=0, hi=None) -> str:
+    """sha256 of the source and target sentences ``lo`` to ``hi`` (default: all) of a ``LanguagePairDataset``,
+    in corpus order."""
     digest = hashlib.sha256()
-    for i in range(len(dataset)):
+    for i in range(lo, len(dataset) if hi is None else hi):
         digest.update(dataset.src[i].numpy().tobytes())
         digest.update(b"|")
         digest.update(dataset.tgt[i].numpy().tobytes())
@@ -71,9 +75,38 @@ def read_manifest(directory):
             manifest = json.load(f)
     except (OSError, ValueError) as e:
         raise FairseqKDError(f"--teacher-topk-cache: cannot read {path} ({e}); rebuild the cache") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise FairseqKDError(f"{path}: cache format {manifest.get('format_version')}, expected {FORMAT_VERSION}; rebuild the cache")
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise FairseqKDError(f"{path}: cache format {version}, expected {FORMAT_VERSION}; rebuild the cache")
+    try:
+        well_formed = (
+            isinstance(manifest["k"], int) and manifest["k"] > 0 and isinstance(manifest["target_dictionary_sha256"], str)
+            and all(isinstance(entry["sentences"], int) and isinstance(entry["data_sha256"], str)
+                    and len(entry["content_sha256"]) == entry["num_shards"] > 0
+                    for entry in manifest["splits"].values())
+        )
+    except (KeyError, TypeError, AttributeError):
+        well_formed = False
+    if not well_formed:
+        raise FairseqKDError(f"{path}: not a cache manifest of the expected shape; rebuild the cache")
     return manifest
+
+
+def open_shard_file(prefix, name, checksum, sentences):
+    """One of a shard's indexed datasets, after checking that its data file is the one the build wrote."""
+    path = data_file_path(f"{prefix}.{name}")
+    fix = "rebuild the cache (fairseq-kd-build-cache --force)"
+    if not os.path.isfile(path) or not os.path.isfile(index_file_path(f"{prefix}.{name}")):
+        raise FairseqKDError(f"--teacher-topk-cache: {prefix}.{name} is missing its .bin or .idx file; {fix}")
+    if sha256(path) != checksum:
+        raise FairseqKDError(f"--teacher-topk-cache: {path} is not the file the build wrote (checksum differs); {fix}")
+    try:
+        dataset = MMapIndexedDataset(f"{prefix}.{name}")
+    except Exception as e:  # a damaged index: numpy/struct errors of every kind
+        raise FairseqKDError(f"--teacher-topk-cache: cannot read the index of {prefix}.{name} ({e}); {fix}") from None
+    if len(dataset) != sentences:
+        raise FairseqKDError(f"--teacher-topk-cache: {prefix}.{name} holds {len(dataset)} sentences, not {sentences}; {fix}")
+    return dataset
 
 
 class TopKCache:
@@ -97,10 +130,10 @@ class TopKCache:
             )
         self.k = manifest["k"]
         self.shards = []
-        for shard_id in range(entry["num_shards"]):
+        for shard_id, checksums in enumerate(entry["content_sha256"]):
             prefix = shard_prefix(directory, split, shard_id, entry["num_shards"])
             lo, hi = shard_range(entry["sentences"], shard_id, entry["num_shards"])
-            self.shards.append((lo, hi, MMapIndexedDataset(prefix + ".ids"), MMapIndexedDataset(prefix + ".lprobs")))
+            self.shards.append((lo, hi, *(open_shard_file(prefix, name, checksums[name], hi - lo) for name in ("ids", "lprobs"))))
 
     def __getitem__(self, index):
         """``(lprobs, ids)`` of sentence ``index``, numpy arrays ``(len(target), k)``: float32 and int64."""

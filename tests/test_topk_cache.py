@@ -2,6 +2,7 @@
 whole, students train from it with the same KD term as online --kd-topk, stale caches are refused."""
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import fairseq_kd  # noqa: F401
 from conftest import PLUGIN, binarize, run, write_parallel
 from fairseq_kd.kd_losses import topk_lprobs
 from fairseq_kd.build_cache import get_parser
+from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.teachers import Teachers
 from fairseq_kd.topk_cache import TopKCache
 from test_cli import train_student
@@ -94,7 +96,7 @@ def test_sharded_build_equals_unsharded(data_bin, teacher, cache, tmp_path):
     assert "complete, skipping" in rerun
     other_k = run("fairseq-kd-build-cache", data_bin, "--teacher-path", teacher, "--topk", "2", "--out", sharded,
                   "--cpu", "--num-shards", "2", "--shard-id", "0", expect_ok=False)
-    assert other_k.returncode != 0 and "built with another teacher or k" in other_k.stderr
+    assert other_k.returncode != 0 and "was built with other k; pass --force" in other_k.stderr
     task, _ = load_teachers(data_bin, teacher, "train")
     dataset = task.dataset("train")
     whole = TopKCache(str(cache), "train", dataset, task.target_dictionary)
@@ -168,3 +170,45 @@ def test_stale_cache_is_refused(cache, tmp_path):
                          "--kd-topk", K, expect_ok=False)
     assert proc.returncode != 0
     assert "rebuild the cache for this data" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_build_into_an_existing_cache_never_keeps_shards_made_another_way(data_bin, teacher, weak_teacher, tmp_path):
+    """Re-running the builder skips only shards made from the same data, teachers and mixture."""
+    out = tmp_path / "cache"
+    build_cache(data_bin, teacher, out, "--splits", "valid")
+    (tmp_path / "other").mkdir()
+    write_parallel(tmp_path / "other", seed=5)  # other sentences, same vocabulary
+    other = binarize(tmp_path / "other", tmp_path / "other" / "bin", "--srcdict", data_bin / "dict.src.txt")
+    for data, teachers, extra, changed in (
+        (other, teacher, (), "other data_sha256"),
+        (data_bin, f"{teacher}:{weak_teacher}", ("--teacher-weights", "1,3"), "other teacher_weights, teachers"),
+    ):
+        proc = build_cache(data, teachers, out, "--splits", "valid", *extra, expect_ok=False)
+        assert proc.returncode != 0 and changed in proc.stderr and "pass --force" in proc.stderr, proc.stderr[-800:]
+        assert "Traceback" not in proc.stderr
+    build_cache(other, teacher, out, "--splits", "valid", "--force")
+    task, _ = load_teachers(other, teacher, "valid")
+    TopKCache(str(out), "valid", task.dataset("valid"), task.target_dictionary)  # now the other data's
+
+
+def damaged_copy(cache, tmp_path, damage):
+    """A copy of the module's cache with one of its files damaged by ``damage(path)``."""
+    copy = tmp_path / "damaged"
+    shutil.copytree(cache, copy)
+    damage(copy)
+    return copy
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: (c / "valid.shard0-of-1.lprobs.bin").write_bytes(
+        bytes(len((c / "valid.shard0-of-1.lprobs.bin").read_bytes()))), "checksum differs"),
+    (lambda c: (c / "valid.shard0-of-1.ids.idx").unlink(), "is missing its .bin or .idx file"),
+    (lambda c: (c / "manifest.json").write_text('{"format_version": 2, "k": 4, "splits": []}'),
+     "not a cache manifest of the expected shape"),
+    (lambda c: (c / "manifest.json").write_text("[1, 2]"), "cache format None"),
+])
+def test_damaged_caches_are_refused(data_bin, teacher, cache, tmp_path, damage, message):
+    copy = damaged_copy(cache, tmp_path, damage)
+    task, _ = load_teachers(data_bin, teacher, "valid")
+    with pytest.raises(FairseqKDError, match=message):
+        TopKCache(str(copy), "valid", task.dataset("valid"), task.target_dictionary)
