@@ -208,14 +208,34 @@ def main(argv=None):
     use_cuda = torch.cuda.is_available() and not cfg.common.cpu
     device = torch.device("cuda" if use_cuda else "cpu")
     dtype = torch.float16 if use_cuda and cfg.common.fp16 else torch.float32
-    os.makedirs(args.out, exist_ok=True)
     splits = args.splits.split(",")
+    if not all(splits) or len(set(splits)) != len(splits):
+        raise FairseqKDError(f"--splits must name distinct splits separated by commas, got {args.splits!r}")
+    max_tokens = cfg.dataset.max_tokens or 8000
+    # every split is loaded and checked before the first shard is built
+    for split in splits:
+        try:
+            task.load_dataset(split)
+        except FileNotFoundError:
+            raise FairseqKDError(
+                f"--splits: {task.cfg.data} has no split '{split}' for {task.cfg.source_lang}-{task.cfg.target_lang};"
+                " name binarized splits (train, valid, test, ...)"
+            ) from None
+        longest = max(task.dataset(split).num_tokens_vec(np.arange(len(task.dataset(split)))), default=0)
+        if longest > max_tokens:
+            raise FairseqKDError(
+                f"--max-tokens {max_tokens} is smaller than the longest sentence pair of '{split}' ({longest} tokens);"
+                f" raise it to at least {longest}"
+            )
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise FairseqKDError(f"--out {args.out}: cannot create the cache directory there ({e.strerror})") from None
     teacher_files = [{"path": os.path.abspath(p), "sha256": sha256(p)} for p in utils.split_paths(args.teacher_path)]
     for split in splits:
-        task.load_dataset(split)
         settings = shard_settings(task, teachers, teacher_files, split, args.topk, shard_id, num_shards, dtype)
-        build_shard(task, teachers, settings, args.out, shard_id, num_shards, cfg.dataset.max_tokens or 8000, device,
-                    dtype, cfg.common.log_format, args.force)
+        build_shard(task, teachers, settings, args.out, shard_id, num_shards, max_tokens, device, dtype,
+                    cfg.common.log_format, args.force)
     if write_manifest(task, teachers, teacher_files, splits, args.topk, args.out, num_shards, dtype):
         logger.info(f"cache complete: {os.path.join(args.out, MANIFEST)}")
 

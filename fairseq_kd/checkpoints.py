@@ -41,8 +41,16 @@ def read_checkpoint(path, option):
             f"{option}: cannot read {path!r} as a fairseq checkpoint ({reason}); give a checkpoint"
             " written by fairseq-train"
         ) from e
-    cfg = state["cfg"] if state.get("cfg") is not None else convert_namespace_to_omegaconf(state["args"])
-    return cfg, state
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise FairseqKDError(f"{option}: {path!r} holds no model weights; give a checkpoint written by fairseq-train")
+    if state.get("cfg") is not None:
+        return state["cfg"], state
+    if state.get("args") is None:
+        raise FairseqKDError(
+            f"{option}: {path!r} records neither the config ('cfg') nor the arguments ('args') it was trained with,"
+            " so its model cannot be rebuilt; give a checkpoint written by fairseq-train"
+        )
+    return convert_namespace_to_omegaconf(state["args"]), state
 
 
 def load_model(path, option, label, task):
@@ -50,15 +58,82 @@ def load_model(path, option, label, task):
     dictionaries are found equal to ``task``'s (``check_checkpoint_dictionaries``); ``option`` and ``label``
     name it in errors."""
     cfg, state = read_checkpoint(path, option)
-    check_checkpoint_dictionaries(path, label, cfg.task.data, state["model"], (task.cfg.source_lang, task.cfg.target_lang),
+    langs = (task.cfg.source_lang, task.cfg.target_lang)
+    check_language_pair(label, trained_language_pair(cfg.task), langs)
+    check_checkpoint_dictionaries(path, label, cfg.task.data, state["model"], langs,
                                   (task.source_dictionary, task.target_dictionary))
     # fairseq-train seeds torch before the task loads its teachers and then builds the student: a loaded
     # model's throw-away random initialisation must not draw from that seed, or the student would start
     # elsewhere than with a cache or without KD
     with torch.random.fork_rng(devices=[]):
-        model = models.build_model(cfg.model, task, from_checkpoint=True)
-    model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
+        try:
+            model = models.build_model(cfg.model, task, from_checkpoint=True)
+        except Exception as e:  # whatever the saved config makes fairseq's builders raise
+            raise FairseqKDError(
+                f"{label}: cannot build its model (--arch {getattr(cfg.model, 'arch', '?')}) for this data"
+                f" ({type(e).__name__}: {e}); give a checkpoint of a translation model"
+            ) from None
+    if not (hasattr(model, "encoder") and hasattr(model, "decoder")):
+        raise FairseqKDError(
+            f"{label}: its model ({type(model).__name__}, --arch {getattr(cfg.model, 'arch', '?')}) is not an"
+            " encoder-decoder translation model; give a checkpoint of a translation model"
+        )
+    try:
+        model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise FairseqKDError(
+            f"{label}: its weights do not fit the model its own config describes ({first}); the file is damaged or"
+            " was edited: give the checkpoint as fairseq-train wrote it"
+        ) from None
     return model
+
+
+def trained_language_pair(task_cfg):
+    """``(source, target)`` a checkpoint was trained on: as its config records them, or as fairseq inferred
+    them from its data directory's file names when that holds a single pair; else ``(None, None)``."""
+    recorded = (getattr(task_cfg, "source_lang", None), getattr(task_cfg, "target_lang", None))
+    data = getattr(task_cfg, "data", None)
+    if None not in recorded or not data or not os.path.isdir(utils.split_paths(data)[0]):
+        return recorded
+    pairs = set()
+    for name in os.listdir(utils.split_paths(data)[0]):
+        parts = name.split(".")  # SPLIT.SRC-TGT.LANG.bin
+        if len(parts) == 4 and parts[3] == "bin" and parts[1].count("-") == 1:
+            pairs.add(tuple(parts[1].split("-")))
+    return next(iter(pairs)) if len(pairs) == 1 else recorded
+
+
+def check_language_pair(label, recorded, langs):
+    """A checkpoint that records its languages must translate in the data's direction."""
+    if None not in recorded and None not in langs and tuple(recorded) != tuple(langs):
+        raise FairseqKDError(
+            f"{label}: it translates {recorded[0]}->{recorded[1]}, but the data is {langs[0]}->{langs[1]}; give a"
+            f" teacher for {langs[0]}->{langs[1]} (or -s {recorded[0]} -t {recorded[1]})"
+        )
+
+
+def check_resumed_settings(current, save_dir, restore_file, reset_optimizer, allow_changes):
+    """When ``fairseq-train`` is about to resume (``--restore-file``, by default SAVE_DIR/checkpoint_last.pt,
+    without ``--reset-optimizer``), compare the options ``current`` ({config section: {name: value}}) with
+    those the checkpoint was trained with: a difference is refused in one line, or with ``allow_changes``
+    logged. Returns the checkpoint's config, or None for a fresh run."""
+    path = os.path.join(save_dir, restore_file) if restore_file == "checkpoint_last.pt" else restore_file
+    if reset_optimizer or not os.path.isfile(path):
+        return None
+    cfg, _ = read_checkpoint(path, "--restore-file")
+    changed = [f"--{name.replace('_', '-')} {(cfg.get(section) or {}).get(name)} -> {value}"
+               for section, options in current.items() for name, value in options.items()
+               if str((cfg.get(section) or {}).get(name)) != str(value)]
+    if changed and not allow_changes:
+        raise FairseqKDError(
+            f"{path} was trained with other distillation settings ({'; '.join(changed)}): resuming would mix two"
+            " runs; give the settings it was trained with, start afresh in another --save-dir, or pass"
+            " --kd-allow-changed-settings to continue with the new ones"
+        )
+    for change in changed:
+        logger.warning(f"resuming {path} with a changed setting (--kd-allow-changed-settings): {change}")
+    return cfg
 
 
 def sha256(path):

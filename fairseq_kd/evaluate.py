@@ -165,6 +165,13 @@ def check_arguments(args):
                           ("--speed-sentences", args.speed_sentences), ("batch size", min(batch_sizes))):
         if value < 1:
             raise FairseqKDError(f"{option} must be >= 1, got {value}")
+    try:
+        data_utils.post_process("a", args.post_process)
+    except NotImplementedError:
+        raise FairseqKDError(
+            f"--post-process {args.post_process!r} is not one fairseq knows; use sentencepiece, subword_nmt, none,"
+            " ... (as fairseq-generate --post-process)"
+        ) from None
     decoding = DecodingOptions(beam=args.beam, max_len_a=args.max_len_a, max_len_b=args.max_len_b, lenpen=args.lenpen)
     decoding.check()
     out_dir = os.path.dirname(os.path.abspath(args.out_prefix))

@@ -50,7 +50,7 @@ def demo(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("demo")
     (tmp_path / "raw").mkdir()
     fake_multi30k(tmp_path / "raw")
-    failed = run_demo(tmp_path, STUDENT_ARCH="no_such_arch")
+    failed = run_demo(tmp_path, KD_TOPK="100")  # more than the 60-piece vocabulary: the cache stage fails
     finished = run_demo(tmp_path)
     return tmp_path, failed, finished
 
@@ -58,16 +58,23 @@ def demo(tmp_path_factory):
 def test_a_failing_stage_stops_the_demo_and_names_its_log(demo):
     tmp_path, failed, _ = demo
     assert failed.returncode == 1
-    assert f"error: stage 'student-no-kd' failed; see {tmp_path}/work/student-no-kd.log" in failed.stderr
-    assert "[teacher] running" in failed.stdout
+    assert f"error: stage 'cache' failed; see {tmp_path}/work/cache.log" in failed.stderr
+    assert "[teacher] running" in failed.stdout and "[student-no-kd]" not in failed.stdout
+
+
+def test_bad_settings_are_refused_before_any_stage(tmp_path):
+    proc = run_demo(tmp_path, STUDENT_ARCH="no_such_arch", KD_TEMPERATURE="0")
+    assert proc.returncode == 2 and "[prepare]" not in proc.stdout and "Traceback" not in proc.stderr
+    assert "STUDENT_ARCH 'no_such_arch' is not a fairseq architecture" in proc.stderr
+    assert "KD_TEMPERATURE must be a number > 0, got '0'" in proc.stderr
 
 
 def test_rerun_skips_finished_stages_and_prints_the_table(demo):
     tmp_path, _, finished = demo
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
-    for stage in ("prepare", "teacher", "distill", "cache", "cache-distilled"):
+    for stage in ("prepare", "teacher", "distill"):
         assert f"[{stage}] finished earlier, skipping" in finished.stdout
-    for stage in ("student-no-kd", "student-word-kd"):
+    for stage in ("cache", "student-no-kd", "student-word-kd"):
         assert f"[{stage}] running" in finished.stdout
     table = (tmp_path / "work" / "results.md").read_text()
     names = ["teacher", "student-no-kd", "student-word-kd", "student-seq-kd", "student-seq-word-kd"]

@@ -46,6 +46,41 @@ TEACHER_FLAGS=(--arch transformer --share-all-embeddings --encoder-layers 3 --de
     --encoder-attention-heads 4 --decoder-attention-heads 4 --dropout 0.2)
 STUDENT_FLAGS=(--arch "$STUDENT_ARCH" --share-all-embeddings --dropout 0.1)
 
+# every setting checked before the first stage spends time on data or a teacher
+python - "$STUDENT_ARCH" <<CHECK || exit 2
+import math, sys
+errors = []
+def integer(name, value, least):
+    if not value.isdigit() or int(value) < least:
+        errors.append(f"{name} must be an integer >= {least}, got '{value}'")
+for name, value, least in (("TEACHER_UPDATES", "$TEACHER_UPDATES", 1), ("STUDENT_UPDATES", "$STUDENT_UPDATES", 1),
+                           ("MAX_TOKENS", "$MAX_TOKENS", 1), ("TRAIN_SENTENCES", "$TRAIN_SENTENCES", 0),
+                           ("WARMUP_UPDATES", "$WARMUP_UPDATES", 0), ("DISTILL_BEAM", "$DISTILL_BEAM", 1),
+                           ("BEAM", "$BEAM", 1), ("VOCAB_SIZE", "$VOCAB_SIZE", 10), ("KD_TOPK", "$KD_TOPK", 0)):
+    integer(name, value, least)
+for name, value, ok, wanted in (("KD_ALPHA", "$KD_ALPHA", lambda v: 0 <= v <= 1, "in [0, 1]"),
+                                ("KD_TEMPERATURE", "$KD_TEMPERATURE", lambda v: 0 < v < math.inf, "> 0")):
+    try:
+        if not ok(float(value)):
+            raise ValueError
+    except ValueError:
+        errors.append(f"{name} must be a number {wanted}, got '{value}'")
+if "$SRC" == "$TGT" or not {"$SRC", "$TGT"} <= {"en", "de", "fr", "cs"}:
+    errors.append("SRC and TGT must be two different languages of en, de, fr, cs, got '$SRC' and '$TGT'")
+if "$SUBWORDS" not in ("spm", "bpe"):
+    errors.append("SUBWORDS must be spm or bpe, got '$SUBWORDS'")
+if "$DISTILL_UNION" not in ("0", "1"):
+    errors.append("DISTILL_UNION must be 0 or 1, got '$DISTILL_UNION'")
+import fairseq_kd  # noqa: F401  (registers the student architectures)
+from fairseq.models import ARCH_MODEL_REGISTRY
+if sys.argv[1] not in ARCH_MODEL_REGISTRY:
+    students = ", ".join(sorted(a for a in ARCH_MODEL_REGISTRY if a.startswith("transformer_student")))
+    errors.append(f"STUDENT_ARCH '{sys.argv[1]}' is not a fairseq architecture; e.g. {students}")
+for error in errors:
+    print(f"error: {error}", file=sys.stderr)
+sys.exit(1 if errors else 0)
+CHECK
+
 mkdir -p "$WORK"
 
 # the log lines a stage shows: fairseq's training progress and summaries, our tools' own messages

@@ -22,6 +22,7 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
 from omegaconf import II
 
+from fairseq_kd.checkpoints import check_resumed_settings
 from fairseq_kd.criterions.kd_terms import LayerKD, Schedule, TokenSelection, WordKD
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.kd_losses import ATTENTION_DISTANCES, HIDDEN_DISTANCES, SCHEDULES, lprobs_at_temperature, mixture_nll, mutual_kl_loss
@@ -136,7 +137,15 @@ class KDLabelSmoothedCrossEntropyCriterionConfig(LabelSmoothedCrossEntropyCriter
             " pairs like 'enc:0-1,1-3;dec:0-5'"
         },
     )
+    kd_allow_changed_settings: bool = field(
+        default=False,
+        metadata={"help": "resume a run whose checkpoint was trained with other --kd-* options, logging each change"},
+    )
     max_update: int = II("optimization.max_update")
+    max_tokens: Optional[int] = II("dataset.max_tokens")
+    save_dir: str = II("checkpoint.save_dir")
+    restore_file: str = II("checkpoint.restore_file")
+    reset_optimizer: bool = II("checkpoint.reset_optimizer")
 
 
 @register_criterion("kd_label_smoothed_cross_entropy", dataclass=KDLabelSmoothedCrossEntropyCriterionConfig)
@@ -149,7 +158,7 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         distillation = isinstance(task, DistillationTaskMixin)
         self.teachers = task.teachers if distillation else Teachers([])
         student = task.student if distillation else Student(mutual=False)
-        updates = cfg.kd_schedule_updates or cfg.max_update
+        updates = self.resumed_schedule_end(cfg)
         self.alpha = Schedule("alpha", cfg.kd_alpha_schedule, cfg.kd_alpha, cfg.kd_alpha_final, updates,
                               lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
         self.temperature = Schedule("temperature", cfg.kd_temperature_schedule, cfg.kd_temperature,
@@ -173,6 +182,24 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         if self.learned_mixture:
             # trained by fairseq's optimizer with the student and saved in its checkpoints' criterion state
             self.teacher_weight_logits = torch.nn.Parameter(self.teachers.weights.clamp_min(1e-4).log())
+
+    def resumed_schedule_end(self, cfg):
+        """The update at which the alpha/T schedules end. A resumed run keeps the end it started with, so
+        that a larger --max-update extends training at the final values instead of stretching the
+        schedules backwards; any other changed --kd-* option is refused (checkpoints.check_resumed_settings)."""
+        settings = {name: getattr(cfg, name) for name in cfg if name.startswith("kd_")
+                    and name not in ("kd_allow_changed_settings", "kd_schedule_updates")}
+        settings["label_smoothing"] = cfg.label_smoothing
+        if cfg.kd_schedule_updates:
+            settings["kd_schedule_updates"] = cfg.kd_schedule_updates
+        current = {"criterion": settings}
+        if isinstance(self.task, DistillationTaskMixin):
+            current["task"] = {"teacher_weighting": self.teachers.weighting}
+        saved = check_resumed_settings(current, cfg.save_dir, cfg.restore_file, cfg.reset_optimizer,
+                                       cfg.kd_allow_changed_settings)
+        if saved is None or cfg.kd_schedule_updates:
+            return cfg.kd_schedule_updates or cfg.max_update
+        return saved.criterion.get("kd_schedule_updates") or saved.optimization.max_update
 
     def forward(self, model, sample, reduce=True):
         mixture_weights = torch.softmax(self.teacher_weight_logits.detach().float(), 0) if self.learned_mixture else None

@@ -4,6 +4,7 @@ term and the intermediate-layer terms. Each checks its own options and declares 
 value averaged over target tokens); the math is in ``fairseq_kd.kd_losses``."""
 import logging
 import math
+import os
 from contextlib import nullcontext
 
 import torch
@@ -110,6 +111,8 @@ class WordKD:
             )
         if cfg.kd_mi_negatives <= 0:
             raise FairseqKDError(f"--kd-mi-negatives must be > 0, got {cfg.kd_mi_negatives}")
+        if str(cfg.kd_loss) == "mi" and cfg.max_tokens:
+            check_mi_memory(cfg.kd_mi_negatives, cfg.max_tokens, cfg.kd_topk or vocab_size)
         self.k, self.loss, self.negatives = cfg.kd_topk, str(cfg.kd_loss), cfg.kd_mi_negatives
         self.padding_idx, self.prefix = padding_idx, ignore_prefix_size
 
@@ -197,6 +200,23 @@ class LayerKD(torch.nn.Module):
                                                   keys, self.attn_distance)
                     terms["kd_attn_loss"] += per_query[mask].sum()
         return {key: (term, self.weights[key]) for key, term in terms.items()}
+
+
+def check_mi_memory(negatives, max_tokens, width):
+    """--kd-loss mi keeps, for the backward pass, one (tokens x width) copy of the teacher distributions per
+    negative: refuse a batch whose copies would not fit in half of the device's memory."""
+    estimate = (min(negatives, max_tokens - 1) + 1) * max_tokens * width * 4
+    if torch.cuda.is_available():
+        memory, where = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "GPU"
+    else:
+        memory, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
+    if estimate > memory / 2:
+        raise FairseqKDError(
+            f"--kd-loss mi with --kd-mi-negatives {negatives}, --max-tokens {max_tokens} and {width} teacher"
+            f" entries per token needs about {estimate / 2**30:.0f} GiB per batch, more than half of this"
+            f" machine's {memory / 2**30:.0f} GiB {where}; lower --kd-mi-negatives or --max-tokens, or distil the"
+            " top k (--kd-topk)"
+        )
 
 
 def check_heads(student_heads, teacher_heads):

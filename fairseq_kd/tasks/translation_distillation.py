@@ -1,11 +1,15 @@
 """``translation_distillation``: fairseq's ``translation`` plus the teachers a student distils from."""
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from fairseq import utils
 from fairseq.dataclass import ChoiceEnum
+from omegaconf import II
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.tasks.distillation import DistillationTaskMixin
 from fairseq_kd.teachers import TEACHER_WEIGHTINGS, Teachers
 
@@ -49,6 +53,7 @@ class TranslationDistillationConfig(TranslationConfig):
             " instead of running them (replaces --teacher-path; pass the cache's k as --kd-topk)"
         },
     )
+    save_dir: str = II("checkpoint.save_dir")
 
 
 @register_task("translation_distillation", dataclass=TranslationDistillationConfig)
@@ -58,6 +63,7 @@ class TranslationDistillationTask(DistillationTaskMixin, TranslationTask):
 
     def __init__(self, cfg: TranslationDistillationConfig, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
+        check_save_dir(cfg.save_dir, cfg.teacher_path)
         self.teachers = Teachers.load(cfg.teacher_path, cfg.teacher_weights, cfg.teacher_weighting, self,
                                       cfg.teacher_topk_cache)
 
@@ -65,3 +71,14 @@ class TranslationDistillationTask(DistillationTaskMixin, TranslationTask):
         super().load_dataset(split, epoch, combine, **kwargs)
         self.datasets[split] = self.teachers.wrap_dataset(split, self.datasets[split], self.tgt_dict,
                                                           self.cfg.left_pad_target)
+
+
+def check_save_dir(save_dir, teacher_paths):
+    """The student's checkpoints must not land where a teacher's are: fairseq would resume from the teacher
+    or overwrite it."""
+    for path in utils.split_paths(teacher_paths) if teacher_paths else []:
+        if os.path.realpath(os.path.dirname(path) or ".") == os.path.realpath(save_dir):
+            raise FairseqKDError(
+                f"--save-dir {save_dir} holds the teacher {path}: the student would resume from it and overwrite its"
+                " checkpoints; give the student its own --save-dir"
+            )
