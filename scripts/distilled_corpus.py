@@ -5,7 +5,10 @@
         --src en --tgt de [--union] [--max-length-ratio 3]
 
 Reads the teacher's subword hypotheses (``H-`` lines of ``fairseq-generate --gen-subset train`` without
-``--post-process``) in corpus order and writes ``OUT_PREFIX.SRC`` / ``OUT_PREFIX.TGT``. Degenerate outputs
+``--post-process``) in corpus order and writes ``OUT_PREFIX.SRC`` / ``OUT_PREFIX.TGT``. From an n-best list
+(``fairseq-generate --nbest N``) ``--select`` keeps per sentence the teacher's best hypothesis (``first``)
+or the one closest to the reference by sentence BLEU (``bestbleu``: Kim & Rush's Seq-Inter, Bergamot's
+bestbleu) or chrF (``bestchrf``), scored on subword pieces. Degenerate outputs
 are dropped: empty hypotheses and those whose length ratio to the source lies outside
 [1 / max-length-ratio, max-length-ratio]. With ``--union`` the original pairs are kept as well
 (Kim & Rush, 2016 found both useful).
@@ -13,7 +16,20 @@ are dropped: empty hypotheses and those whose length ratio to the source lies ou
 import argparse
 import os
 
-from generate_log import hypotheses_in_corpus_order
+from sacrebleu.metrics import BLEU, CHRF
+
+from generate_log import nbest_in_corpus_order
+
+# sentence-level scores of subword pieces against the subword reference
+SELECTORS = {"bestbleu": BLEU(tokenize="none", effective_order=True), "bestchrf": CHRF()}
+
+
+def select(nbest, reference, how):
+    """The hypothesis of ``nbest`` (best first) to keep: the first, or the highest scoring against
+    ``reference`` (ties: the teacher's order)."""
+    if how == "first":
+        return nbest[0]
+    return max(nbest, key=lambda hypothesis: SELECTORS[how].sentence_score(hypothesis, [reference]).score)
 
 
 def keep(source, hypothesis, max_length_ratio):
@@ -31,6 +47,8 @@ def main():
     parser.add_argument("--tgt", required=True)
     parser.add_argument("--union", action="store_true", help="keep the original pairs too")
     parser.add_argument("--max-length-ratio", type=float, default=3.0)
+    parser.add_argument("--select", choices=["first", *SELECTORS], default="first",
+                        help="which hypothesis of an n-best list to keep (default: the teacher's best)")
     args = parser.parse_args()
     if args.max_length_ratio < 1:
         parser.error(f"--max-length-ratio must be >= 1, got {args.max_length_ratio}")
@@ -41,7 +59,8 @@ def main():
         targets = [line.rstrip("\n") for line in f]
     if len(sources) != len(targets):
         parser.error(f"{args.source} has {len(sources)} lines but {args.target} has {len(targets)}")
-    hypotheses = hypotheses_in_corpus_order(args.generate_log, len(sources), kind="H")
+    hypotheses = [select(nbest, target, args.select)
+                  for nbest, target in zip(nbest_in_corpus_order(args.generate_log, len(sources), kind="H"), targets)]
 
     pairs = [(s, h) for s, h in zip(sources, hypotheses) if keep(s, h, args.max_length_ratio)]
     dropped = len(sources) - len(pairs)

@@ -2,8 +2,8 @@
 import sys
 
 
-def hypotheses_in_corpus_order(generate_log, num_lines, kind="D"):
-    """The best hypothesis of every sentence, by sentence id.
+def nbest_in_corpus_order(generate_log, num_lines, kind="D"):
+    """Every hypothesis of every sentence, by sentence id, best first (fairseq's order with --nbest).
 
     ``kind`` is ``"D"`` for detokenized lines (with ``--post-process``) or ``"H"`` for the hypotheses as
     the model's (subword) tokens. fairseq-generate prints sentences in length-sorted batches, so ids are
@@ -15,8 +15,13 @@ def hypotheses_in_corpus_order(generate_log, num_lines, kind="D"):
         for line in f:
             if line.startswith(prefix):
                 tag, _score, text = (line.rstrip("\n").split("\t") + [""])[:3]
-                hyps.setdefault(int(tag[len(prefix):]), text)  # with --nbest > 1 the best comes first
+                hyps.setdefault(int(tag[len(prefix):]), []).append(text)
     missing = sorted(set(range(num_lines)) - set(hyps))
     if missing:
         sys.exit(f"error: {generate_log} has no hypothesis for {len(missing)} sentences (first: {missing[0]})")
     return [hyps[i] for i in range(num_lines)]
+
+
+def hypotheses_in_corpus_order(generate_log, num_lines, kind="D"):
+    """The best hypothesis of every sentence, by sentence id (see ``nbest_in_corpus_order``)."""
+    return [nbest[0] for nbest in nbest_in_corpus_order(generate_log, num_lines, kind)]

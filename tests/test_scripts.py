@@ -46,6 +46,24 @@ def test_distilled_corpus_restores_order_and_drops_degenerate_outputs(tmp_path):
     assert (tmp_path / "union" / "train.src").read_text() == "a b\na b\nc d e\nf\n"
 
 
+def test_distilled_corpus_keeps_the_hypothesis_of_an_nbest_list_closest_to_the_reference(tmp_path):
+    (tmp_path / "train.src").write_text("a b c\nd e f\n")
+    (tmp_path / "train.tgt").write_text("▁das ▁ist ▁gut\n▁ein ▁rotes ▁haus\n")
+    # --nbest 2, the teacher's best first
+    (tmp_path / "gen.log").write_text(
+        "H-1\t-0.1\t▁ein ▁haus ▁rot\nH-1\t-0.2\t▁ein ▁rotes ▁haus\nH-0\t-0.1\t▁das ▁ist ▁gut\nH-0\t-0.3\t▁das ▁ist\n"
+    )
+    written = {}
+    for how in ("first", "bestbleu", "bestchrf"):
+        subprocess.run([sys.executable, REPO / "scripts" / "distilled_corpus.py", "--generate-log", tmp_path / "gen.log",
+                        "--source", tmp_path / "train.src", "--target", tmp_path / "train.tgt", "--src", "src",
+                        "--tgt", "tgt", "--select", how, "--out-prefix", tmp_path / how / "train"],
+                       check=True, capture_output=True)
+        written[how] = (tmp_path / how / "train.tgt").read_text().splitlines()
+    assert written["first"] == ["▁das ▁ist ▁gut", "▁ein ▁haus ▁rot"]
+    assert written["bestbleu"] == written["bestchrf"] == ["▁das ▁ist ▁gut", "▁ein ▁rotes ▁haus"]
+
+
 def test_valid_curve_has_a_column_per_multiple_and_per_last_update(tmp_path):
     def log(name, points):
         lines = [f"2026-11-25 09:00:00 | INFO | valid | epoch 001 | valid on 'valid' subset | loss {nll + 1} | "

@@ -21,6 +21,8 @@ KD_TOPK=${KD_TOPK:-8}
 SUBWORDS=${SUBWORDS:-spm}
 VOCAB_SIZE=${VOCAB_SIZE:-8000}
 DISTILL_UNION=${DISTILL_UNION:-0}
+DISTILL_NBEST=${DISTILL_NBEST:-1}
+DISTILL_SELECT=${DISTILL_SELECT:-first}
 read -r -a DEVICE_FLAGS <<< "${DEVICE_FLAGS---cpu}"
 # outputs longer than 1.2 x source + 10 subwords are runaway repetitions; bounding them keeps an
 # undertrained model from decoding to fairseq's default limit of 200
@@ -56,8 +58,13 @@ def integer(name, value, least):
 for name, value, least in (("TEACHER_UPDATES", "$TEACHER_UPDATES", 1), ("STUDENT_UPDATES", "$STUDENT_UPDATES", 1),
                            ("MAX_TOKENS", "$MAX_TOKENS", 1), ("TRAIN_SENTENCES", "$TRAIN_SENTENCES", 0),
                            ("WARMUP_UPDATES", "$WARMUP_UPDATES", 0), ("DISTILL_BEAM", "$DISTILL_BEAM", 1),
-                           ("BEAM", "$BEAM", 1), ("VOCAB_SIZE", "$VOCAB_SIZE", 10), ("KD_TOPK", "$KD_TOPK", 0)):
+                           ("BEAM", "$BEAM", 1), ("VOCAB_SIZE", "$VOCAB_SIZE", 10), ("KD_TOPK", "$KD_TOPK", 0),
+                           ("DISTILL_NBEST", "$DISTILL_NBEST", 1)):
     integer(name, value, least)
+if "$DISTILL_NBEST".isdigit() and "$DISTILL_BEAM".isdigit() and int("$DISTILL_NBEST") > int("$DISTILL_BEAM"):
+    errors.append("DISTILL_NBEST ($DISTILL_NBEST) cannot exceed DISTILL_BEAM ($DISTILL_BEAM): the beam holds the n-best list")
+if "$DISTILL_SELECT" not in ("first", "bestbleu", "bestchrf"):
+    errors.append("DISTILL_SELECT must be first, bestbleu or bestchrf, got '$DISTILL_SELECT'")
 for name, value, ok, wanted in (("KD_ALPHA", "$KD_ALPHA", lambda v: 0 <= v <= 1, "in [0, 1]"),
                                 ("KD_TEMPERATURE", "$KD_TEMPERATURE", lambda v: 0 < v < math.inf, "> 0")):
     try:
@@ -191,12 +198,13 @@ train_student() {  # NAME DATA_BIN EXTRA_FLAGS...
 distill_corpus() {
     mkdir -p "$DISTILLED"
     cmd fairseq-generate "$DATA" --user-dir "$ROOT/fairseq_kd" --path "$WORK/teacher/checkpoint_last.pt" \
-        --gen-subset train --beam "$DISTILL_BEAM" "${DECODE_FLAGS[@]}" "${DEVICE_FLAGS[@]}" --results-path "$DISTILLED"
+        --gen-subset train --beam "$DISTILL_BEAM" --nbest "$DISTILL_NBEST" "${DECODE_FLAGS[@]}" "${DEVICE_FLAGS[@]}" \
+        --results-path "$DISTILLED"
     local union=()
     if [ "$DISTILL_UNION" = 1 ]; then union=(--union); fi
     cmd python "$ROOT/scripts/distilled_corpus.py" --generate-log "$DISTILLED/generate-train.txt" \
         --source "$WORK/subword/train.$SRC" --target "$WORK/subword/train.$TGT" \
-        --out-prefix "$DISTILLED/train" --src "$SRC" --tgt "$TGT" "${union[@]}"
+        --out-prefix "$DISTILLED/train" --src "$SRC" --tgt "$TGT" --select "$DISTILL_SELECT" "${union[@]}"
     cmd fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" \
         --trainpref "$DISTILLED/train" --validpref "$WORK/subword/valid" --testpref "$WORK/subword/test" \
         --srcdict "$DATA/dict.$SRC.txt" --tgtdict "$DATA/dict.$TGT.txt" \

@@ -17,6 +17,9 @@
 #                          learning-rate warm-up, the teacher beam that builds the sequence-level KD corpus,
 #                          the evaluation beam
 #   DISTILL_UNION=1        keep the original training pairs beside the distilled ones
+#   DISTILL_NBEST=n DISTILL_SELECT=first|bestbleu|bestchrf   the teacher's n-best list (n <= DISTILL_BEAM) and which
+#                          hypothesis per sentence the corpus keeps: the teacher's best, or the closest to the
+#                          reference by sentence BLEU (Seq-Inter) or chrF
 #   STUDENT_ARCH=transformer_student_tiny  the students' architecture
 #   VOCAB_SIZE=8000        joint subword vocabulary size
 #   KD_ALPHA, KD_TEMPERATURE  word-level KD weight and temperature
