@@ -78,6 +78,11 @@ def test_valid_curve_has_a_column_per_multiple_and_per_last_update(tmp_path):
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert out == ["| valid NLL (bits/token) at update | 100 | 150 | 200 | 280 |", "|---|---:|---:|---:|---:|",
                    "| long | 9.00 | - | 7.25 | 6.00 |", "| short | 6.00 | 5.00 | - | - |"]
+    # with --eval-bleu the valid lines carry BLEU, drawn beside the NLL
+    (tmp_path / "bleu.log").write_text(long.read_text().replace("| ppl", "| bleu 12.5 | ppl"))
+    subprocess.run([sys.executable, REPO / "scripts" / "valid_curve.py", tmp_path / "bleu.log", short, "--plot",
+                    tmp_path / "curves.png"], capture_output=True, text=True, check=True)
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     empty = log("empty", [])
     refused = subprocess.run([sys.executable, REPO / "scripts" / "valid_curve.py", empty], capture_output=True, text=True)
     assert refused.returncode == 1 and "has no validation lines" in refused.stderr

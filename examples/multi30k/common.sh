@@ -11,7 +11,10 @@ case "$CONFIG" in
            "${WARMUP_UPDATES:=100}" "${DISTILL_BEAM:=1}" "${BEAM:=1}" ;;
     full) : "${TEACHER_UPDATES:=1360}" "${STUDENT_UPDATES:=1360}" "${MAX_TOKENS:=4096}" "${TRAIN_SENTENCES:=0}" \
           "${WARMUP_UPDATES:=300}" "${DISTILL_BEAM:=5}" "${BEAM:=5}" ;;
-    *) echo "error: CONFIG must be quick or full, got '$CONFIG'" >&2; exit 2 ;;
+    # every model trained until its valid BLEU stops improving (CONVERGE_FLAGS); budgets 0: no update limit
+    converged) : "${TEACHER_UPDATES:=0}" "${STUDENT_UPDATES:=0}" "${MAX_TOKENS:=4096}" "${TRAIN_SENTENCES:=0}" \
+               "${WARMUP_UPDATES:=300}" "${DISTILL_BEAM:=5}" "${BEAM:=5}" ;;
+    *) echo "error: CONFIG must be quick, full or converged, got '$CONFIG'" >&2; exit 2 ;;
 esac
 WORK=${WORK:-$ROOT/work/multi30k-$SRC-$TGT-$CONFIG}
 STUDENT_ARCH=${STUDENT_ARCH:-transformer_student_tiny}
@@ -39,6 +42,15 @@ case "$SUBWORDS" in
     *) POST_PROCESS=subword_nmt SUBWORD_MODEL=(--bpe-codes "$WORK/subword/bpe.codes") ;;
 esac
 DISTILLED=$WORK/distill
+# the checkpoint every later stage uses: the last, or with CONFIG=converged the best by valid BLEU, after
+# PATIENCE epochs without a new best (at most 100 epochs)
+CHECKPOINT=checkpoint_last.pt
+CONVERGE_FLAGS=()
+if [ "$CONFIG" = converged ]; then
+    CHECKPOINT=checkpoint_best.pt
+    CONVERGE_FLAGS=(--max-epoch 100 --patience "${PATIENCE:-5}" --eval-bleu --eval-bleu-args '{"beam": 5}'
+        --eval-bleu-remove-bpe "$POST_PROCESS" --best-checkpoint-metric bleu --maximize-best-checkpoint-metric)
+fi
 OPTIM_FLAGS=(--optimizer adam --adam-betas "(0.9,0.98)" --lr 1e-3 --lr-scheduler inverse_sqrt
     --warmup-updates "$WARMUP_UPDATES" --clip-norm 1.0)
 BATCH_FLAGS=(--max-tokens "$MAX_TOKENS" --seed 1)
@@ -55,11 +67,12 @@ errors = []
 def integer(name, value, least):
     if not value.isdigit() or int(value) < least:
         errors.append(f"{name} must be an integer >= {least}, got '{value}'")
-for name, value, least in (("TEACHER_UPDATES", "$TEACHER_UPDATES", 1), ("STUDENT_UPDATES", "$STUDENT_UPDATES", 1),
+updates = 0 if "$CONFIG" == "converged" else 1  # converged: 0 is no limit
+for name, value, least in (("TEACHER_UPDATES", "$TEACHER_UPDATES", updates), ("STUDENT_UPDATES", "$STUDENT_UPDATES", updates),
                            ("MAX_TOKENS", "$MAX_TOKENS", 1), ("TRAIN_SENTENCES", "$TRAIN_SENTENCES", 0),
                            ("WARMUP_UPDATES", "$WARMUP_UPDATES", 0), ("DISTILL_BEAM", "$DISTILL_BEAM", 1),
                            ("BEAM", "$BEAM", 1), ("VOCAB_SIZE", "$VOCAB_SIZE", 10), ("KD_TOPK", "$KD_TOPK", 0),
-                           ("DISTILL_NBEST", "$DISTILL_NBEST", 1)):
+                           ("DISTILL_NBEST", "$DISTILL_NBEST", 1), ("PATIENCE", "${PATIENCE:-5}", 1)):
     integer(name, value, least)
 if "$DISTILL_NBEST".isdigit() and "$DISTILL_BEAM".isdigit() and int("$DISTILL_NBEST") > int("$DISTILL_BEAM"):
     errors.append("DISTILL_NBEST ($DISTILL_NBEST) cannot exceed DISTILL_BEAM ($DISTILL_BEAM): the beam holds the n-best list")
@@ -182,7 +195,8 @@ train_teacher() {  # SAVE_DIR EXTRA_FLAGS...
     shift
     cmd fairseq-train "$DATA" --user-dir "$ROOT/fairseq_kd" "${TEACHER_FLAGS[@]}" \
         --criterion label_smoothed_cross_entropy --label-smoothing 0.1 "${OPTIM_FLAGS[@]}" \
-        "${BATCH_FLAGS[@]}" --max-update "$TEACHER_UPDATES" "${DEVICE_FLAGS[@]}" "${LOG_FLAGS[@]}" --save-dir "$dir" "$@"
+        "${BATCH_FLAGS[@]}" --max-update "$TEACHER_UPDATES" "${CONVERGE_FLAGS[@]}" "${DEVICE_FLAGS[@]}" "${LOG_FLAGS[@]}" \
+        --save-dir "$dir" "$@"
 }
 
 train_student() {  # NAME DATA_BIN EXTRA_FLAGS...
@@ -190,14 +204,15 @@ train_student() {  # NAME DATA_BIN EXTRA_FLAGS...
     shift 2
     cmd fairseq-train "$data" --user-dir "$ROOT/fairseq_kd" --task translation_distillation "${STUDENT_FLAGS[@]}" \
         --criterion kd_label_smoothed_cross_entropy --label-smoothing 0.1 "$@" "${OPTIM_FLAGS[@]}" \
-        "${BATCH_FLAGS[@]}" --max-update "$STUDENT_UPDATES" "${DEVICE_FLAGS[@]}" "${LOG_FLAGS[@]}" --save-dir "$WORK/$name"
+        "${BATCH_FLAGS[@]}" --max-update "$STUDENT_UPDATES" "${CONVERGE_FLAGS[@]}" "${DEVICE_FLAGS[@]}" "${LOG_FLAGS[@]}" \
+        --save-dir "$WORK/$name"
 }
 
 # the teacher beam-decodes the training source; its outputs, in corpus order and without degenerate ones,
 # are binarized with the teacher's dictionaries
 distill_corpus() {
     mkdir -p "$DISTILLED"
-    cmd fairseq-generate "$DATA" --user-dir "$ROOT/fairseq_kd" --path "$WORK/teacher/checkpoint_last.pt" \
+    cmd fairseq-generate "$DATA" --user-dir "$ROOT/fairseq_kd" --path "$WORK/teacher/$CHECKPOINT" \
         --gen-subset train --beam "$DISTILL_BEAM" --nbest "$DISTILL_NBEST" "${DECODE_FLAGS[@]}" "${DEVICE_FLAGS[@]}" \
         --results-path "$DISTILLED"
     local union=()
@@ -243,7 +258,7 @@ export_model() {  # CHECKPOINT OUT_DIR EXTRA_FLAGS...
 
 # the teacher's top-k on every training and validation token, for word-level KD without the teacher
 build_cache() {  # DATA_BIN OUT_DIR [TEACHER_CHECKPOINTS [EXTRA_FLAGS...]]
-    local data=$1 out=$2 teachers=${3:-$WORK/teacher/checkpoint_last.pt}
+    local data=$1 out=$2 teachers=${3:-$WORK/teacher/$CHECKPOINT}
     shift $(($# < 3 ? $# : 3))
     cmd fairseq-kd-build-cache "$data" --teacher-path "$teachers" --topk "$KD_TOPK" \
         --splits train,valid --max-tokens 8000 "${DEVICE_FLAGS[@]}" --out "$out" "$@"
@@ -255,6 +270,6 @@ word_kd_flags() {  # CACHE_DIR [TEACHER_CHECKPOINT]
     if [ "$KD_TOPK" -gt 0 ]; then
         KD_FLAGS+=(--teacher-topk-cache "$1" --kd-topk "$KD_TOPK")
     else
-        KD_FLAGS+=(--teacher-path "${2:-$WORK/teacher/checkpoint_last.pt}")
+        KD_FLAGS+=(--teacher-path "${2:-$WORK/teacher/$CHECKPOINT}")
     fi
 }

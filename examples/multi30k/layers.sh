@@ -24,7 +24,7 @@ WIDE_ARCH=${WIDE_ARCH:-transformer_student_small --encoder-layers 3}
 INIT_LAYERS=${INIT_LAYERS:-alternate}
 WIDE_UPDATES=${WIDE_UPDATES:-$STUDENT_UPDATES}
 VALIDATE_EVERY=${VALIDATE_EVERY:-100}
-TEACHER=$WORK/teacher/checkpoint_last.pt
+TEACHER=$WORK/teacher/$CHECKPOINT
 
 require_stages teacher evaluate-teacher
 
@@ -48,7 +48,7 @@ for name in "${NAMES[@]}"; do
 done
 mkdir -p "$WORK/results"
 for name in "${NAMES[@]}"; do
-    stage "evaluate-$name" "$WORK/results/$name.log" evaluate "$name" "$WORK/$name/checkpoint_last.pt"
+    stage "evaluate-$name" "$WORK/results/$name.log" evaluate "$name" "$WORK/$name/$CHECKPOINT"
 done
 
 echo "[layers tables] $WORK/layers.md, $WORK/results/layers.json"

@@ -29,7 +29,7 @@ if [ -f "$WORK/progressive.chain" ] && [ "$(cat "$WORK/progressive.chain")" != "
 fi
 echo "$PROGRESSION" > "$WORK/progressive.chain"
 
-previous=$WORK/teacher/checkpoint_last.pt
+previous=$WORK/teacher/$CHECKPOINT
 names=()
 for arch in $PROGRESSION; do
     if [ -f "$arch" ]; then  # a model trained elsewhere: the next link's teacher as it is
@@ -43,8 +43,8 @@ for arch in $PROGRESSION; do
     fi
     word_kd_flags "$WORK/cache-$name" "$previous"
     stage "$name" "$WORK/$name.log" train_student "$name" "$DATA" --arch "$arch" "${KD_FLAGS[@]}"
-    stage "evaluate-$name" "$WORK/results/$name.log" evaluate "$name" "$WORK/$name/checkpoint_last.pt"
-    previous=$WORK/$name/checkpoint_last.pt
+    stage "evaluate-$name" "$WORK/results/$name.log" evaluate "$name" "$WORK/$name/$CHECKPOINT"
+    previous=$WORK/$name/$CHECKPOINT
 done
 
 echo "[progressive table] $WORK/results/progressive.md, $WORK/results/progressive.json"

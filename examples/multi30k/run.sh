@@ -7,6 +7,8 @@
 #
 # Usage: bash examples/multi30k/run.sh            quick configuration: every stage, small budgets, on a CPU
 #        CONFIG=full bash examples/multi30k/run.sh  the budget of the README's measurements
+#        CONFIG=converged bash examples/multi30k/run.sh  every model until its valid BLEU stops improving
+#                          (PATIENCE=5 epochs without a new best), the best checkpoint by valid BLEU used after
 #   WORK=dir               where everything goes (default: ./work/multi30k-SRC-TGT-CONFIG)
 #   MULTI30K_DIR=dir       local copy of Multi30k data/task1/raw (default: ../shared/data/multi30k when it
 #                          exists, else the files are downloaded)
@@ -54,13 +56,13 @@ stage student-seq-word-kd "$WORK/student-seq-word-kd.log" \
 STUDENTS=(student-no-kd student-word-kd student-seq-kd student-seq-word-kd)
 mkdir -p "$WORK/results"
 for name in teacher "${STUDENTS[@]}"; do
-    stage "evaluate-$name" "$WORK/results/$name.log" evaluate "$name" "$WORK/$name/checkpoint_last.pt"
+    stage "evaluate-$name" "$WORK/results/$name.log" evaluate "$name" "$WORK/$name/$CHECKPOINT"
 done
 
 # deployment: the best student as an int8 CTranslate2 model, scored the same way
 BEST=$(best_student "${STUDENTS[@]}")
 DEPLOYED=$BEST-ct2-int8
-stage "export-$DEPLOYED" "$WORK/export-$DEPLOYED.log" export_model "$WORK/$BEST/checkpoint_last.pt" "$WORK/$DEPLOYED"
+stage "export-$DEPLOYED" "$WORK/export-$DEPLOYED.log" export_model "$WORK/$BEST/$CHECKPOINT" "$WORK/$DEPLOYED"
 stage "evaluate-$DEPLOYED" "$WORK/results/$DEPLOYED.log" evaluate "$DEPLOYED" "$WORK/$DEPLOYED"
 
 echo "[table] $WORK/results.md, $WORK/results.json"

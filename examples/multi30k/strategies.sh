@@ -26,7 +26,7 @@ ALPHA_START=${ALPHA_START:-0.9}
 ALPHA_FINAL=${ALPHA_FINAL:-0.1}
 SELECTION_RATE=${SELECTION_RATE:-0.5}
 DML_ARCH=${DML_ARCH:-transformer_mutual_student_tiny}
-TEACHER=$WORK/teacher/checkpoint_last.pt
+TEACHER=$WORK/teacher/$CHECKPOINT
 
 require_stages teacher student-no-kd student-word-kd evaluate-teacher evaluate-student-no-kd evaluate-student-word-kd
 for name in "${STRATEGIES[@]}"; do
@@ -39,7 +39,7 @@ done
 if [[ " ${STRATEGIES[*]} " == *" strategy-two-teachers"* ]] && [ -z "${SECOND_TEACHER:-}" ]; then
     stage teacher-2 "$WORK/teacher-2.log" train_teacher "$WORK/teacher-2" --seed 2
 fi
-TEACHERS=$TEACHER:${SECOND_TEACHER:-$WORK/teacher-2/checkpoint_last.pt}
+TEACHERS=$TEACHER:${SECOND_TEACHER:-$WORK/teacher-2/$CHECKPOINT}
 
 # the strategies that only change the criterion distil from run.sh's cache (or teacher)
 word_kd_flags "$WORK/cache"
@@ -75,7 +75,7 @@ for name in "${STRATEGIES[@]}"; do
 done
 # deep mutual learning yields two students: each peer is written out as a plain checkpoint and scored
 evaluate_peer() {  # NAME PEER
-    cmd python "$ROOT/scripts/extract_peer.py" "$WORK/$1/checkpoint_last.pt" --peer "$2" --out "$WORK/$1/peer-$2.pt"
+    cmd python "$ROOT/scripts/extract_peer.py" "$WORK/$1/$CHECKPOINT" --peer "$2" --out "$WORK/$1/peer-$2.pt"
     evaluate "$1-$2" "$WORK/$1/peer-$2.pt"
 }
 mkdir -p "$WORK/results"
@@ -87,7 +87,7 @@ for name in "${STRATEGIES[@]}"; do
             scored+=("$name-$peer")
         done
     else
-        stage "evaluate-$name" "$WORK/results/$name.log" evaluate "$name" "$WORK/$name/checkpoint_last.pt"
+        stage "evaluate-$name" "$WORK/results/$name.log" evaluate "$name" "$WORK/$name/$CHECKPOINT"
         scored+=("$name")
     fi
 done

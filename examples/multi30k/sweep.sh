@@ -34,7 +34,7 @@ for temperature in $TEMPERATURES; do
         KD_ALPHA=$alpha KD_TEMPERATURE=$temperature word_kd_flags "$WORK/cache"
         schedule_flags "$temperature"
         stage "$name" "$WORK/$name.log" train_student "$name" "$DATA" "${KD_FLAGS[@]}" "${SCHEDULE_FLAGS[@]}"
-        stage "evaluate-$name" "$WORK/results/$name.log" evaluate "$name" "$WORK/$name/checkpoint_last.pt"
+        stage "evaluate-$name" "$WORK/results/$name.log" evaluate "$name" "$WORK/$name/$CHECKPOINT"
     done
 done
 
