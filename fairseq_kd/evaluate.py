@@ -437,9 +437,9 @@ def write_report(report, outputs, out_prefix):
     print(table, end="")
 
 
-# settings that must agree for reports to share a table
-COMPARABLE = ("splits", "sentences", "beam", "max_len_a", "max_len_b", "lenpen", "post_process", "batch_sizes",
-              "threads", "speed_sentences", "repeats")
+# settings that must agree for reports to share a table: those of decoding, and of timing when timed
+COMPARABLE = ("splits", "sentences", "beam", "max_len_a", "max_len_b", "lenpen", "post_process", "batch_sizes")
+COMPARABLE_SPEED = ("threads", "speed_sentences", "repeats")
 
 
 def read_translations(path):
@@ -462,7 +462,8 @@ def merge(paths, out_prefix):
             raise FairseqKDError(f"--merge: {path} is not a fairseq-kd-eval report ({e}); give PREFIX.json files") from None
     first = reports[0]["settings"]
     for path, report in zip(paths[1:], reports[1:]):
-        differ = [key for key in COMPARABLE if report["settings"].get(key) != first.get(key)]
+        keys = COMPARABLE + (COMPARABLE_SPEED if first.get("batch_sizes") else ())
+        differ = [key for key in keys if report["settings"].get(key) != first.get(key)]
         if differ:
             raise FairseqKDError(
                 f"--merge: {path} was evaluated with other settings than {paths[0]} ({', '.join(differ)}); evaluate"

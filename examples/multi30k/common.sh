@@ -232,7 +232,7 @@ evaluate() {  # NAME MODEL
     mkdir -p "$WORK/results"
     cmd fairseq-kd-eval "$DATA" --checkpoints "$1=$2" --split test,valid \
         --reference "$WORK/raw/test.$TGT,$WORK/raw/valid.$TGT" --post-process "$POST_PROCESS" \
-        --beam "$BEAM" "${LENGTH_FLAGS[@]}" --no-speed --threads "$(nproc)" --out-prefix "$WORK/results/$1"
+        --beam "$BEAM" "${LENGTH_FLAGS[@]}" --no-speed --out-prefix "$WORK/results/$1"
 }
 
 # one table (OUT.md, OUT.json) of evaluated models, the first the reference
