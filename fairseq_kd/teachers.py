@@ -20,6 +20,7 @@ from fairseq_kd.checkpoints import load_model
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.features import attention_heads, layer_counts, layer_outputs, parse_layer_selection
 from fairseq_kd.kd_losses import confidence_weights, ensemble_lprobs, topk_lprobs
+from fairseq_kd.narrowing import narrow_state
 from fairseq_kd.topk_cache import TopKCache, TopKCacheDataset, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -141,7 +142,8 @@ class Teachers:
     def init_student(self, model, selection):
         """Copy the first teacher's weights into a freshly built student (--init-student-from-teacher):
         embeddings, output layer, layer norms and, per student layer, the teacher layer ``selection``
-        chooses. A resumed run then loads its checkpoint over them."""
+        chooses; into a narrower student, projected and pruned (``narrowing.narrow_state``). A resumed run then
+        loads its checkpoint over them."""
         if not self.models:
             raise FairseqKDError(
                 "--init-student-from-teacher copies a teacher's weights: give the teacher with --teacher-path"
@@ -157,7 +159,7 @@ class Teachers:
             )
         teacher_state = teacher.state_dict()
         student_state = model.state_dict()
-        copied = {}
+        teacher_key = {}
         for key, value in student_state.items():
             match = re.match(r"(encoder|decoder)\.layers\.(\d+)\.(.*)", key)
             if match:
@@ -165,19 +167,28 @@ class Teachers:
                 teacher_layer = chosen.get(side[:3], {}).get(layer)
                 if teacher_layer is None:
                     continue
-                teacher_key = f"{side}.layers.{teacher_layer}.{rest}"
+                source = f"{side}.layers.{teacher_layer}.{rest}"
             else:
-                teacher_key = key
-            if teacher_key not in teacher_state:
+                source = key
+            if source not in teacher_state:
                 continue
-            if teacher_state[teacher_key].shape != value.shape:
+            shape = teacher_state[source].shape
+            if len(shape) != value.dim() or any(s > t for s, t in zip(value.shape, shape)):
                 raise FairseqKDError(
                     f"--init-student-from-teacher: {key} is {tuple(value.shape)} in the student but"
-                    f" {teacher_key} is {tuple(teacher_state[teacher_key].shape)} in the teacher; copying needs the"
-                    " same widths (embedding, FFN, attention heads): choose a student architecture of the teacher's"
-                    " width, or drop the option"
+                    f" {source} is {tuple(shape)} in the teacher; a student starts from a teacher only where the"
+                    " teacher is at least as wide (embedding, FFN, attention heads): choose a narrower student, or"
+                    " drop the option"
                 )
-            copied[key] = teacher_state[teacher_key]
+            teacher_key[key] = source
+        narrower = any(teacher_state[t].shape != student_state[s].shape for s, t in teacher_key.items())
+        if narrower:
+            try:
+                copied = narrow_state(teacher_state, student_state, teacher_key, attention_heads(teacher))
+            except ValueError as error:
+                raise FairseqKDError(f"--init-student-from-teacher: {error}; start this student from random weights") from None
+        else:
+            copied = {key: teacher_state[t] for key, t in teacher_key.items()}
         # a weight the student ties (e.g. --share-all-embeddings) must come from one teacher weight
         first_of_tensor = {}
         for key in copied:
@@ -190,8 +201,8 @@ class Teachers:
                 )
         model.load_state_dict({**student_state, **copied})
         logger.info(
-            f"student initialised from the teacher: {len(copied)} of {len(student_state)} tensors, teacher layers"
-            f" {chosen}"
+            f"student initialised from the teacher: {len(copied)} of {len(student_state)} tensors"
+            f"{' (narrowed: projected onto the student widths)' if narrower else ''}, teacher layers {chosen}"
         )
 
 

@@ -178,6 +178,22 @@ def test_strategies_against_plain_kd(demo):
     assert peers[0]["params"] == peers[1]["params"] == student["params"]
 
 
+def test_levers_against_plain_kd(demo):
+    refused = run_demo(demo[0], "levers.sh", LEVERS="lever-dec2 lever-magic")
+    assert refused.returncode == 1 and "LEVERS names 'lever-magic'; choose from: lever-narrow-init" in refused.stderr
+    work = run_after_demo(demo, "levers.sh", LEVERS="lever-narrow-init lever-seq-bestbleu", DISTILL_BEAM="2", NBEST="2")
+    assert "student initialised from the teacher: " in (work / "lever-narrow-init.log").read_text()
+    assert "(narrowed: projected onto the student widths)" in (work / "lever-narrow-init.log").read_text()
+    # two hypotheses per sentence decoded, one kept
+    assert "H-0\t" in (work / "distill-nbest" / "generate-train.txt").read_text()
+    assert len((work / "distill-nbest" / "generate-train.txt").read_text().split("\nH-")) > 2 * SPLITS["train"]
+    assert len((work / "distill-bestbleu" / "train.de").read_text().splitlines()) <= SPLITS["train"]
+    table = (work / "levers.md").read_text().splitlines()
+    assert [row.split("|")[1].strip() for row in table[2:8]] == [
+        "teacher", "student-no-kd", "student-word-kd", "student-seq-kd", "lever-narrow-init", "lever-seq-bestbleu"]
+    assert (work / "levers-curves.png").stat().st_size > 0
+
+
 def test_stages_refuse_changed_settings_and_inputs(demo):
     """A finished stage is not reused for other settings or for inputs rebuilt since: the re-run stops at it,
     naming what changed."""

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from fairseq_kd.errors import FairseqKDError
-from fairseq_kd.features import attention_lprobs, layer_outputs, parse_layer_map, parse_layer_selection
+from fairseq_kd.features import attention_heads, attention_lprobs, layer_outputs, parse_layer_map, parse_layer_selection
 from fairseq_kd.kd_losses import kd_attention_loss, kd_hidden_loss, kd_relation_loss, match_heads
+from fairseq_kd.narrowing import narrow_state
 from test_criterion_and_task import build, first_batch
 
 
@@ -147,6 +148,37 @@ def test_student_initialised_as_the_teacher_has_zero_layer_terms(data_bin, teach
         assert log[term].item() == pytest.approx(0, abs=1e-4), (term, log[term])
 
 
+def test_narrowing_drops_only_what_the_teacher_does_not_use(data_bin):
+    """FFN neurons with no weights in or out are the ones dropped: a student with half the FFN width
+    computes the teacher's function exactly."""
+    task, teacher, _ = build(data_bin, "--arch", "transformer", "--kd-alpha", 0)
+    _, student, _ = build(data_bin, "--arch", "transformer", "--kd-alpha", 0, "--encoder-ffn-embed-dim", 32,
+                          "--decoder-ffn-embed-dim", 32)
+    for layer in (*teacher.encoder.layers, *teacher.decoder.layers):
+        unused = torch.randperm(64)[:32]
+        layer.fc1.weight.data[unused] = 0
+        layer.fc1.bias.data[unused] = 0
+        layer.fc2.weight.data[:, unused] = 0
+    same_keys = {key: key for key in student.state_dict()}
+    student.load_state_dict(narrow_state(teacher.state_dict(), student.state_dict(), same_keys, attention_heads(teacher)))
+    teacher.eval(), student.eval()
+    net_input = first_batch(task)["net_input"]
+    assert torch.allclose(student(**net_input)[0], teacher(**net_input)[0], atol=1e-5)
+
+
+def test_narrower_student_starts_near_the_teacher(data_bin, teacher):
+    """A student of 3/4 the teacher's width (model, FFN, attention heads) starts closer to the teacher's
+    predictions from the teacher's projected weights than from random ones (measured: 2.2 against 3.1 nats
+    per token; a random basis instead of the embedding's singular directions gives 2.6)."""
+    def kl_to_teacher(*flags):
+        task, model, criterion = build(data_bin, "--teacher-path", teacher, "--arch", "transformer", "--kd-alpha", 1,
+                                       "--encoder-embed-dim", 24, "--decoder-embed-dim", 24, "--encoder-ffn-embed-dim",
+                                       48, "--decoder-ffn-embed-dim", 48, *flags)
+        model.eval()
+        return criterion(model, first_batch(task))[2]["kd_loss"].item()
+    assert kl_to_teacher("--init-student-from-teacher", "first") < 0.8 * kl_to_teacher()
+
+
 def test_layer_terms_add_to_the_loss(data_bin, teacher):
     """A student of another width: one projection per pair, trained through the hidden-state term."""
     task, model, criterion = build(data_bin, "--teacher-path", teacher, "--kd-hidden-weight", 0.5,
@@ -167,8 +199,8 @@ def test_layer_terms_add_to_the_loss(data_bin, teacher):
     (["--kd-attn-weight", 1, "--encoder-embed-dim", 48, "--decoder-embed-dim", 48, "--encoder-attention-heads", 3,
       "--decoder-attention-heads", 3], "the student's enc attention has 3 heads and the teacher's 2"),
     (["--kd-relation-weight", 1, "--kd-hidden-map", "enc:0-3"], "enc layer 3 of the teacher does not exist"),
-    (["--init-student-from-teacher", "first", "--encoder-embed-dim", 16],
-     "copying needs the same widths"),
+    (["--init-student-from-teacher", "first", "--encoder-embed-dim", 48, "--decoder-embed-dim", 48],
+     "a student starts from a teacher only where the teacher is at least as wide"),
     (["--init-student-from-teacher", "first"],  # the student ties its output layer to its embedding
      "shares one weight between decoder.embed_tokens.weight and decoder.output_projection.weight"),
 ])

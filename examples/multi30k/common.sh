@@ -27,12 +27,10 @@ DISTILL_UNION=${DISTILL_UNION:-0}
 DISTILL_NBEST=${DISTILL_NBEST:-1}
 DISTILL_SELECT=${DISTILL_SELECT:-first}
 read -r -a DEVICE_FLAGS <<< "${DEVICE_FLAGS---cpu}"
-# outputs longer than 1.2 x source + 10 subwords are runaway repetitions; bounding them keeps an
-# undertrained model from decoding to fairseq's default limit of 200
-LENGTH_FLAGS=(--max-len-a 1.2 --max-len-b 10)
-# fairseq drops a last batch whose size is not a multiple of --required-batch-size-multiple (default 8):
-# decoding would silently skip the longest sentences
-DECODE_FLAGS=("${LENGTH_FLAGS[@]}" --required-batch-size-multiple 1 --max-tokens 8000)
+# the teacher's translations for the sequence-level KD corpus: outputs longer than 1.2 x source + 10 subwords
+# are runaway repetitions that the corpus would drop anyway. fairseq drops a last batch whose size is not a
+# multiple of --required-batch-size-multiple (default 8): decoding would silently skip the longest sentences
+DECODE_FLAGS=(--max-len-a 1.2 --max-len-b 10 --required-batch-size-multiple 1 --max-tokens 8000)
 if [ -z "${MULTI30K_DIR:-}" ] && [ -d "$ROOT/../shared/data/multi30k" ]; then
     MULTI30K_DIR=$ROOT/../shared/data/multi30k
 fi
@@ -46,7 +44,11 @@ DISTILLED=$WORK/distill
 # PATIENCE epochs without a new best (at most 100 epochs)
 CHECKPOINT=checkpoint_last.pt
 CONVERGE_FLAGS=()
+# KD schedules (alpha, temperature) run over the update budget; without one (converged), over
+# KD_SCHEDULE_UPDATES, about 15 epochs of Multi30k by default
+KD_SCHEDULE_FLAGS=()
 if [ "$CONFIG" = converged ]; then
+    KD_SCHEDULE_FLAGS=(--kd-schedule-updates "${KD_SCHEDULE_UPDATES:=2000}")
     CHECKPOINT=checkpoint_best.pt
     CONVERGE_FLAGS=(--max-epoch 100 --patience "${PATIENCE:-5}" --eval-bleu --eval-bleu-args '{"beam": 5}'
         --eval-bleu-remove-bpe "$POST_PROCESS" --best-checkpoint-metric bleu --maximize-best-checkpoint-metric)
@@ -72,7 +74,8 @@ for name, value, least in (("TEACHER_UPDATES", "$TEACHER_UPDATES", updates), ("S
                            ("MAX_TOKENS", "$MAX_TOKENS", 1), ("TRAIN_SENTENCES", "$TRAIN_SENTENCES", 0),
                            ("WARMUP_UPDATES", "$WARMUP_UPDATES", 0), ("DISTILL_BEAM", "$DISTILL_BEAM", 1),
                            ("BEAM", "$BEAM", 1), ("VOCAB_SIZE", "$VOCAB_SIZE", 10), ("KD_TOPK", "$KD_TOPK", 0),
-                           ("DISTILL_NBEST", "$DISTILL_NBEST", 1), ("PATIENCE", "${PATIENCE:-5}", 1)):
+                           ("DISTILL_NBEST", "$DISTILL_NBEST", 1), ("PATIENCE", "${PATIENCE:-5}", 1),
+                           ("KD_SCHEDULE_UPDATES", "${KD_SCHEDULE_UPDATES:-1}", 1)):
     integer(name, value, least)
 if "$DISTILL_NBEST".isdigit() and "$DISTILL_BEAM".isdigit() and int("$DISTILL_NBEST") > int("$DISTILL_BEAM"):
     errors.append("DISTILL_NBEST ($DISTILL_NBEST) cannot exceed DISTILL_BEAM ($DISTILL_BEAM): the beam holds the n-best list")
@@ -208,31 +211,45 @@ train_student() {  # NAME DATA_BIN EXTRA_FLAGS...
         --save-dir "$WORK/$name"
 }
 
-# the teacher beam-decodes the training source; its outputs, in corpus order and without degenerate ones,
-# are binarized with the teacher's dictionaries
+# the sequence-level KD corpus in DISTILLED: the teacher beam-decodes the training source (DISTILL_BEAM,
+# DISTILL_NBEST), then distilled_pairs builds the corpus
 distill_corpus() {
-    mkdir -p "$DISTILLED"
-    cmd fairseq-generate "$DATA" --user-dir "$ROOT/fairseq_kd" --path "$WORK/teacher/$CHECKPOINT" \
-        --gen-subset train --beam "$DISTILL_BEAM" --nbest "$DISTILL_NBEST" "${DECODE_FLAGS[@]}" "${DEVICE_FLAGS[@]}" \
-        --results-path "$DISTILLED"
-    local union=()
-    if [ "$DISTILL_UNION" = 1 ]; then union=(--union); fi
-    cmd python "$ROOT/scripts/distilled_corpus.py" --generate-log "$DISTILLED/generate-train.txt" \
-        --source "$WORK/subword/train.$SRC" --target "$WORK/subword/train.$TGT" \
-        --out-prefix "$DISTILLED/train" --src "$SRC" --tgt "$TGT" --select "$DISTILL_SELECT" "${union[@]}"
-    cmd fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" \
-        --trainpref "$DISTILLED/train" --validpref "$WORK/subword/valid" --testpref "$WORK/subword/test" \
-        --srcdict "$DATA/dict.$SRC.txt" --tgtdict "$DATA/dict.$TGT.txt" \
-        --destdir "$DISTILLED/data-bin" --workers 2
+    decode_train "$DISTILLED"
+    distilled_pairs "$DISTILLED/generate-train.txt" "$DISTILLED"
 }
 
-# a model (checkpoint or export) on test and valid with fairseq-kd-eval, quality only:
+# the teacher's translations of the training source: DIR/generate-train.txt
+decode_train() {  # DIR
+    mkdir -p "$1"
+    cmd fairseq-generate "$DATA" --user-dir "$ROOT/fairseq_kd" --path "$WORK/teacher/$CHECKPOINT" \
+        --gen-subset train --beam "$DISTILL_BEAM" --nbest "$DISTILL_NBEST" "${DECODE_FLAGS[@]}" "${DEVICE_FLAGS[@]}" \
+        --results-path "$1"
+}
+
+# one hypothesis per sentence (DISTILL_SELECT) from a generate log, in corpus order and without degenerate
+# ones, with the original pairs beside them if DISTILL_UNION=1, binarized with the teacher's dictionaries:
+# DIR/data-bin
+distilled_pairs() {  # GENERATE_LOG DIR
+    local union=()
+    if [ "$DISTILL_UNION" = 1 ]; then union=(--union); fi
+    mkdir -p "$2"
+    cmd python "$ROOT/scripts/distilled_corpus.py" --generate-log "$1" \
+        --source "$WORK/subword/train.$SRC" --target "$WORK/subword/train.$TGT" \
+        --out-prefix "$2/train" --src "$SRC" --tgt "$TGT" --select "$DISTILL_SELECT" "${union[@]}"
+    cmd fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" \
+        --trainpref "$2/train" --validpref "$WORK/subword/valid" --testpref "$WORK/subword/test" \
+        --srcdict "$DATA/dict.$SRC.txt" --tgtdict "$DATA/dict.$TGT.txt" \
+        --destdir "$2/data-bin" --workers 2
+}
+
+# a model (checkpoint or export) on test and valid with fairseq-kd-eval, quality only, decoded as users
+# decode (fairseq's default length limits: a cap would hide a model that fails to stop):
 # WORK/results/NAME.json and .md, translations WORK/results/NAME.NAME.SPLIT.txt
 evaluate() {  # NAME MODEL
     mkdir -p "$WORK/results"
     cmd fairseq-kd-eval "$DATA" --checkpoints "$1=$2" --split test,valid \
         --reference "$WORK/raw/test.$TGT,$WORK/raw/valid.$TGT" --post-process "$POST_PROCESS" \
-        --beam "$BEAM" "${LENGTH_FLAGS[@]}" --no-speed --out-prefix "$WORK/results/$1"
+        --beam "$BEAM" --no-speed --out-prefix "$WORK/results/$1"
 }
 
 # one table (OUT.md, OUT.json) of evaluated models, the first the reference
@@ -240,6 +257,11 @@ table() {  # OUT NAME...
     local out=$1
     shift
     fairseq-kd-eval --merge $(printf "$WORK/results/%s.json " "$@") --out-prefix "$out"
+}
+
+# the update interval of valid_curve.py's table: the budget, or 1,000 updates without one
+curve_step() {
+    if [ "$STUDENT_UPDATES" -gt 0 ]; then echo "$STUDENT_UPDATES"; else echo 1000; fi
 }
 
 # the student with the best valid BLEU among those named, by their evaluate stages' reports

@@ -46,8 +46,9 @@ word_kd_flags "$WORK/cache"
 KD=("${KD_FLAGS[@]}")
 # the flags of each strategy, a bash array per strategy (name with '-' replaced by '_')
 strategy_temperature_cosine=("${KD[@]}" --kd-temperature "$TEMPERATURE_START" --kd-temperature-schedule cosine
-    --kd-temperature-final "$KD_TEMPERATURE")
-strategy_alpha_linear=("${KD[@]}" --kd-alpha "$ALPHA_START" --kd-alpha-schedule linear --kd-alpha-final "$ALPHA_FINAL")
+    --kd-temperature-final "$KD_TEMPERATURE" "${KD_SCHEDULE_FLAGS[@]}")
+strategy_alpha_linear=("${KD[@]}" --kd-alpha "$ALPHA_START" --kd-alpha-schedule linear --kd-alpha-final "$ALPHA_FINAL"
+    "${KD_SCHEDULE_FLAGS[@]}")
 strategy_selective_batch=("${KD[@]}" --kd-selection batch --kd-selection-rate "$SELECTION_RATE")
 strategy_selective_global=("${KD[@]}" --kd-selection global --kd-selection-rate "$SELECTION_RATE")
 strategy_mi=("${KD[@]}" --kd-loss mi)
@@ -97,6 +98,6 @@ echo "[strategies tables] $WORK/strategies.md, $WORK/results/strategies.json"
     table "$WORK/results/strategies" teacher student-no-kd student-word-kd "${scored[@]}"
     echo
     # the students' own valid NLL after the last update (of peer a for deep mutual learning)
-    python "$ROOT/scripts/valid_curve.py" --every "$STUDENT_UPDATES" \
+    python "$ROOT/scripts/valid_curve.py" --every "$(curve_step)" \
         $(printf "$WORK/%s.log " student-no-kd student-word-kd "${STRATEGIES[@]}")
 } | tee "$WORK/strategies.md"

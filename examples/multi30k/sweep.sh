@@ -21,7 +21,7 @@ require_stages teacher $([ "$KD_TOPK" -gt 0 ] && echo cache)
 schedule_flags() {  # T: SCHEDULE_FLAGS, the temperature schedule from T
     SCHEDULE_FLAGS=()
     if [ "$SCHEDULE" != constant ] && [ "$1" != 1 ]; then
-        SCHEDULE_FLAGS=(--kd-temperature-schedule "$SCHEDULE" --kd-temperature-final 1)
+        SCHEDULE_FLAGS=(--kd-temperature-schedule "$SCHEDULE" --kd-temperature-final 1 "${KD_SCHEDULE_FLAGS[@]}")
     fi
 }
 

@@ -38,6 +38,17 @@ def transformer_student_tiny(args):
     transformer_student(args)
 
 
+@register_model_architecture("transformer_student", "transformer_student_tiny_dec2")
+def transformer_student_tiny_dec2(args):
+    """The tiny student's parameter count with a second decoder layer: one encoder layer fewer and a
+    384-wide decoder FFN pay for it (a one-layer decoder is the usual suspect when a student repeats
+    itself)."""
+    args.encoder_layers = getattr(args, "encoder_layers", 2)
+    args.decoder_layers = getattr(args, "decoder_layers", 2)
+    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", 384)
+    transformer_student_tiny(args)
+
+
 @register_model_architecture("transformer_student", "transformer_student_small")
 def transformer_student_small(args):
     transformer_student(args)

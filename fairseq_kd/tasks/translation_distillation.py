@@ -43,7 +43,9 @@ class TranslationDistillationConfig(TranslationConfig):
             "help": "start the student from the (first) teacher's weights: its embeddings, output layer and"
             " layer norms, and for each student layer a teacher layer: 'first' (teacher layers 0, 1, ...),"
             " 'alternate' (spread evenly: floor(i * L_T / L_S)) or explicit 0-based teacher layers per side like"
-            " 'enc:0,2,4;dec:5' (a side left out keeps its random initialisation); widths must match. 'none'"
+            " 'enc:0,2,4;dec:5' (a side left out keeps its random initialisation). A narrower student (model,"
+            " FFN or attention-head width) gets them projected: the residual stream onto the embedding table's"
+            " top singular directions, the strongest FFN neurons and head dimensions kept. 'none'"
         },
     )
     teacher_topk_cache: Optional[str] = field(
