@@ -13,7 +13,8 @@ import torch
 from fairseq import checkpoint_utils, models, utils
 from fairseq.data import Dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-from fairseq.models import ARCH_MODEL_NAME_REGISTRY
+from fairseq.models import ARCH_MODEL_NAME_REGISTRY, ARCH_MODEL_REGISTRY
+from fairseq.models.nat import FairseqNATModel
 from fairseq.models.transformer import TransformerModel
 
 from fairseq_kd.errors import FairseqKDError
@@ -230,6 +231,12 @@ def model_name(model_cfg):
     return ARCH_MODEL_NAME_REGISTRY.get(getattr(model_cfg, "arch", None))
 
 
+def is_non_autoregressive(model_cfg):
+    """Whether a checkpoint's model is one of fairseq's NAT models (decoded by iterative refinement)."""
+    model_class = ARCH_MODEL_REGISTRY.get(getattr(model_cfg, "arch", None))
+    return model_class is not None and issubclass(model_class, FairseqNATModel)
+
+
 def inference_state(path, cfg, state, peer="a"):
     """The checkpoint ``(cfg, state)`` read from ``path``, reduced to what translation needs: a plain
     ``transformer`` model and a ``translation`` task, the model's options and weights only (no teacher, KD,
@@ -237,6 +244,11 @@ def inference_state(path, cfg, state, peer="a"):
     checkpoint. Returns the checkpoint dict; fairseq-generate and CTranslate2's converter both read it."""
     model_cfg = cfg.model
     name = model_name(model_cfg)
+    if is_non_autoregressive(model_cfg):
+        raise FairseqKDError(
+            f"{path}: {name} is non-autoregressive, and CTranslate2 has no decoder for it; decode it with"
+            " fairseq-kd-eval or fairseq-generate --task translation_lev"
+        )
     if not isinstance(model_cfg, argparse.Namespace) or name not in INFERENCE_MODELS:
         raise FairseqKDError(
             f"{path}: model {name or getattr(model_cfg, '_name', '?')!r} (--arch"

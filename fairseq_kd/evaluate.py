@@ -110,6 +110,10 @@ def get_parser():
     parser.add_argument("--max-len-a", type=float, default=0.0, help="as fairseq-generate (default: 0)")
     parser.add_argument("--max-len-b", type=int, default=200, help="as fairseq-generate (default: 200)")
     parser.add_argument("--lenpen", type=float, default=1.0, help="as fairseq-generate (default: 1)")
+    parser.add_argument("--iter-decode-max-iter", type=int, default=10,
+                        help="non-autoregressive checkpoints: refinement iterations, as fairseq-generate (default: 10)")
+    parser.add_argument("--iter-decode-with-beam", type=int, default=1,
+                        help="non-autoregressive checkpoints: length candidates, as fairseq-generate (default: 1)")
     parser.add_argument("--batch-size", type=int, default=64, help="sentences per batch of the quality pass")
     parser.add_argument("--batch-sizes", default="1,32,128", help="comma-separated batch sizes timed")
     parser.add_argument("--no-speed", action="store_true", help="measure quality and size only")
@@ -172,7 +176,9 @@ def check_arguments(args):
             f"--post-process {args.post_process!r} is not one fairseq knows; use sentencepiece, subword_nmt, none,"
             " ... (as fairseq-generate --post-process)"
         ) from None
-    decoding = DecodingOptions(beam=args.beam, max_len_a=args.max_len_a, max_len_b=args.max_len_b, lenpen=args.lenpen)
+    decoding = DecodingOptions(beam=args.beam, max_len_a=args.max_len_a, max_len_b=args.max_len_b, lenpen=args.lenpen,
+                               iter_decode_max_iter=args.iter_decode_max_iter,
+                               iter_decode_with_beam=args.iter_decode_with_beam)
     decoding.check()
     out_dir = os.path.dirname(os.path.abspath(args.out_prefix))
     try:
@@ -273,6 +279,7 @@ def evaluate_model(args, name, path, batch_sizes, decoding, references):
         hypotheses = translate_all(translator, sources, args.batch_size)
         outputs[split] = [data_utils.post_process(" ".join(pieces), args.post_process) for pieces in hypotheses]
         scores[split] = {**quality_scores(outputs[split], references[split]), "sentences": len(sources)}
+    steps = getattr(translator, "refinement_steps", [])
     record = {"name": name, "model": path, "backend": translator.backend,
               "quantization": translator.manifest["quantization"] if translator.backend == "ctranslate2" else "float32",
               "vmap": translator.backend == "ctranslate2" and translator.use_vmap,
@@ -282,6 +289,8 @@ def evaluate_model(args, name, path, batch_sizes, decoding, references):
               "params": total, "embedding_params": embedding,
               "non_embedding_params": total - embedding, "weights_mb": round(weight_bytes / 2**20, 2),
               "file_mb": round(file_bytes / 2**20, 2), **scores, "speed": []}
+    if steps:  # a non-autoregressive model: its mean refinement iterations per sentence
+        record["refinement_steps"] = round(sum(steps) / len(steps), 2)
 
     timed_sources = source_pieces(task, splits[0])[: args.speed_sentences]
     for batch_size in batch_sizes:
@@ -361,8 +370,9 @@ def markdown_table(report):
     primary, others = settings["splits"][0], settings["splits"][1:]
     header = ["model", "backend", "params", "compression", "weights MB", "BLEU", "length ratio", "chrF", "TER",
               "BLEU retention"]
+    non_autoregressive = any("refinement_steps" in m for m in report["models"])
     header += [f"BLEU {split}" for split in others] + [f"sent/s b{b}" for b in settings["batch_sizes"]]
-    header += ["peak memory MB"]
+    header += ["peak memory MB"] + (["iterations"] if non_autoregressive else [])
     lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
     for m in report["models"]:
         scores = m[primary]
@@ -373,18 +383,23 @@ def markdown_table(report):
                retention]
         row += [f"{m[split]['bleu']:.2f}" for split in others]
         row += [f"{s['sentences_per_s']:.1f}" for s in m["speed"]] + [f"{m['peak_memory_mb']:.0f}"]
+        if non_autoregressive:
+            row.append(f"{m['refinement_steps']:.2f}" if "refinement_steps" in m else "autoregressive")
         lines.append("| " + " | ".join(row) + " |")
     exports = [m for m in report["models"] if "compared_with" in m]
     if exports:
         lines += ["", "| export | compared with | identical translations | BLEU difference |", "|---|---|---:|---:|"]
         lines += [f"| {m['name']} | {m['compared_with']} | {m['identical_share']:.1%} | {m['bleu_difference']:+.2f} |"
                   for m in exports]
+    refinement = (f"; non-autoregressive models: at most {settings['iter_decode_max_iter']} refinement iterations,"
+                  f" {settings['iter_decode_with_beam']} length candidates (iterations: the mean per sentence)"
+                  if non_autoregressive else "")
     speed = (f"; speed: first {settings['speed_sentences']} sentences sorted by length, median of"
              f" {settings['repeats']} after a warm-up pass" if settings["batch_sizes"] else "")
     lines += [
         "",
         f"{primary} ({settings['sentences'][primary]} sentences), beam {settings['beam']}, length limit"
-        f" {settings['max_len_a']} x source + {settings['max_len_b']}{speed}; {machine['device']}, {machine['cpu']},"
+        f" {settings['max_len_a']} x source + {settings['max_len_b']}{refinement}{speed}; {machine['device']}, {machine['cpu']},"
         f" {settings['threads']} threads; torch {machine['torch']}, fairseq {machine['fairseq']}.",
         f"{report['models'][0][primary]['bleu_signature']}",
     ]
@@ -438,7 +453,8 @@ def write_report(report, outputs, out_prefix):
 
 
 # settings that must agree for reports to share a table: those of decoding, and of timing when timed
-COMPARABLE = ("splits", "sentences", "beam", "max_len_a", "max_len_b", "lenpen", "post_process", "batch_sizes")
+COMPARABLE = ("splits", "sentences", "beam", "max_len_a", "max_len_b", "lenpen", "iter_decode_max_iter",
+              "iter_decode_with_beam", "post_process", "batch_sizes")
 COMPARABLE_SPEED = ("threads", "speed_sentences", "repeats")
 
 
@@ -507,6 +523,7 @@ def main(argv=None):
         "machine": machine_description(device),
         "settings": {"data": args.data, "splits": splits, "sentences": {s: len(r) for s, r in references.items()},
                      "beam": args.beam, "max_len_a": args.max_len_a, "max_len_b": args.max_len_b, "lenpen": args.lenpen,
+                     "iter_decode_max_iter": args.iter_decode_max_iter, "iter_decode_with_beam": args.iter_decode_with_beam,
                      "threads": args.threads, "batch_sizes": batch_sizes,
                      "speed_sentences": min(args.speed_sentences, len(references[splits[0]])),
                      "repeats": args.repeats, "post_process": args.post_process},

@@ -17,10 +17,13 @@ from types import SimpleNamespace
 
 import torch
 from fairseq.data import Dictionary, data_utils
+from fairseq.iterative_refinement_generator import IterativeRefinementGenerator
+from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq.models.transformer import TransformerModel
 from fairseq.sequence_generator import SequenceGenerator
+from fairseq.tasks.translation_lev import TranslationLevenshteinConfig, TranslationLevenshteinTask
 
-from fairseq_kd.checkpoints import check_checkpoint_dictionaries, inference_state, read_checkpoint
+from fairseq_kd.checkpoints import check_checkpoint_dictionaries, inference_state, is_non_autoregressive, read_checkpoint
 from fairseq_kd.errors import FairseqKDError
 
 EXPORT_MANIFEST = "fairseq_kd_export.json"
@@ -34,10 +37,18 @@ class DecodingOptions:
     max_len_a: float = 0.0
     max_len_b: int = 200
     lenpen: float = 1.0
+    # non-autoregressive models: refinement iterations and length candidates
+    iter_decode_max_iter: int = 10
+    iter_decode_with_beam: int = 1
 
     def check(self):
         if self.beam < 1:
             raise FairseqKDError(f"--beam must be >= 1, got {self.beam}")
+        if self.iter_decode_max_iter < 0 or self.iter_decode_with_beam < 1:
+            raise FairseqKDError(
+                f"--iter-decode-max-iter must be >= 0 and --iter-decode-with-beam >= 1, got"
+                f" {self.iter_decode_max_iter} and {self.iter_decode_with_beam}"
+            )
         if not (self.max_len_a >= 0 and self.max_len_b >= 1 and self.max_len_a < float("inf")):
             raise FairseqKDError(
                 f"--max-len-a must be a finite number >= 0 and --max-len-b >= 1, got {self.max_len_a} and"
@@ -74,8 +85,9 @@ class Subwords:
 
                 with open(path, encoding="utf-8") as codes:
                     self._model = BPE(codes)
-        except Exception as e:
-            raise FairseqKDError(f"cannot read {path!r} as a {kind} model ({e}); give the file the data was made with")
+        except (Exception, SystemExit) as e:  # subword-nmt exits on a malformed codes file
+            reason = "malformed codes" if isinstance(e, SystemExit) else e
+            raise FairseqKDError(f"cannot read {path!r} as a {kind} model ({reason}); give the file the data was made with") from None
 
     def encode(self, line):
         line = line.strip()
@@ -89,37 +101,56 @@ class Subwords:
 
 class FairseqTranslator:
     """A fairseq checkpoint (any supported model, either peer of a mutual one) on the dictionaries of
-    ``data``, decoded with fairseq's SequenceGenerator."""
+    ``data``, decoded with fairseq's SequenceGenerator; a non-autoregressive one (any fairseq NAT model) with
+    its IterativeRefinementGenerator, as ``fairseq-generate --task translation_lev`` decodes it."""
 
     backend = "fairseq"
 
     def __init__(self, checkpoint, data, options, peer="a", device="cpu"):
-        state = inference_state(checkpoint, *read_checkpoint(checkpoint, "checkpoint"), peer)
+        cfg, saved = read_checkpoint(checkpoint, "checkpoint")
+        self.non_autoregressive = is_non_autoregressive(cfg.model)
+        if self.non_autoregressive:
+            state = {"args": cfg.model, "model": saved["model"]}
+        else:
+            state = inference_state(checkpoint, cfg, saved, peer)
         args = state["args"]
-        _, (self.src_dict, self.tgt_dict) = checked_dictionaries(checkpoint, state, data)
-        task = SimpleNamespace(source_dictionary=self.src_dict, target_dictionary=self.tgt_dict)
-        self.model = TransformerModel.build_model(args, task)
+        langs, (self.src_dict, self.tgt_dict) = checked_dictionaries(checkpoint, state, data)
+        if self.non_autoregressive:
+            task_cfg = TranslationLevenshteinConfig(data=data, source_lang=langs[0], target_lang=langs[1])
+            task = TranslationLevenshteinTask(task_cfg, self.src_dict, self.tgt_dict)
+            self.model = ARCH_MODEL_REGISTRY[args.arch].build_model(args, task)
+            self.generator = IterativeRefinementGenerator(
+                self.tgt_dict, max_iter=options.iter_decode_max_iter, beam_size=options.iter_decode_with_beam,
+            )
+        else:
+            task = SimpleNamespace(source_dictionary=self.src_dict, target_dictionary=self.tgt_dict)
+            self.model = TransformerModel.build_model(args, task)
+            self.generator = SequenceGenerator(
+                [self.model], self.tgt_dict, beam_size=options.beam, max_len_a=options.max_len_a,
+                max_len_b=options.max_len_b, len_penalty=options.lenpen,
+            )
         self.model.load_state_dict(state["model"], strict=True)
         self.model.eval().to(device)
         self.device = device
         self.options = options
         self.max_positions = self.model.max_decoder_positions()
-        self.generator = SequenceGenerator(
-            [self.model], self.tgt_dict, beam_size=options.beam, max_len_a=options.max_len_a,
-            max_len_b=options.max_len_b, len_penalty=options.lenpen,
-        )
         self.left_pad_source = getattr(args, "left_pad_source", True)
+        self.refinement_steps = []  # non-autoregressive: the iterations each sentence took
 
     @torch.inference_mode()
     def translate(self, batch):
         tokens = [self.src_dict.encode_line(" ".join(p), add_if_not_exist=False, append_eos=True).long() for p in batch]
+        if self.non_autoregressive:  # translation_lev's sources start with <s>
+            tokens = [torch.cat([torch.tensor([self.src_dict.bos()]), t]) for t in tokens]
         lengths = torch.tensor([len(t) for t in tokens])
         src_tokens = data_utils.collate_tokens(tokens, self.src_dict.pad(), self.src_dict.eos(),
                                                left_pad=self.left_pad_source)
         sample = {"net_input": {"src_tokens": src_tokens.to(self.device), "src_lengths": lengths.to(self.device)}}
         hypotheses = self.generator.generate([self.model], sample)
-        eos = self.tgt_dict.eos()
-        return [[self.tgt_dict[i] for i in hypos[0]["tokens"].tolist() if i != eos] for hypos in hypotheses]
+        if self.non_autoregressive:
+            self.refinement_steps += [hypos[0]["steps"] for hypos in hypotheses]
+        special = {self.tgt_dict.eos(), self.tgt_dict.pad(), self.tgt_dict.bos()}  # NAT outputs start with <s>
+        return [[self.tgt_dict[i] for i in hypos[0]["tokens"].tolist() if i not in special] for hypos in hypotheses]
 
 
 def language_pair(args, data):

@@ -194,6 +194,26 @@ def test_levers_against_plain_kd(demo):
     assert (work / "levers-curves.png").stat().st_size > 0
 
 
+def test_nat_students_beside_the_autoregressive_one(demo):
+    work = demo[0] / "work"
+    dictionary = work / "distill" / "data-bin" / "dict.de.txt"
+    original = dictionary.read_text()
+    dictionary.write_text(original + "extra 1\n")
+    try:
+        refused = run_demo(demo[0], "nat.sh")
+    finally:
+        dictionary.write_text(original)
+    assert refused.returncode == 1 and "the distilled corpus was binarized with another dictionary" in refused.stderr
+    run_after_demo(demo, "nat.sh", NAT_ARCHS="cmlm_transformer_student_tiny", NAT_UPDATES="2")
+    assert "--noise random_mask" in (work / ".stage-nat-cmlm-distilled").read_text()
+    report = json.loads((work / "results" / "nat.json").read_text())
+    names = [m["name"] for m in report["models"]]
+    assert names[1:] == [names[0] + "-ct2-int8", "nat-cmlm-original", "nat-cmlm-distilled"]
+    assert [s["batch_size"] for s in report["models"][2]["speed"]] == [1, 32]
+    assert all("refinement_steps" in m for m in report["models"][2:])
+    assert report["settings"]["iter_decode_max_iter"] == 10 and report["settings"]["threads"] == 1
+
+
 def test_stages_refuse_changed_settings_and_inputs(demo):
     """A finished stage is not reused for other settings or for inputs rebuilt since: the re-run stops at it,
     naming what changed."""

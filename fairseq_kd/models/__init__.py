@@ -1,1 +1,1 @@
-from . import transformer_mutual, transformer_student  # noqa: F401
+from . import nat_student, transformer_mutual, transformer_student  # noqa: F401
