@@ -31,7 +31,7 @@ setup(
         "ctranslate2==4.8.5",
         "scipy",
     ],
-    extras_require={"test": ["pytest", "hypothesis==6.170.17"]},
+    extras_require={"test": ["pytest", "pytest-xdist==3.8.0", "hypothesis==6.170.17"]},
     entry_points={
         "console_scripts": [
             "fairseq-kd-build-cache = fairseq_kd.build_cache:main",

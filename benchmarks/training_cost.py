@@ -7,6 +7,13 @@ tokens/s and peak memory of each, as ratios to plain.
         --teacher work/multi30k-en-de-full/teacher/checkpoint_last.pt --cache 8=work/multi30k-en-de-full/cache \
         --updates 60 --out benchmarks/results/training_cost
 
+``--cpu-bf16`` adds each variant again with the forward passes autocast to bfloat16 (the task's --cpu-bf16);
+``--model="FLAGS"`` trains another architecture than the tiny student, e.g. the teacher's:
+
+    python benchmarks/training_cost.py --data work/multi30k-en-de-full/data-bin --cpu-bf16 --updates 40 \
+        --model="--arch transformer --encoder-layers 3 --decoder-layers 3 --encoder-embed-dim 256 ..." \
+        --out benchmarks/results/training_cost_bf16_teacher
+
 Tokens/s is the median of fairseq's per-interval ``wps`` after the first interval (start-up and warm-up
 excluded), and with ``--repeats`` the median over runs; peak memory is the peak resident set size of the
 training process, or with ``--gpu`` (training on the GPU, --fp16) the peak of torch's CUDA allocations.
@@ -24,9 +31,9 @@ import tempfile
 import torch
 
 PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fairseq_kd")
-STUDENT = (
-    "--arch transformer_student_tiny --share-all-embeddings --dropout 0.1 "
-    "--criterion kd_label_smoothed_cross_entropy --label-smoothing 0.1 "
+MODEL = "--arch transformer_student_tiny"
+TRAINING = (
+    "--share-all-embeddings --dropout 0.1 --criterion kd_label_smoothed_cross_entropy --label-smoothing 0.1 "
     "--optimizer adam --adam-betas (0.9,0.98) --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 300 "
     "--max-tokens 4096 --seed 1 --log-format simple --disable-validation --no-save"
 ).split()
@@ -44,11 +51,11 @@ if torch.cuda.is_available():
 """
 
 
-def train(data, updates, log_interval, gpu, extra):
+def train(data, model, updates, log_interval, gpu, extra):
     """Run fairseq-train; return (per-interval wps values, peak memory in MB)."""
     device = ["--fp16"] if gpu else ["--cpu"]
     command = [sys.executable, "-c", TRAIN, data, "--user-dir", PLUGIN, "--task", "translation_distillation",
-               *STUDENT, *device, "--max-update", str(updates), "--log-interval", str(log_interval), *extra]
+               *model.split(), *TRAINING, *device, "--max-update", str(updates), "--log-interval", str(log_interval), *extra]
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
         _, status, usage = os.wait4(process.pid, 0)
@@ -75,6 +82,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every variant this many times, round robin, and keep the median")
     parser.add_argument("--gpu", action="store_true", help="train on the GPU with --fp16")
+    parser.add_argument("--cpu-bf16", action="store_true", help="add every variant again with --cpu-bf16")
+    parser.add_argument("--model", default=MODEL, help=f"the architecture flags (default: {MODEL})")
     parser.add_argument("--out", required=True, help="writes OUT.json and OUT.md")
     args = parser.parse_args()
 
@@ -91,11 +100,13 @@ def main():
     if args.mutual:
         variants.append(("deep mutual learning, two students", ["--kd-alpha", "0.5", "--arch", "transformer_mutual_student_tiny"]))
 
+    if args.cpu_bf16:
+        variants += [(f"{name}, --cpu-bf16", [*extra, "--cpu-bf16"]) for name, extra in variants]
     memory = "CUDA allocated" if args.gpu else "RSS"
     runs = {name: [] for name, _ in variants}
     for repeat in range(args.repeats):  # round robin, so that drift in machine speed hits every variant
         for name, extra in variants:
-            wps, peak_mb = train(args.data, args.updates, args.log_interval, args.gpu, extra)
+            wps, peak_mb = train(args.data, args.model, args.updates, args.log_interval, args.gpu, extra)
             if len(wps) < 2:
                 sys.exit("error: too few log intervals; raise --updates or lower --log-interval")
             runs[name].append((statistics.median(wps[1:]), peak_mb))
@@ -115,9 +126,9 @@ def main():
                      f"| {row['peak_memory_mb']:.0f} | {row['memory_ratio']:.2f}x |")
     device = torch.cuda.get_device_name(0) + ", --fp16" if args.gpu else f"cpu, {torch.get_num_threads()} torch threads"
     settings = {"updates": args.updates, "repeats": args.repeats, "device": device, "memory": f"peak {memory}",
-                "student": "transformer_student_tiny", "max_tokens": 4096, "data": args.data}
+                "model": args.model, "max_tokens": 4096, "data": args.data}
     lines.append("")
-    lines.append(f"{args.updates} updates per run, {args.repeats} run(s) per variant round robin; tokens/s: median over"
+    lines.append(f"{args.model}; {args.updates} updates per run, {args.repeats} run(s) per variant round robin; tokens/s: median over"
                  f" runs of the median per-{args.log_interval}-update wps after the first interval; peak {memory}: the highest; "
                  f"{device}, {os.cpu_count()} CPUs.")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

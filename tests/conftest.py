@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# pytest-xdist runs one worker per core (pytest.ini): each test, and each process it starts, on one thread
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = str(REPO / "fairseq_kd")

@@ -276,3 +276,32 @@ def test_learned_weighting_trains_towards_the_better_teacher(data_bin, teacher, 
 def test_weighting_needs_several_teachers(data_bin, teacher, weighting):
     with pytest.raises(FairseqKDError, match="weighs several teachers, but --teacher-path names 1"):
         build(data_bin, "--teacher-path", teacher, "--teacher-weighting", weighting)
+
+
+class Backward:
+    """What fairseq's optimizer does in a train step, without one."""
+
+    def backward(self, loss):
+        loss.backward()
+
+
+def test_cpu_bf16_runs_the_forward_pass_in_bfloat16_and_keeps_float32_gradients(data_bin, teacher):
+    def train_step(*flags):
+        task, model, criterion = build(data_bin, "--teacher-path", teacher, "--kd-alpha", 0.5, *flags)
+        dtypes = []
+        model.decoder.output_projection.register_forward_hook(lambda module, inputs, out: dtypes.append(out.dtype))
+        loss, _, _ = task.train_step(first_batch(task, "train"), model, criterion, Backward(), 0)
+        return loss, dtypes, model
+    loss, dtypes, model = train_step("--cpu-bf16")
+    loss_fp32, dtypes_fp32, _ = train_step()
+    assert dtypes == [torch.bfloat16] and dtypes_fp32 == [torch.float32]
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(loss_fp32.item(), rel=0.02)
+    assert all(p.grad.dtype == torch.float32 and p.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+
+
+def test_cpu_bf16_needs_the_cpu(data_bin):
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [str(data_bin), "--user-dir", PLUGIN, "--task", "translation_distillation",
+                                                "--arch", "transformer_student_tiny", "--cpu-bf16"])
+    with pytest.raises(FairseqKDError, match="--cpu-bf16 autocasts CPU computations; add --cpu"):
+        tasks.setup_task(convert_namespace_to_omegaconf(args).task)

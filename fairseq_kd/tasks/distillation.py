@@ -7,6 +7,8 @@
 from dataclasses import dataclass
 from typing import Dict, Optional
 
+import torch
+
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.features import attention_heads, layer_counts, layer_widths
 from fairseq_kd.models.transformer_mutual import TransformerMutualModel
@@ -27,7 +29,7 @@ class Student:
 
 class DistillationTaskMixin:
     """Mixed into a fairseq task before it (``class T(DistillationTaskMixin, TranslationTask)``); the task's
-    ``__init__`` sets ``self.teachers``."""
+    ``__init__`` sets ``self.teachers``, its config has ``init_student_from_teacher`` and ``cpu_bf16``."""
 
     teachers: Teachers
     student: Optional[Student] = None
@@ -51,5 +53,20 @@ class DistillationTaskMixin:
         return model
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        """fairseq's train step; with --cpu-bf16 its forward pass under bfloat16 autocast (the backward
+        pass outside it, as torch recommends)."""
         self.num_updates = update_num
-        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        if not self.cfg.cpu_bf16:
+            return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        model.train()
+        model.set_num_updates(update_num)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, sample_size, logging_output = criterion(model, sample)
+        if ignore_grad:
+            loss *= 0
+        optimizer.backward(loss)
+        return loss, sample_size, logging_output
+
+    def valid_step(self, sample, model, criterion):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.cpu_bf16):
+            return super().valid_step(sample, model, criterion)
