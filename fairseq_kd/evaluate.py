@@ -399,7 +399,8 @@ def markdown_table(report):
     lines += [
         "",
         f"{primary} ({settings['sentences'][primary]} sentences), beam {settings['beam']}, length limit"
-        f" {settings['max_len_a']} x source + {settings['max_len_b']}{refinement}{speed}; {machine['device']}, {machine['cpu']},"
+        f" {settings['max_len_a']} x source + {settings['max_len_b']}{refinement}{speed};"
+        f" {machine['device']}, {machine['cpu']},"
         f" {settings['threads']} threads; torch {machine['torch']}, fairseq {machine['fairseq']}.",
         f"{report['models'][0][primary]['bleu_signature']}",
     ]

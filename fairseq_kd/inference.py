@@ -87,7 +87,9 @@ class Subwords:
                     self._model = BPE(codes)
         except (Exception, SystemExit) as e:  # subword-nmt exits on a malformed codes file
             reason = "malformed codes" if isinstance(e, SystemExit) else e
-            raise FairseqKDError(f"cannot read {path!r} as a {kind} model ({reason}); give the file the data was made with") from None
+            raise FairseqKDError(
+                f"cannot read {path!r} as a {kind} model ({reason}); give the file the data was made with"
+            ) from None
 
     def encode(self, line):
         line = line.strip()

@@ -71,8 +71,10 @@ def narrow_state(
         ValueError: a tensor no rule covers.
     """
     # the layer norm whose output meets the output layer: pre-norm's final one, else the last layer's
-    last_decoder_layer = max(int(k.split(".")[2]) for k in student if k.startswith("decoder.layers."))
-    last_norm = "decoder.layer_norm" if "decoder.layer_norm.weight" in student else f"decoder.layers.{last_decoder_layer}.final_layer_norm"
+    last_norm = "decoder.layer_norm"
+    if last_norm + ".weight" not in student:
+        last_layer = max(int(k.split(".")[2]) for k in student if k.startswith("decoder.layers."))
+        last_norm = f"decoder.layers.{last_layer}.final_layer_norm"
     bases = {
         side: residual_basis(teacher[f"{side}.embed_tokens.weight"], student[f"{side}.embed_tokens.weight"].size(1))
         for side in ("encoder", "decoder")
@@ -97,11 +99,13 @@ def narrow_state(
             prefix, proj, kind = attention.groups()
             tprefix = _ATTENTION.match(tkey).group(1)
             n = heads[side[:3]]
-            head_dim, head_dim_student = teacher[f"{tprefix}.q_proj.weight"].size(0) // n, student[f"{prefix}.q_proj.weight"].size(0) // n
+            head_dim = teacher[f"{tprefix}.q_proj.weight"].size(0) // n
+            head_dim_student = student[f"{prefix}.q_proj.weight"].size(0) // n
+            weight = {name: teacher[f"{tprefix}.{name}_proj.weight"].float() for name in ("q", "k", "v", "out")}
             if proj in ("q", "k"):
-                score = teacher[f"{tprefix}.q_proj.weight"].float().norm(dim=1) * teacher[f"{tprefix}.k_proj.weight"].float().norm(dim=1)
+                score = weight["q"].norm(dim=1) * weight["k"].norm(dim=1)
             else:
-                score = teacher[f"{tprefix}.v_proj.weight"].float().norm(dim=1) * teacher[f"{tprefix}.out_proj.weight"].float().norm(dim=0)
+                score = weight["v"].norm(dim=1) * weight["out"].norm(dim=0)
             rows = _top_rows(score, head_dim_student, head_dim)
             if proj == "out":
                 value = basis_out.T @ w[:, rows] if kind == "weight" else basis_out.T @ w
@@ -112,7 +116,8 @@ def narrow_state(
         elif ffn:
             prefix, layer, kind = ffn.groups()
             tprefix = _FFN.match(tkey).group(1)
-            score = teacher[f"{tprefix}.fc1.weight"].float().norm(dim=1) * teacher[f"{tprefix}.fc2.weight"].float().norm(dim=0)
+            fc1, fc2 = teacher[f"{tprefix}.fc1.weight"].float(), teacher[f"{tprefix}.fc2.weight"].float()
+            score = fc1.norm(dim=1) * fc2.norm(dim=0)
             neurons = _top_rows(score, student[f"{prefix}.fc1.weight"].size(0), score.numel())
             if layer == "fc1":
                 value = w[neurons] @ basis_out if kind == "weight" else w[neurons]

@@ -35,7 +35,8 @@ class NATStudentChecks:
         # translation_lev's noise builds prev_output_tokens from the references; the wrong one trains
         # on inputs the model never sees at decoding (or fails on their shapes)
         masked = prev_output_tokens.eq(self.unk)
-        if self.training and (prev_output_tokens.shape != tgt_tokens.shape or not self.noise_matches(masked, tgt_tokens)):
+        same_shape = prev_output_tokens.shape == tgt_tokens.shape
+        if self.training and not (same_shape and self.noise_matches(masked, tgt_tokens)):
             raise FairseqKDError(
                 f"--arch {self.args.arch} trains with --noise {self.NOISE} (its decoder inputs made from the references"
                 f" that way), but the task's --noise gives other inputs; set --noise {self.NOISE}"
