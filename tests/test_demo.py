@@ -14,16 +14,19 @@ from conftest import BIN, REPO
 SPLITS = {"train": 300, "val": 30, "test_2016_flickr": 30}
 
 
-def fake_multi30k(directory):
-    """Gzipped en/de files named like Multi30k's data/task1/raw, with a word-for-word toy translation."""
+def fake_multi30k(directory, more_languages=()):
+    """Gzipped en/de (and ``more_languages``) files named like Multi30k's data/task1/raw, four-way parallel
+    like it, with a word-for-word toy translation."""
     rng = random.Random(0)
     letters = "abcdefghijklmnopqrstuvwxyz"
     lexicon = [("".join(rng.choices(letters, k=4)), "".join(rng.choices(letters, k=5))) for _ in range(30)]
+    more = random.Random(1)
+    lexicon = [(*words, *("".join(more.choices(letters, k=6)) for _ in more_languages)) for words in lexicon]
     for split, n in SPLITS.items():
         sentences = [[rng.choice(lexicon) for _ in range(rng.randint(3, 8))] for _ in range(n)]
-        for lang, side in (("en", 0), ("de", 1)):
+        for side, lang in enumerate(("en", "de", *more_languages)):
             with gzip.open(directory / f"{split}.{lang}.gz", "wt") as f:
-                f.writelines(" ".join(pair[side] for pair in s).capitalize() + " .\n" for s in sentences)
+                f.writelines(" ".join(words[side] for words in s).capitalize() + " .\n" for s in sentences)
 
 
 def run_demo(tmp_path, script="run.sh", **env):
@@ -248,3 +251,31 @@ def test_prepare_with_bpe_and_a_training_prefix(tmp_path):
     assert len((tmp_path / "out" / "raw" / "train.de").read_text().splitlines()) == 100
     assert len((tmp_path / "out" / "raw" / "test.de").read_text().splitlines()) == SPLITS["test_2016_flickr"]
     assert (tmp_path / "out" / "data-bin" / ".done").exists()
+
+
+def test_prepare_multilingual_with_a_low_resource_pair(tmp_path):
+    (tmp_path / "raw").mkdir()
+    fake_multi30k(tmp_path / "raw", more_languages=("fr", "cs"))
+
+    def prepare(**env):
+        return subprocess.run(
+            ["bash", REPO / "scripts" / "prepare-multi30k-multilingual.sh", tmp_path / "out"], capture_output=True,
+            text=True, env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MULTI30K_DIR": str(tmp_path / "raw"),
+                            "VOCAB_SIZE": "90", **env})
+
+    proc = prepare(LOW_RESOURCE="en-cs:100")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = tmp_path / "out" / "data-bin"
+    from fairseq.data import Dictionary, data_utils
+    dictionary = Dictionary.load(str(data / "dict.en.txt"))
+    assert all((data / f"dict.{lang}.txt").read_text() == (data / "dict.en.txt").read_text() for lang in ("de", "fr", "cs"))
+    sizes = {pair: len(data_utils.load_indexed_dataset(str(data / f"train.{pair}.{pair[-2:]}"), dictionary))
+             for pair in ("en-de", "en-fr", "en-cs")}
+    assert sizes == {"en-de": SPLITS["train"], "en-fr": SPLITS["train"], "en-cs": 100}
+    assert (data / "langs.txt").read_text() == "cs\nde\nen\nfr\n"
+    # line i is the same sentence in every pair (the pivot relies on it)
+    assert (tmp_path / "out" / "raw" / "train.cs").read_text().count("\n") == SPLITS["train"]
+    refused = prepare(LOW_RESOURCE="en-cs:200")
+    assert refused.returncode == 1 and "was prepared with PAIRS=en-de en-fr en-cs LOW_RESOURCE=en-cs:100" in refused.stderr
+    refused = prepare(PAIRS="en-de en-xx")
+    assert refused.returncode == 2 and "PAIRS names 'en-xx'" in refused.stderr
