@@ -1,6 +1,7 @@
 """Valid-set NLL by update count, read from fairseq-train logs: one Markdown row per run (stdout), to
 compare how fast models converge. Columns are the validated update counts that are multiples of
---every, and each run's last; a run not validated at a column shows "-".
+--every (none with 0, for runs without a common budget), and each run's last; a run not validated at a
+column shows "-".
 
     python scripts/valid_curve.py --every 100 work/layers-wide-random.log work/layers-wide-init.log \
         --plot work/layers-curves.png
@@ -63,13 +64,16 @@ def plot(curves, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("logs", nargs="+")
-    parser.add_argument("--every", type=int, default=100, help="keep update counts that are multiples of this")
+    parser.add_argument("--every", type=int, default=100,
+                        help="keep update counts that are multiples of this; 0: only each run's last")
     parser.add_argument("--plot", help="also draw the curves into this PNG file")
     args = parser.parse_args()
 
     both = {os.path.splitext(os.path.basename(log))[0]: valid_points(log) for log in args.logs}
     curves = {name: nll for name, (nll, _) in both.items()}
-    columns = sorted({n for points in curves.values() for n in points if n % args.every == 0}
+    if args.every < 0:
+        sys.exit(f"error: --every must be >= 0, got {args.every}")
+    columns = sorted({n for points in curves.values() for n in points if args.every and n % args.every == 0}
                      | {max(points) for points in curves.values()})
     lines = [
         "| valid NLL (bits/token) at update | " + " | ".join(str(n) for n in columns) + " |",

@@ -93,6 +93,7 @@ def test_rerun_skips_finished_stages_and_prints_the_table(demo):
     assert exported["params"] == records[best]["params"] and exported["test"]["sentences"] == SPLITS["test_2016_flickr"]
     assert f"| {best}-ct2-int8 | {best} |" in table  # the export beside the checkpoint it came from
     assert "nrefs:1|case:mixed" in table and json.loads((tmp_path / "work" / "results.json").read_text())["models"]
+    assert (tmp_path / "work" / "results-curves.png").read_bytes()[:4] == b"\x89PNG"
     # the distilled corpus is in the training source's order: line i of its source is line i of the original
     distilled_src = (tmp_path / "work" / "distill" / "train.en").read_text().splitlines()
     original_src = (tmp_path / "work" / "subword" / "train.en").read_text().splitlines()

@@ -83,6 +83,10 @@ def test_valid_curve_has_a_column_per_multiple_and_per_last_update(tmp_path):
     subprocess.run([sys.executable, REPO / "scripts" / "valid_curve.py", tmp_path / "bleu.log", short, "--plot",
                     tmp_path / "curves.png"], capture_output=True, text=True, check=True)
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # runs without a common budget: each run's last validation only
+    out = subprocess.run([sys.executable, REPO / "scripts" / "valid_curve.py", "--every", "0", long, short],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == "| valid NLL (bits/token) at update | 150 | 280 |"
     empty = log("empty", [])
     refused = subprocess.run([sys.executable, REPO / "scripts" / "valid_curve.py", empty], capture_output=True, text=True)
     assert refused.returncode == 1 and "has no validation lines" in refused.stderr

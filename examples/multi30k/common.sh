@@ -259,11 +259,6 @@ table() {  # OUT NAME...
     fairseq-kd-eval --merge $(printf "$WORK/results/%s.json " "$@") --out-prefix "$out"
 }
 
-# the update interval of valid_curve.py's table: the budget, or 1,000 updates without one
-curve_step() {
-    if [ "$STUDENT_UPDATES" -gt 0 ]; then echo "$STUDENT_UPDATES"; else echo 1000; fi
-}
-
 # the student with the best valid BLEU among those named, by their evaluate stages' reports
 best_student() {  # NAME...
     python -c 'import json, sys

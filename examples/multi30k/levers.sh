@@ -76,6 +76,6 @@ echo "[levers table] $WORK/levers.md, $WORK/results/levers.json, learning curves
 {
     table "$WORK/results/levers" teacher student-no-kd student-word-kd student-seq-kd "${LEVERS[@]}"
     echo
-    python "$ROOT/scripts/valid_curve.py" --every "$(curve_step)" --plot "$WORK/levers-curves.png" \
+    python "$ROOT/scripts/valid_curve.py" --every "$STUDENT_UPDATES" --plot "$WORK/levers-curves.png" \
         $(printf "$WORK/%s.log " student-no-kd student-word-kd student-seq-kd "${LEVERS[@]}")
 } | tee "$WORK/levers.md"

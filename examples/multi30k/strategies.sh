@@ -98,6 +98,6 @@ echo "[strategies tables] $WORK/strategies.md, $WORK/results/strategies.json"
     table "$WORK/results/strategies" teacher student-no-kd student-word-kd "${scored[@]}"
     echo
     # the students' own valid NLL after the last update (of peer a for deep mutual learning)
-    python "$ROOT/scripts/valid_curve.py" --every "$(curve_step)" \
+    python "$ROOT/scripts/valid_curve.py" --every "$STUDENT_UPDATES" \
         $(printf "$WORK/%s.log " student-no-kd student-word-kd "${STRATEGIES[@]}")
 } | tee "$WORK/strategies.md"
