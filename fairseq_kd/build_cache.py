@@ -3,6 +3,10 @@ target token (format and reader: ``fairseq_kd.topk_cache``)::
 
     fairseq-kd-build-cache data-bin --teacher-path teacher.pt --topk 8 --splits train,valid --out cache
 
+A multilingual student's caches are built per language pair, with the teacher's task and language-token
+options (``--task translation_multi_simple_epoch --lang-pairs en-de --lang-dict langs.txt --encoder-langtok src
+--decoder-langtok``); ``translation_multi_distillation`` takes them as ``--teacher-topk-caches en-de:DIR,...``.
+
 Large corpora build in parallel shards, one process each (``--num-shards N --shard-id I``); the manifest is
 written by whichever process completes the last shard.
 """
@@ -18,6 +22,7 @@ from fairseq.data import data_utils
 from fairseq.data.indexed_dataset import MMapIndexedDatasetBuilder, best_fitting_int_dtype, data_file_path, index_file_path
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.logging import progress_bar
+from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
 
 from fairseq_kd.checkpoints import sha256
 from fairseq_kd.errors import FairseqKDError
@@ -43,7 +48,7 @@ def read_json(path):
 def shard_settings(task, teachers, teacher_files, split, k, shard_id, num_shards, dtype):
     """Everything that determines the contents of one shard: its sentences, the target dictionary, the
     teachers (checkpoint hashes), their mixture, k and the dtype they run in."""
-    dataset = task.dataset(split)
+    dataset = split_dataset(task, split)
     lo, hi = shard_range(len(dataset), shard_id, num_shards)
     return {
         "split": split,
@@ -56,6 +61,14 @@ def shard_settings(task, teachers, teacher_files, split, k, shard_id, num_shards
         "k": k,
         "dtype": str(dtype),
     }
+
+
+def split_dataset(task, split):
+    """The ``LanguagePairDataset`` of a loaded split: the task's, or a multilingual task's one pair's (with
+    its language tokens, as the student's batches hold them)."""
+    if isinstance(task, TranslationMultiSimpleEpochTask):
+        return task.dataset(split).datasets[0]
+    return task.dataset(split)
 
 
 def differences(recorded, settings):
@@ -83,7 +96,7 @@ def build_shard(task, teachers, settings, directory, shard_id, num_shards, max_t
                 " for this data and these teachers, or use a new --out directory"
             )
         os.remove(prefix + ".json")
-    dataset = task.dataset(split)
+    dataset = split_dataset(task, split)
     lo, hi = settings["range"]
     # batches of similar lengths (little padding) from windows of consecutive sentences, so only one
     # window's results wait in memory to be written in corpus order
@@ -142,7 +155,7 @@ def write_manifest(task, teachers, teacher_files, splits, k, directory, num_shar
                     f"{path}: this shard (built by another process) has other {', '.join(changed)} than this build;"
                     " build every shard with the same options (--force rebuilds it)"
                 )
-        dataset = task.dataset(split)
+        dataset = split_dataset(task, split)
         entries[split] = {
             "sentences": len(dataset),
             "target_tokens": sum(shard["target_tokens"] for shard in shards),
@@ -202,7 +215,15 @@ def main(argv=None):
         raise FairseqKDError(f"--shard-id must be in [0, --num-shards={num_shards}), got {shard_id}")
     utils.import_user_module(cfg.common)
     task = tasks.setup_task(cfg.task)
-    teachers = Teachers.load(args.teacher_path, args.teacher_weights, args.teacher_weighting, task)
+    multilingual = isinstance(task, TranslationMultiSimpleEpochTask)
+    if multilingual and len(task.lang_pairs) != 1:
+        raise FairseqKDError(
+            f"--lang-pairs {','.join(task.lang_pairs)}: a multilingual student's cache holds one pair's teacher;"
+            " build one cache per pair (--lang-pairs en-de, then en-fr, ...)"
+        )
+    langs = tuple(task.lang_pairs[0].split("-")) if multilingual else None
+    teachers = Teachers.load(args.teacher_path, args.teacher_weights, args.teacher_weighting, task, langs=langs,
+                             multilingual=multilingual)
     if args.topk > len(task.target_dictionary):
         raise FairseqKDError(f"--topk {args.topk} exceeds the target vocabulary size {len(task.target_dictionary)}")
     use_cuda = torch.cuda.is_available() and not cfg.common.cpu
@@ -218,10 +239,11 @@ def main(argv=None):
             task.load_dataset(split)
         except FileNotFoundError:
             raise FairseqKDError(
-                f"--splits: {task.cfg.data} has no split '{split}' for {task.cfg.source_lang}-{task.cfg.target_lang};"
+                f"--splits: {args.data} has no split '{split}' for {'-'.join(langs or (task.cfg.source_lang, task.cfg.target_lang))};"
                 " name binarized splits (train, valid, test, ...)"
             ) from None
-        longest = max(task.dataset(split).num_tokens_vec(np.arange(len(task.dataset(split)))), default=0)
+        dataset = split_dataset(task, split)
+        longest = max(dataset.num_tokens_vec(np.arange(len(dataset))), default=0)
         if longest > max_tokens:
             raise FairseqKDError(
                 f"--max-tokens {max_tokens} is smaller than the longest sentence pair of '{split}' ({longest} tokens);"

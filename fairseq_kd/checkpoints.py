@@ -12,6 +12,8 @@ import os
 import torch
 from fairseq import checkpoint_utils, models, utils
 from fairseq.data import Dictionary
+from fairseq.data.multilingual.multilingual_data_manager import MultilingualDatasetManager
+from fairseq.data.multilingual.multilingual_utils import augment_dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.models import ARCH_MODEL_NAME_REGISTRY, ARCH_MODEL_REGISTRY
 from fairseq.models.nat import FairseqNATModel
@@ -54,15 +56,19 @@ def read_checkpoint(path, option):
     return convert_namespace_to_omegaconf(state["args"]), state
 
 
-def load_model(path, option, label, task):
-    """The model of a checkpoint, built for ``task`` and holding the checkpoint's weights, once its
-    dictionaries are found equal to ``task``'s (``check_checkpoint_dictionaries``); ``option`` and ``label``
-    name it in errors."""
+def load_model(path, option, label, task, langs=None, multilingual=False):
+    """The model of a checkpoint, built for ``task`` and holding the checkpoint's weights, once it is found
+    to translate ``langs`` (default: the task's pair) with ``task``'s dictionaries
+    (``check_checkpoint_dictionaries``; for a ``multilingual`` task, ``check_multilingual_checkpoint``);
+    ``option`` and ``label`` name it in errors."""
     cfg, state = read_checkpoint(path, option)
-    langs = (task.cfg.source_lang, task.cfg.target_lang)
+    langs = langs or (task.cfg.source_lang, task.cfg.target_lang)
     check_language_pair(label, trained_language_pair(cfg.task), langs)
-    check_checkpoint_dictionaries(path, label, cfg.task.data, state["model"], langs,
-                                  (task.source_dictionary, task.target_dictionary))
+    if multilingual:
+        check_multilingual_checkpoint(path, label, cfg.task, state["model"], langs, task.args, task.target_dictionary)
+    else:
+        check_checkpoint_dictionaries(path, label, cfg.task.data, state["model"], langs,
+                                      (task.source_dictionary, task.target_dictionary))
     # fairseq-train seeds torch before the task loads its teachers and then builds the student: a loaded
     # model's throw-away random initialisation must not draw from that seed, or the student would start
     # elsewhere than with a cache or without KD
@@ -94,6 +100,10 @@ def trained_language_pair(task_cfg):
     """``(source, target)`` a checkpoint was trained on: as its config records them, or as fairseq inferred
     them from its data directory's file names when that holds a single pair; else ``(None, None)``."""
     recorded = (getattr(task_cfg, "source_lang", None), getattr(task_cfg, "target_lang", None))
+    lang_pairs = getattr(task_cfg, "lang_pairs", None)  # translation_multi_simple_epoch's: "en-de,..." or a list
+    if None in recorded and lang_pairs:
+        lang_pairs = lang_pairs.split(",") if isinstance(lang_pairs, str) else list(lang_pairs)
+        return tuple(lang_pairs[0].split("-")) if len(lang_pairs) == 1 else recorded
     data = getattr(task_cfg, "data", None)
     if None not in recorded or not data or not os.path.isdir(utils.split_paths(data)[0]):
         return recorded
@@ -123,9 +133,9 @@ def check_resumed_settings(current, save_dir, restore_file, reset_optimizer, all
     if reset_optimizer or not os.path.isfile(path):
         return None
     cfg, _ = read_checkpoint(path, "--restore-file")
-    changed = [f"--{name.replace('_', '-')} {(cfg.get(section) or {}).get(name)} -> {value}"
+    changed = [f"--{name.replace('_', '-')} {saved_option(cfg, section, name)} -> {value}"
                for section, options in current.items() for name, value in options.items()
-               if str((cfg.get(section) or {}).get(name)) != str(value)]
+               if str(saved_option(cfg, section, name)) != str(value)]
     if changed and not allow_changes:
         raise FairseqKDError(
             f"{path} was trained with other distillation settings ({'; '.join(changed)}): resuming would mix two"
@@ -135,6 +145,12 @@ def check_resumed_settings(current, save_dir, restore_file, reset_optimizer, all
     for change in changed:
         logger.warning(f"resuming {path} with a changed setting (--kd-allow-changed-settings): {change}")
     return cfg
+
+
+def saved_option(cfg, section, name):
+    """An option of a checkpoint's config section (an argparse-based task keeps its section as a Namespace)."""
+    options = cfg.get(section) or {}
+    return getattr(options, name, None) if isinstance(options, argparse.Namespace) else options.get(name)
 
 
 def sha256(path):
@@ -181,6 +197,57 @@ def check_checkpoint_dictionaries(path, label, trained_on, model_state, langs, d
                 f"{label}: no dict.{lang}.txt beside it or in its data directory, so the {side}"
                 " dictionary could not be compared symbol by symbol; put its dictionaries beside the checkpoint"
             )
+
+
+# what decides the inputs and outputs of a translation_multi_simple_epoch model, besides its dictionary
+LANGUAGE_TOKEN_OPTIONS = ("encoder_langtok", "decoder_langtok", "lang_tok_style", "lang_tok_replacing_bos_eos")
+MULTILINGUAL_TASKS = ("translation_multi_simple_epoch", "translation_multi_distillation")
+
+
+def check_multilingual_checkpoint(path, label, task_cfg, model_state, langs, args, dictionary):
+    """A teacher of a multilingual student must have been trained by ``translation_multi_simple_epoch`` with
+    the student's language-token options (``args``) and the same dictionary, language tokens included
+    (``dictionary``): its dict.LANG.txt, beside it or in its data directory, extended with the tokens of its
+    --lang-dict as fairseq does, symbol for symbol."""
+    fix = (
+        "train the teacher with --task translation_multi_simple_epoch, this run's --lang-dict,"
+        " --encoder-langtok, --decoder-langtok and dictionary"
+    )
+    task_name = getattr(task_cfg, "_name", None) or getattr(task_cfg, "task", None)
+    if task_name not in MULTILINGUAL_TASKS:
+        raise FairseqKDError(
+            f"{label}: it was trained with --task {task_name}, so its inputs carry no language tokens; {fix}"
+        )
+    for option in LANGUAGE_TOKEN_OPTIONS:
+        if getattr(task_cfg, option, None) != getattr(args, option, None):
+            raise FairseqKDError(
+                f"{label}: it was trained with --{option.replace('_', '-')} {getattr(task_cfg, option, None)}, this run"
+                f" uses {getattr(args, option, None)}; {fix}"
+            )
+    search = [os.path.dirname(os.path.abspath(path))]
+    if getattr(task_cfg, "data", None):
+        search.append(utils.split_paths(task_cfg.data)[0])
+    dict_file = next((f for f in (os.path.join(d, f"dict.{langs[1]}.txt") for d in search) if os.path.isfile(f)), None)
+    lang_dict = getattr(task_cfg, "lang_dict", None)
+    if dict_file is None or (lang_dict and not os.path.isfile(lang_dict)):
+        rows = model_state["decoder.embed_tokens.weight"].size(0)
+        if rows != len(dictionary):
+            raise FairseqKDError(
+                f"{label}: its embedding has {rows} rows but this run's dictionary, language tokens included, has"
+                f" {len(dictionary)} symbols; {fix}"
+            )
+        logger.warning(f"{label}: its dictionary or --lang-dict is not on this machine; only its size was compared")
+        return
+    symbols = Dictionary.load(dict_file)
+    augment_dictionary(symbols, MultilingualDatasetManager.load_langs(task_cfg), task_cfg.lang_tok_style,
+                       getattr(task_cfg, "langtoks_specs", None) or ["main"], getattr(task_cfg, "extra_data", None))
+    index = first_difference(symbols.symbols, dictionary.symbols)
+    if index is not None:
+        raise FairseqKDError(
+            f"{label}: its dictionary ({dict_file} and the language tokens of its --lang-dict {lang_dict}, {len(symbols)}"
+            f" symbols) differs from this run's ({len(dictionary)} symbols) at index {index}: checkpoint"
+            f" {symbol_at(symbols.symbols, index)}, this run {symbol_at(dictionary.symbols, index)}; {fix}"
+        )
 
 
 def first_difference(symbols_a, symbols_b):

@@ -39,7 +39,10 @@ class TeacherOutput:
     - ``reference`` ``(K, B, T)``: with several teachers run online, each one's log-probability of the
       reference token;
     - ``layers``: when asked for, the first teacher's hidden states (and attention) as
-      ``features.layer_outputs`` yields them.
+      ``features.layer_outputs`` yields them;
+    - ``position_weights`` ``(B, T)``: how much each target position is distilled, in [0, 1] (multilingual
+      teachers: 0 where a row's language pair has no teacher or its KD is switched off, and on the target
+      language token); None: every position fully.
     """
 
     lprobs: Optional[torch.Tensor] = None
@@ -47,6 +50,7 @@ class TeacherOutput:
     weights: Optional[torch.Tensor] = None
     reference: Optional[torch.Tensor] = None
     layers: Optional[Dict[str, List[torch.Tensor]]] = None
+    position_weights: Optional[torch.Tensor] = None
 
     def distribution(self, k):
         """``(values, ids)`` of the teacher distribution at every position: its ``k`` most probable tokens
@@ -72,10 +76,10 @@ class Teachers:
         self.cache_k = read_manifest(cache_dir)["k"] if cache_dir else None
 
     @classmethod
-    def load(cls, paths, weights, weighting, task, cache_dir=None):
+    def load(cls, paths, weights, weighting, task, cache_dir=None, langs=None, multilingual=False):
         """Teachers from ``--teacher-path`` (colon-separated checkpoints), ``--teacher-weights`` and
-        ``--teacher-weighting``, each checked against ``task``'s dictionaries and built for it; or the
-        ``--teacher-topk-cache`` directory."""
+        ``--teacher-weighting``, each checked against ``task``'s dictionaries and built for it (``langs``,
+        ``multilingual``: see ``load_teacher``); or the ``--teacher-topk-cache`` directory."""
         if cache_dir and paths:
             raise FairseqKDError("give either --teacher-path or --teacher-topk-cache, not both")
         if cache_dir and weighting != "fixed":
@@ -90,7 +94,8 @@ class Teachers:
                 f" {len(paths)}; give two or more checkpoints separated by ':', or drop --teacher-weighting"
             )
         parsed_weights = parse_weights(weights, len(paths))
-        return cls([load_teacher(path, task) for path in paths], parsed_weights, weighting, cache_dir)
+        return cls([load_teacher(path, task, langs=langs, multilingual=multilingual) for path in paths], parsed_weights,
+                   weighting, cache_dir)
 
     def __bool__(self):
         return bool(self.models) or self.cache_dir is not None
@@ -206,9 +211,81 @@ class Teachers:
         )
 
 
-def load_teacher(path, task):
-    """One teacher checkpoint built for ``task`` (its dictionaries checked), frozen and in eval mode."""
-    teacher = load_model(path, "--teacher-path", f"teacher {path}", task)
+class PairTeachers:
+    """The teachers of a multilingual student (``translation_multi_distillation``): per language pair a
+    teacher, or a top-k cache, and how much the pair is distilled. Every batch row carries the index of
+    its pair in ``sample[PAIR_KEY]``; ``predict`` runs each pair's teacher on that pair's rows only (a pivot
+    teacher on the same sentences in its own source language, ``sample[TEACHER_INPUT_KEY]``) and gives each
+    target position its pair's weight: ``pair_weights`` times ``enabled`` (the threshold strategy switches
+    it), 0 on the target language token that the decoder is given as its first output.
+
+    It answers the criterion like ``Teachers``: ``predict``, ``cache_k``, ``models``, ``weighting``."""
+
+    PAIR_KEY = "pair"
+    TEACHER_INPUT_KEY = "teacher_net_input"
+    weighting = "fixed"
+    weights = None
+
+    def __init__(self, teachers: Dict[int, Teachers], cache_k, pair_weights, vocab_size, skip_language_token):
+        self.teachers = teachers
+        self.cache_k = cache_k
+        self.pair_weights = pair_weights  # (P,), 0 for pairs without a teacher
+        self.enabled = torch.ones_like(pair_weights, dtype=torch.bool)
+        self.vocab_size = vocab_size
+        self.skip_language_token = skip_language_token
+        self.models = [model for pair_teachers in teachers.values() for model in pair_teachers.models]
+
+    def __bool__(self):
+        return bool(self.teachers) or self.cache_k is not None
+
+    def position_weights(self, sample):
+        """``(B, T)``: each target position's share of KD (see the class)."""
+        target = sample["target"]
+        rows = (self.pair_weights * self.enabled).to(target.device)[sample[self.PAIR_KEY].to(target.device)]
+        weights = rows.unsqueeze(1).expand(target.shape).clone()
+        if self.skip_language_token:
+            weights[:, 0] = 0.0
+        return weights
+
+    def init_student(self, model, selection):
+        """--init-student-from-teacher: from the first pair's teacher (``Teachers.init_student``)."""
+        if not self.teachers:
+            raise FairseqKDError("--init-student-from-teacher copies a teacher's weights: give --teacher-paths")
+        next(iter(self.teachers.values())).init_student(model, selection)
+
+    def predict(self, sample, student, weights=None, capture_layers=False, capture_attention=False):
+        if capture_layers:
+            raise FairseqKDError(
+                "--kd-hidden-weight/--kd-relation-weight/--kd-attn-weight distil one teacher's layers, and a"
+                " multilingual student has a teacher per language pair: drop those options"
+            )
+        if not self:
+            return None
+        position_weights = self.position_weights(sample)
+        if self.cache_k is not None:
+            # a batch of pairs without a cache only (weighted 0) has none: zeros stand in
+            empty = (*sample["target"].shape, self.cache_k)
+            topk = sample.get(TopKCacheDataset.KEY) or (torch.zeros(empty), torch.zeros(empty, dtype=torch.long))
+            return TeacherOutput(topk=topk, position_weights=position_weights)
+        param = next(student.parameters())
+        target = sample["target"].to(param.device)
+        # rows without a teacher get a uniform distribution: finite, and weighted 0
+        lprobs = torch.full((*target.shape, self.vocab_size), -math.log(self.vocab_size), device=param.device)
+        net_input = sample.get(self.TEACHER_INPUT_KEY, sample["net_input"])
+        pairs = sample[self.PAIR_KEY].to(param.device)
+        distilled = position_weights.to(param.device).gt(0).any(1)
+        for index, teachers in self.teachers.items():
+            rows = (pairs.eq(index) & distilled).nonzero().squeeze(1)
+            if rows.numel():
+                rows_input = {name: value.index_select(0, rows.to(value.device)) for name, value in net_input.items()}
+                lprobs[rows] = teachers.mixture(rows_input, target.index_select(0, rows), param.device, param.dtype).lprobs
+        return TeacherOutput(lprobs=lprobs, position_weights=position_weights)
+
+
+def load_teacher(path, task, option="--teacher-path", langs=None, multilingual=False):
+    """One teacher checkpoint built for ``task`` (its dictionaries checked; ``langs``: the language pair it
+    must translate, by default the task's), frozen and in eval mode."""
+    teacher = load_model(path, option, f"teacher {path}", task, langs, multilingual)
     teacher.requires_grad_(False).eval()
     logger.info(f"teacher {path}: {sum(p.numel() for p in teacher.parameters()):,} parameters")
     return teacher

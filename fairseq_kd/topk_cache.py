@@ -165,13 +165,22 @@ class TopKCacheDataset(BaseWrapperDataset):
         if not batch:
             return batch
         by_id = {sample["id"]: sample[self.KEY] for sample in samples}
-        bsz, tgt_len = batch["target"].shape
-        lprobs = np.zeros((bsz, tgt_len, self.cache.k), dtype=np.float32)
-        ids = np.zeros((bsz, tgt_len, self.cache.k), dtype=np.int64)
-        for row, index in enumerate(batch["id"].tolist()):
-            values, tokens = by_id[index]
-            positions = slice(tgt_len - len(tokens), tgt_len) if self.left_pad_target else slice(0, len(tokens))
-            lprobs[row, positions] = values
-            ids[row, positions] = tokens
-        batch[self.KEY] = (torch.from_numpy(lprobs), torch.from_numpy(ids))
+        batch[self.KEY] = collate_topk([by_id[index] for index in batch["id"].tolist()], batch["target"].size(1),
+                                       self.left_pad_target)
         return batch
+
+
+def collate_topk(rows, tgt_len, left_pad_target):
+    """The cached ``(lprobs, ids)`` of a batch's rows, in row order, padded like the targets to
+    ``(B, tgt_len, k)`` tensors; a row given as None (no cache) is all zeros."""
+    k = next(row[0].shape[1] for row in rows if row is not None)
+    lprobs = np.zeros((len(rows), tgt_len, k), dtype=np.float32)
+    ids = np.zeros((len(rows), tgt_len, k), dtype=np.int64)
+    for row, entry in enumerate(rows):
+        if entry is None:
+            continue
+        values, tokens = entry
+        positions = slice(tgt_len - len(tokens), tgt_len) if left_pad_target else slice(0, len(tokens))
+        lprobs[row, positions] = values
+        ids[row, positions] = tokens
+    return torch.from_numpy(lprobs), torch.from_numpy(ids)

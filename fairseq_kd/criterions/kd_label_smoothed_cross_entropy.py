@@ -193,7 +193,7 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         if cfg.kd_schedule_updates:
             settings["kd_schedule_updates"] = cfg.kd_schedule_updates
         current = {"criterion": settings}
-        if isinstance(self.task, DistillationTaskMixin):
+        if isinstance(self.task, DistillationTaskMixin) and isinstance(self.teachers, Teachers):  # a mixture's weighting
             current["task"] = {"teacher_weighting": self.teachers.weighting}
         saved = check_resumed_settings(current, cfg.save_dir, cfg.restore_file, cfg.reset_optimizer,
                                        cfg.kd_allow_changed_settings)
@@ -224,13 +224,21 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
                 kd = mutual_kl_loss(lprobs_t, lprobs_peer_t, temperature)
             else:
                 kd = self.word_kd(lprobs_t, teacher, target, temperature)
-            distil = self.selection(lprobs, target, target.ne(self.padding_idx), model.training)
+            real = target.ne(self.padding_idx)
+            weights = None if teacher is None else teacher.position_weights
+            if weights is not None:
+                weights = weights[:, self.ignore_prefix_size:].reshape(-1).to(target.device)
+            distil = self.selection(lprobs, target, real if weights is None else real & weights.gt(0), model.training)
             kd = kd.masked_fill(~distil, 0.0)
+            log["kd_loss"] = kd.sum().data
+            if weights is not None:  # each position's alpha scaled by its weight: the rest keeps its cross-entropy
+                kd = weights * kd + (1.0 - weights) * self.position_cross_entropy(lprobs, target)
             kd = kd.sum() if reduce else kd.unsqueeze(-1)
             loss = (1.0 - alpha) * loss + alpha * kd
             # token-weighted, so that the logs stay summable across workers
-            log.update(kd_loss=kd.data, kd_alpha=alpha * sample["ntokens"],
-                       kd_temperature=temperature * sample["ntokens"], kd_distilled=distil.sum().data)
+            distilled_share = sample["ntokens"] if weights is None else (weights * real).sum().data
+            log.update(kd_alpha=alpha * distilled_share, kd_temperature=temperature * sample["ntokens"],
+                       kd_distilled=distil.sum().data)
         if self.layer_kd.active:
             for key, (term, weight) in self.layer_kd(student_layers, teacher.layers, sample).items():
                 loss = loss + weight * term
@@ -258,6 +266,10 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         peer_loss, peer_nll_loss = label_smoothed_nll_loss(lprobs_peer, target, self.eps, ignore_index=self.padding_idx,
                                                            reduce=reduce)
         return peer_loss, self.lprobs_at(peer_output, lprobs_peer, temperature), peer_nll_loss.data
+
+    def position_cross_entropy(self, lprobs, target):
+        """``(N,)``: the label-smoothed cross-entropy at each target position (0 on padding)."""
+        return label_smoothed_nll_loss(lprobs, target, self.eps, ignore_index=self.padding_idx, reduce=False)[0].squeeze(-1)
 
     def lprobs_at(self, net_output, lprobs, temperature):
         """A model's ``(N, V)`` log-probabilities at temperature T: at T = 1 its cross-entropy term's

@@ -1,1 +1,1 @@
-from . import translation_distillation  # noqa: F401
+from . import translation_distillation, translation_multi_distillation  # noqa: F401

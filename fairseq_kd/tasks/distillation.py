@@ -29,11 +29,17 @@ class Student:
 
 class DistillationTaskMixin:
     """Mixed into a fairseq task before it (``class T(DistillationTaskMixin, TranslationTask)``); the task's
-    ``__init__`` sets ``self.teachers``, its config has ``init_student_from_teacher`` and ``cpu_bf16``."""
+    ``__init__`` sets ``self.teachers`` (``Teachers`` or ``PairTeachers``), its options have
+    ``init_student_from_teacher`` and ``cpu_bf16``."""
 
     teachers: Teachers
     student: Optional[Student] = None
     num_updates: int = 0
+
+    @property
+    def options(self):
+        """The task's options: its dataclass config, or an argparse-based task's ``args``."""
+        return self.args if self.cfg is None else self.cfg
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
@@ -48,15 +54,15 @@ class DistillationTaskMixin:
                                    attention_heads(model))
         else:
             self.student = Student(mutual)
-        if self.cfg.init_student_from_teacher != "none" and not from_checkpoint:
-            self.teachers.init_student(model, self.cfg.init_student_from_teacher)
+        if self.options.init_student_from_teacher != "none" and not from_checkpoint:
+            self.teachers.init_student(model, self.options.init_student_from_teacher)
         return model
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         """fairseq's train step; with --cpu-bf16 its forward pass under bfloat16 autocast (the backward
         pass outside it, as torch recommends)."""
         self.num_updates = update_num
-        if not self.cfg.cpu_bf16:
+        if not self.options.cpu_bf16:
             return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
         model.train()
         model.set_num_updates(update_num)
@@ -68,5 +74,5 @@ class DistillationTaskMixin:
         return loss, sample_size, logging_output
 
     def valid_step(self, sample, model, criterion):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.cpu_bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.options.cpu_bf16):
             return super().valid_step(sample, model, criterion)

@@ -1,0 +1,224 @@
+"""translation_multi_distillation on a tiny four-way parallel toy corpus: each row distilled from its own
+pair's teacher, caches keyed by pair, the threshold strategy and its resume, pivot KD, and the refusals."""
+import random
+import shutil
+
+import pytest
+import torch
+from fairseq import checkpoint_utils, options, tasks
+
+from conftest import PLUGIN, TINY_TRANSFORMER, TRAIN_FLAGS, run
+from fairseq_kd.errors import FairseqKDError
+from fairseq_kd.teachers import PairTeachers
+
+# every language spells the same words with its own letter; fr in reverse order
+LANGUAGES = {"en": "e", "de": "d", "fr": "f", "cs": "c"}
+PAIRS = ("en-de", "en-fr", "en-cs", "cs-de")
+LANGTOK_FLAGS = ("--encoder-langtok", "src", "--decoder-langtok")
+TEACHER_FLAGS = (*TRAIN_FLAGS, "--arch", "transformer", *TINY_TRANSFORMER, "--share-all-embeddings", "--dropout", "0",
+                 "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1")
+
+
+def write_four_way(directory, sizes=(("train", 600), ("valid", 30), ("test", 30))):
+    rng = random.Random(0)
+    for split, n in sizes:
+        files = {lang: open(directory / f"{split}.{lang}", "w") for lang in LANGUAGES}
+        for _ in range(n):
+            words = [rng.randrange(10) for _ in range(rng.randint(2, 6))]
+            for lang, letter in LANGUAGES.items():
+                files[lang].write(" ".join(f"{letter}{w}" for w in (words[::-1] if lang == "fr" else words)) + "\n")
+        for f in files.values():
+            f.close()
+
+
+def binarize_pairs(text, dest, pairs=PAIRS):
+    """One dictionary over all languages, a data-bin per pair in ``dest``, ``langs.txt``."""
+    (text / "all.txt").write_text("".join((text / f"train.{lang}").read_text() for lang in LANGUAGES))
+    run("fairseq-preprocess", "--only-source", "--trainpref", text / "all.txt", "--destdir", text / "dict", "--workers", "1")
+    for pair in pairs:
+        src, tgt = pair.split("-")
+        run("fairseq-preprocess", "-s", src, "-t", tgt, "--trainpref", text / "train", "--validpref", text / "valid",
+            "--testpref", text / "test", "--srcdict", text / "dict" / "dict.txt", "--tgtdict", text / "dict" / "dict.txt",
+            "--destdir", dest, "--workers", "1")
+    (dest / "langs.txt").write_text("cs\nde\nen\nfr\n")
+    return dest
+
+
+@pytest.fixture(scope="module")
+def ml_data(tmp_path_factory):
+    text = tmp_path_factory.mktemp("four_way")
+    write_four_way(text)
+    return binarize_pairs(text, text / "bin")
+
+
+def train_teacher(data, pair, save_dir, *extra):
+    run("fairseq-train", data, "--task", "translation_multi_simple_epoch", "--lang-pairs", pair, "--lang-dict",
+        data / "langs.txt", *LANGTOK_FLAGS, *TEACHER_FLAGS, "--max-epoch", "6", "--save-dir", save_dir, *extra)
+    return save_dir / "checkpoint_best.pt"
+
+
+@pytest.fixture(scope="module")
+def ml_teachers(ml_data, tmp_path_factory):
+    """Teachers for en-de and en-fr, trained by stock fairseq's translation_multi_simple_epoch."""
+    return {pair: train_teacher(ml_data, pair, tmp_path_factory.mktemp(f"teacher-{pair}")) for pair in ("en-de", "en-fr")}
+
+
+def build(data, *flags, lang_pairs="en-de,en-fr,en-cs"):
+    """(task, student) as fairseq-train builds them."""
+    args = options.parse_args_and_arch(options.get_training_parser(), [
+        str(data), "--user-dir", PLUGIN, "--task", "translation_multi_distillation", "--lang-pairs", lang_pairs,
+        "--lang-dict", str(data / "langs.txt"), *LANGTOK_FLAGS, "--arch", "transformer", *TINY_TRANSFORMER,
+        "--share-all-embeddings", "--cpu", "--max-tokens", "300", "--criterion", "kd_label_smoothed_cross_entropy",
+        *map(str, flags)])
+    task = tasks.setup_task(args)
+    return task, task.build_model(args)
+
+
+def whole_split(task, split="valid"):
+    """One batch with every sentence of every pair of ``split``, as fairseq collates mixed pairs."""
+    task.load_dataset(split)
+    dataset = task.dataset(split)
+    return dataset.collater([dataset[i] for i in range(len(dataset))])
+
+
+def run_alone(model, sample, row, net_input="net_input"):
+    """``model``'s log-probabilities for one row of ``sample``, run on that row alone."""
+    source = sample[net_input]["src_tokens"][row]
+    source = source[source.ne(1)].unsqueeze(0)  # drop the padding
+    target = sample["net_input"]["prev_output_tokens"][row].unsqueeze(0)
+    with torch.no_grad():
+        output = model(source, torch.tensor([source.size(1)]), target)
+    return model.get_normalized_probs(output, log_probs=True)[0]
+
+
+def test_each_row_is_distilled_by_its_own_pairs_teacher(ml_data, ml_teachers):
+    task, student = build(ml_data, "--teacher-paths", f"en-de:{ml_teachers['en-de']},en-fr:{ml_teachers['en-fr']}",
+                          "--kd-pair-weights", "en-fr:0.25")
+    sample = whole_split(task)
+    pairs = sample[PairTeachers.PAIR_KEY]
+    dictionary = task.target_dictionary
+    # the tags agree with the language token fairseq put first in each target
+    assert [dictionary[t] for t in sample["target"][:, 0].tolist()] == [
+        f"__{task.lang_pairs[p].split('-')[1]}__" for p in pairs.tolist()]
+    assert set(pairs.tolist()) == {0, 1, 2}
+    output = task.teachers.predict(sample, student)
+    models = {task.pair_index[pair]: task.teachers.teachers[task.pair_index[pair]].models[0] for pair in ("en-de", "en-fr")}
+    for row in range(len(pairs)):
+        pair = int(pairs[row])
+        length = int(sample["target"][row].ne(1).sum())
+        weight = {0: 1.0, 1: 0.25, 2: 0.0}[pair]
+        assert output.position_weights[row, 0] == 0  # the language token is given, not learnt
+        assert torch.all(output.position_weights[row, 1:length] == weight)
+        if pair in models:
+            own = run_alone(models[pair], sample, row)[:length]
+            other = run_alone(models[1 - pair], sample, row)[:length]
+            assert torch.allclose(output.lprobs[row, :length], own, atol=1e-5)
+            assert not torch.allclose(output.lprobs[row, :length], other, atol=1e-2)
+
+
+def test_cache_is_keyed_by_pair_and_equals_the_teachers(ml_data, ml_teachers, tmp_path):
+    for pair, teacher in ml_teachers.items():
+        run("fairseq-kd-build-cache", ml_data, "--user-dir", PLUGIN, "--task", "translation_multi_simple_epoch",
+            "--lang-pairs", pair, "--lang-dict", ml_data / "langs.txt", *LANGTOK_FLAGS, "--teacher-path", teacher,
+            "--topk", 4, "--splits", "valid", "--out", tmp_path / pair, "--cpu")
+    online, student = build(ml_data, "--teacher-paths", f"en-de:{ml_teachers['en-de']},en-fr:{ml_teachers['en-fr']}",
+                            "--kd-topk", 4)
+    cached, _ = build(ml_data, "--teacher-topk-caches", f"en-de:{tmp_path / 'en-de'},en-fr:{tmp_path / 'en-fr'}",
+                      "--kd-topk", 4)
+    sample = whole_split(online)
+    sample_cached = whole_split(cached)
+    assert torch.equal(sample["id"], sample_cached["id"])  # ids repeat across pairs: (pair, id) tells them apart
+    assert len(set(zip(sample["pair"].tolist(), sample["id"].tolist()))) == len(sample["id"]) > len(set(sample["id"].tolist()))
+    values, ids = online.teachers.predict(sample, student).distribution(4)
+    cached_values, cached_ids = cached.teachers.predict(sample_cached, student).distribution(4)
+    distilled = online.teachers.position_weights(sample).gt(0) & sample["target"].ne(1)
+    assert torch.equal(ids[distilled], cached_ids[distilled])
+    assert torch.allclose(values[distilled], cached_values[distilled], atol=2e-3)  # stored as float16
+    with pytest.raises(FairseqKDError, match="its 'valid' split"):  # en-fr's cache given for en-de
+        build(ml_data, "--teacher-topk-caches", f"en-de:{tmp_path / 'en-fr'}", "--kd-topk", 4)[0].load_dataset("valid")
+
+
+def test_pivot_teacher_reads_the_same_sentence_in_its_own_language(ml_data, ml_teachers, tmp_path):
+    task, student = build(ml_data, "--teacher-paths", f"cs-de:{ml_teachers['en-de']}", "--teacher-source-lang", "en",
+                          lang_pairs="cs-de")
+    sample = whole_split(task)
+    dictionary = task.source_dictionary
+    english = (ml_data.parent / "valid.en").read_text().splitlines()
+    for row in range(len(sample["id"])):
+        source = sample["teacher_net_input"]["src_tokens"][row]
+        words = dictionary.string(source[source.ne(1)]).split()
+        assert words == ["__en__", *english[int(sample["id"][row])].split()]
+    output = task.teachers.predict(sample, student)
+    teacher = task.teachers.teachers[0].models[0]
+    length = int(sample["target"][0].ne(1).sum())
+    assert torch.allclose(output.lprobs[0, :length], run_alone(teacher, sample, 0, "teacher_net_input")[:length], atol=1e-5)
+    # the pivot data must be the same sentences, line by line
+    shuffled = tmp_path / "bin"
+    shutil.copytree(ml_data, shuffled)
+    for name in ("valid.en-de.en", "valid.en-de.de"):
+        for suffix in (".bin", ".idx"):
+            (shuffled / f"{name}{suffix}").write_bytes((ml_data / f"{name.replace('valid', 'test')}{suffix}").read_bytes())
+    with pytest.raises(FairseqKDError, match="valid sentence 0 of cs-de has another de side"):
+        build(shuffled, "--teacher-paths", f"cs-de:{ml_teachers['en-de']}", "--teacher-source-lang", "en",
+              lang_pairs="cs-de")[0].load_dataset("valid")
+    for suffix in (".bin", ".idx"):
+        (shuffled / f"valid.en-de.en{suffix}").unlink()
+    with pytest.raises(FairseqKDError, match="has no valid data in en"):
+        build(shuffled, "--teacher-paths", f"cs-de:{ml_teachers['en-de']}", "--teacher-source-lang", "en",
+              lang_pairs="cs-de")[0].load_dataset("valid")
+
+
+def train_student(data, save_dir, *flags):
+    return run("fairseq-train", data, "--user-dir", PLUGIN, "--task", "translation_multi_distillation", "--lang-pairs",
+               "en-de,en-fr", "--lang-dict", data / "langs.txt", *LANGTOK_FLAGS, *TRAIN_FLAGS, "--arch", "transformer",
+               *TINY_TRANSFORMER, "--share-all-embeddings", "--dropout", "0", "--criterion", "kd_label_smoothed_cross_entropy",
+               "--save-dir", save_dir, *flags).stdout
+
+
+def test_threshold_switches_kd_per_pair_and_survives_a_resume(ml_data, ml_teachers, tmp_path):
+    # an en-fr teacher that a student beats at once: the en-fr teacher with noise on every weight
+    state = torch.load(ml_teachers["en-fr"], map_location="cpu")
+    generator = torch.Generator().manual_seed(0)
+    state["model"] = {k: v + 2.0 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+                      for k, v in state["model"].items()}
+    weak = tmp_path / "weak" / "checkpoint_best.pt"
+    weak.parent.mkdir()
+    torch.save(state, weak)
+    flags = ("--teacher-paths", f"en-de:{ml_teachers['en-de']},en-fr:{weak}", "--kd-threshold", "loss",
+             "--kd-threshold-interval", "10", "--kd-threshold-margin", "0.5")
+    log = train_student(ml_data, tmp_path / "student", *flags, "--max-epoch", "1")
+    assert "kd-threshold at update 10: en-fr" in log and "KD off" in log
+    switches = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "student" / "checkpoint_last.pt"))[
+        "extra_state"]["TranslationMultiDistillationTask"]["switches"]
+    assert [pair for _, pair, _ in switches] == ["en-fr"] and switches[0][2] == "off"
+    resumed = train_student(ml_data, tmp_path / "student", *flags, "--max-epoch", "2")
+    first = next(line for line in resumed.splitlines() if "train_inner" in line)
+    assert "kd_on_en-de=1" in first and "kd_on_en-fr=0" in first  # before any new comparison
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--teacher-paths", "en-es:X.pt"), "en-es is not one of --lang-pairs"),
+    (("--teacher-paths", "en-de:{en-de}", "--kd-pair-weights", "en-fr:0.5"), "en-fr has no teacher"),
+    (("--teacher-paths", "en-de:{en-de}", "--kd-pair-weights", "en-de:2"), r"weights are numbers in \[0, 1\]"),
+    (("--teacher-paths", "en-de:{en-de}", "--kd-threshold", "bleu", "--disable-validation"), "needs validation data"),
+    (("--teacher-paths", "en-de:{en-fr}",), "it translates en->fr"),
+    (("--teacher-paths", "en-de:{en-de}", "--decoder-langtok", "--encoder-langtok", "tgt"),
+     "trained with --encoder-langtok src, this run uses tgt"),
+])
+def test_bad_multilingual_options_are_refused(ml_data, ml_teachers, flags, message):
+    flags = [flag.format(**ml_teachers) for flag in flags]
+    with pytest.raises(FairseqKDError, match=message):
+        build(ml_data, *flags)
+
+
+def test_teachers_with_other_language_tokens_are_refused(ml_data, ml_teachers, tmp_path):
+    bilingual = tmp_path / "bilingual"
+    run("fairseq-train", ml_data, "--task", "translation", "-s", "en", "-t", "de", *TEACHER_FLAGS, "--max-epoch", "1",
+        "--save-dir", bilingual)
+    with pytest.raises(FairseqKDError, match="trained with --task translation, so its inputs carry no language tokens"):
+        build(ml_data, "--teacher-paths", f"en-de:{bilingual / 'checkpoint_best.pt'}")
+    reordered = tmp_path / "langs.txt"
+    reordered.write_text("en\nde\nfr\ncs\n")
+    other_order = train_teacher(ml_data, "en-de", tmp_path / "reordered", "--lang-dict", reordered, "--max-epoch", "1")
+    with pytest.raises(FairseqKDError, match="differs from this run's .* checkpoint '__en__', this run '__cs__'"):
+        build(ml_data, "--teacher-paths", f"en-de:{other_order}")
