@@ -8,12 +8,14 @@ import argparse
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 from fairseq import checkpoint_utils, models, utils
 from fairseq.data import Dictionary
 from fairseq.data.multilingual.multilingual_data_manager import MultilingualDatasetManager
-from fairseq.data.multilingual.multilingual_utils import augment_dictionary
+from fairseq.data.multilingual.multilingual_utils import augment_dictionary, get_lang_tok
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.models import ARCH_MODEL_NAME_REGISTRY, ARCH_MODEL_REGISTRY
 from fairseq.models.nat import FairseqNATModel
@@ -161,15 +163,17 @@ def sha256(path):
     return digest.hexdigest()
 
 
-def check_checkpoint_dictionaries(path, label, trained_on, model_state, langs, dictionaries):
+def check_checkpoint_dictionaries(path, label, trained_on, model_state, langs, dictionaries, added_symbols=(),
+                                  fix=None):
     """A checkpoint's dictionaries must equal the data's (``dictionaries``: source and target, of the
     languages ``langs``), symbol for symbol, or its outputs mean nothing. They are looked for beside the
-    checkpoint, then in ``trained_on``, the data directory it was trained on (None: unknown); failing
-    both, only the embedding sizes can be compared. ``label`` names the checkpoint in messages."""
+    checkpoint, then in ``trained_on``, the data directory it was trained on (None: unknown), and extended
+    with ``added_symbols`` (a multilingual model's language tokens, which its task appends); failing both,
+    only the embedding sizes can be compared. ``label`` names the checkpoint in messages, ``fix`` the remedy."""
     search = [os.path.dirname(os.path.abspath(path))]
     if trained_on:
         search.append(utils.split_paths(trained_on)[0])
-    fix = (
+    fix = fix or (
         "re-binarize the data with the checkpoint's dictionaries (fairseq-preprocess --srcdict/--tgtdict"
         " CHECKPOINT_DATA/dict.LANG.txt)"
     )
@@ -179,11 +183,12 @@ def check_checkpoint_dictionaries(path, label, trained_on, model_state, langs, d
         dict_files = [os.path.join(d, f"dict.{lang}.txt") for d in search]
         dict_file = next((f for f in dict_files if os.path.isfile(f)), None)
         if dict_file is not None:
-            checkpoint_symbols = Dictionary.load(dict_file).symbols
+            checkpoint_symbols = Dictionary.load(dict_file).symbols + list(added_symbols)
             index = first_difference(checkpoint_symbols, data_dict.symbols)
             if index is not None:
                 raise FairseqKDError(
-                    f"{label}: its {side} dictionary {dict_file} ({len(checkpoint_symbols)} symbols)"
+                    f"{label}: its {side} dictionary {dict_file}{' with its language tokens' if added_symbols else ''}"
+                    f" ({len(checkpoint_symbols)} symbols)"
                     f" differs from the data's ({len(data_dict)} symbols) at index {index}: checkpoint"
                     f" {symbol_at(checkpoint_symbols, index)}, data {symbol_at(data_dict.symbols, index)}; {fix}"
                 )
@@ -204,6 +209,54 @@ LANGUAGE_TOKEN_OPTIONS = ("encoder_langtok", "decoder_langtok", "lang_tok_style"
 MULTILINGUAL_TASKS = ("translation_multi_simple_epoch", "translation_multi_distillation")
 
 
+@dataclass
+class LanguageTokens:
+    """How a model trained by ``translation_multi_simple_epoch`` marks languages, for one language pair:
+    ``symbols``, what fairseq appends to its dictionary (a token per language of its --lang-dict);
+    ``source``, the token its sources start with (--encoder-langtok), and ``target``, the token the decoder is
+    given as its first output (--decoder-langtok) and translations are stripped of; None where not used."""
+
+    symbols: List[str]
+    source: Optional[str]
+    target: Optional[str]
+
+
+def task_name(task_cfg):
+    return getattr(task_cfg, "_name", None) or getattr(task_cfg, "task", None)
+
+
+def language_tokens(label, task_cfg, langs, data=None):
+    """The ``LanguageTokens`` of a checkpoint's task config for the pair ``langs``, or None for a
+    bilingual task. Its --lang-dict is read where training read it, else from ``data`` by its name."""
+    if task_name(task_cfg) not in MULTILINGUAL_TASKS:
+        return None
+    if task_cfg.lang_tok_replacing_bos_eos:
+        raise FairseqKDError(f"{label}: --lang-tok-replacing-bos-eos is not supported; train it with --decoder-langtok")
+    lang_dict = task_cfg.lang_dict
+    if lang_dict and not os.path.isfile(lang_dict) and data and os.path.isfile(os.path.join(data, os.path.basename(lang_dict))):
+        lang_dict = os.path.join(data, os.path.basename(lang_dict))
+    if lang_dict and not os.path.isfile(lang_dict):
+        raise FairseqKDError(
+            f"{label}: its --lang-dict {task_cfg.lang_dict} (the order of its language tokens) is not on this machine;"
+            " put it in the data directory under that name"
+        )
+    lang_pairs = task_cfg.lang_pairs
+    languages = MultilingualDatasetManager.load_langs(argparse.Namespace(
+        lang_dict=lang_dict, langs=task_cfg.langs,
+        lang_pairs=lang_pairs.split(",") if isinstance(lang_pairs, str) else lang_pairs))
+    added = Dictionary()
+    first = len(added)
+    augment_dictionary(added, languages, task_cfg.lang_tok_style, getattr(task_cfg, "langtoks_specs", None) or ["main"],
+                       getattr(task_cfg, "extra_data", None))
+    style, (src, tgt) = task_cfg.lang_tok_style, langs
+    source = None
+    if task_cfg.encoder_langtok:
+        spec = task_cfg.encoder_langtok
+        source = get_lang_tok(lang=src if spec.startswith("src") else tgt, lang_tok_style=style, spec=spec)
+    target = get_lang_tok(lang=tgt, lang_tok_style=style, spec="tgt") if task_cfg.decoder_langtok else None
+    return LanguageTokens(added.symbols[first:], source, target)
+
+
 def check_multilingual_checkpoint(path, label, task_cfg, model_state, langs, args, dictionary):
     """A teacher of a multilingual student must have been trained by ``translation_multi_simple_epoch`` with
     the student's language-token options (``args``) and the same dictionary, language tokens included
@@ -213,10 +266,9 @@ def check_multilingual_checkpoint(path, label, task_cfg, model_state, langs, arg
         "train the teacher with --task translation_multi_simple_epoch, this run's --lang-dict,"
         " --encoder-langtok, --decoder-langtok and dictionary"
     )
-    task_name = getattr(task_cfg, "_name", None) or getattr(task_cfg, "task", None)
-    if task_name not in MULTILINGUAL_TASKS:
+    if task_name(task_cfg) not in MULTILINGUAL_TASKS:
         raise FairseqKDError(
-            f"{label}: it was trained with --task {task_name}, so its inputs carry no language tokens; {fix}"
+            f"{label}: it was trained with --task {task_name(task_cfg)}, so its inputs carry no language tokens; {fix}"
         )
     for option in LANGUAGE_TOKEN_OPTIONS:
         if getattr(task_cfg, option, None) != getattr(args, option, None):
@@ -224,30 +276,9 @@ def check_multilingual_checkpoint(path, label, task_cfg, model_state, langs, arg
                 f"{label}: it was trained with --{option.replace('_', '-')} {getattr(task_cfg, option, None)}, this run"
                 f" uses {getattr(args, option, None)}; {fix}"
             )
-    search = [os.path.dirname(os.path.abspath(path))]
-    if getattr(task_cfg, "data", None):
-        search.append(utils.split_paths(task_cfg.data)[0])
-    dict_file = next((f for f in (os.path.join(d, f"dict.{langs[1]}.txt") for d in search) if os.path.isfile(f)), None)
-    lang_dict = getattr(task_cfg, "lang_dict", None)
-    if dict_file is None or (lang_dict and not os.path.isfile(lang_dict)):
-        rows = model_state["decoder.embed_tokens.weight"].size(0)
-        if rows != len(dictionary):
-            raise FairseqKDError(
-                f"{label}: its embedding has {rows} rows but this run's dictionary, language tokens included, has"
-                f" {len(dictionary)} symbols; {fix}"
-            )
-        logger.warning(f"{label}: its dictionary or --lang-dict is not on this machine; only its size was compared")
-        return
-    symbols = Dictionary.load(dict_file)
-    augment_dictionary(symbols, MultilingualDatasetManager.load_langs(task_cfg), task_cfg.lang_tok_style,
-                       getattr(task_cfg, "langtoks_specs", None) or ["main"], getattr(task_cfg, "extra_data", None))
-    index = first_difference(symbols.symbols, dictionary.symbols)
-    if index is not None:
-        raise FairseqKDError(
-            f"{label}: its dictionary ({dict_file} and the language tokens of its --lang-dict {lang_dict}, {len(symbols)}"
-            f" symbols) differs from this run's ({len(dictionary)} symbols) at index {index}: checkpoint"
-            f" {symbol_at(symbols.symbols, index)}, this run {symbol_at(dictionary.symbols, index)}; {fix}"
-        )
+    tokens = language_tokens(label, task_cfg, langs)
+    check_checkpoint_dictionaries(path, label, task_cfg.data, model_state, langs, (dictionary, dictionary),
+                                  tokens.symbols, fix)
 
 
 def first_difference(symbols_a, symbols_b):

@@ -244,7 +244,7 @@ def build_translator(args, path, task, decoding, use_cuda):
     if os.path.isdir(path):
         check_export_vocabulary(path, task.src_dict, task.tgt_dict)
         return CTranslate2Translator(path, decoding, threads=args.threads, device=device)
-    return FairseqTranslator(path, args.data, decoding, device=device)
+    return FairseqTranslator(path, args.data, decoding, device=device, langs=(task.cfg.source_lang, task.cfg.target_lang))
 
 
 def model_size(path, translator):

@@ -28,7 +28,7 @@ from scipy import sparse
 
 from fairseq_kd.checkpoints import count_parameters, inference_state, model_name, read_checkpoint, sha256
 from fairseq_kd.errors import FairseqKDError
-from fairseq_kd.inference import EXPORT_MANIFEST, Subwords, checked_dictionaries, import_ctranslate2
+from fairseq_kd.inference import EXPORT_MANIFEST, Subwords, checked_dictionaries, import_ctranslate2, language_token_pieces
 
 logger = logging.getLogger("fairseq_kd.export")
 
@@ -46,6 +46,8 @@ def get_parser():
     subwords = parser.add_mutually_exclusive_group(required=True)
     subwords.add_argument("--sentencepiece-model", help="the sentencepiece .model the data was encoded with")
     subwords.add_argument("--bpe-codes", help="the subword-nmt BPE codes the data was encoded with")
+    parser.add_argument("--source-lang", help="a multilingual model's language pair to export (with --target-lang)")
+    parser.add_argument("--target-lang", help="see --source-lang")
     parser.add_argument("--out", required=True, help="output directory (must not exist, unless --force)")
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default="int8",
                         help="weight type of the exported model (default: int8)")
@@ -148,7 +150,9 @@ def export(args):
     del original_state
     model_args = state["args"]
     check_convertible(args.checkpoint, model_args)
-    langs, dictionaries = checked_dictionaries(args.checkpoint, state, args.data)
+    pair = (args.source_lang, args.target_lang) if args.source_lang and args.target_lang else None
+    langs, dictionaries, tokens = checked_dictionaries(args.checkpoint, original_cfg.task, state, args.data, pair)
+    source_token, target_token = language_token_pieces(tokens)
     out = os.path.abspath(args.out)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
@@ -164,7 +168,15 @@ def export(args):
             logger.info(f"vocabulary map: {len(lines) - 1} source pieces, {args.vmap_per_token} candidates each,"
                         f" {args.vmap_common} always")
         staged = os.path.join(work, "model")
-        converter = FairseqConverter(clean, args.data, source_lang=langs[0], target_lang=langs[1])
+        # the converter reads the dictionaries from a data directory: a multilingual model's, language tokens
+        # included, are written for it
+        dictionary_dir = args.data
+        if tokens:
+            dictionary_dir = os.path.join(work, "dictionaries")
+            os.makedirs(dictionary_dir)
+            for lang, dictionary in zip(langs, dictionaries):
+                dictionary.save(os.path.join(dictionary_dir, f"dict.{lang}.txt"))
+        converter = FairseqConverter(clean, dictionary_dir, source_lang=langs[0], target_lang=langs[1])
         try:
             converter.convert(staged, vmap=vmap, quantization=args.quantization)
         except (ValueError, NotImplementedError) as e:
@@ -181,6 +193,9 @@ def export(args):
             "quantization": args.quantization,
             "source_lang": langs[0],
             "target_lang": langs[1],
+            # a multilingual model's: the token its sources start with and the one it is told to start with
+            "language_tokens": [source_token, target_token],
+            "language_symbols": tokens.symbols if tokens else [],
             "subwords": {"kind": kind, "file": os.path.basename(subwords.path)},
             "post_process": Subwords.KINDS[kind],
             "max_target_positions": int(model_args.max_target_positions),

@@ -23,7 +23,16 @@ from fairseq.models.transformer import TransformerModel
 from fairseq.sequence_generator import SequenceGenerator
 from fairseq.tasks.translation_lev import TranslationLevenshteinConfig, TranslationLevenshteinTask
 
-from fairseq_kd.checkpoints import check_checkpoint_dictionaries, inference_state, is_non_autoregressive, read_checkpoint
+from fairseq_kd.checkpoints import (
+    MULTILINGUAL_TASKS,
+    check_checkpoint_dictionaries,
+    inference_state,
+    is_non_autoregressive,
+    language_tokens,
+    read_checkpoint,
+    task_name,
+    trained_language_pair,
+)
 from fairseq_kd.errors import FairseqKDError
 
 EXPORT_MANIFEST = "fairseq_kd_export.json"
@@ -108,7 +117,7 @@ class FairseqTranslator:
 
     backend = "fairseq"
 
-    def __init__(self, checkpoint, data, options, peer="a", device="cpu"):
+    def __init__(self, checkpoint, data, options, peer="a", device="cpu", langs=None):
         cfg, saved = read_checkpoint(checkpoint, "checkpoint")
         self.non_autoregressive = is_non_autoregressive(cfg.model)
         if self.non_autoregressive:
@@ -116,7 +125,8 @@ class FairseqTranslator:
         else:
             state = inference_state(checkpoint, cfg, saved, peer)
         args = state["args"]
-        langs, (self.src_dict, self.tgt_dict) = checked_dictionaries(checkpoint, state, data)
+        langs, (self.src_dict, self.tgt_dict), self.language_tokens = checked_dictionaries(checkpoint, cfg.task, state,
+                                                                                          data, langs)
         if self.non_autoregressive:
             task_cfg = TranslationLevenshteinConfig(data=data, source_lang=langs[0], target_lang=langs[1])
             task = TranslationLevenshteinTask(task_cfg, self.src_dict, self.tgt_dict)
@@ -141,18 +151,34 @@ class FairseqTranslator:
 
     @torch.inference_mode()
     def translate(self, batch):
-        tokens = [self.src_dict.encode_line(" ".join(p), add_if_not_exist=False, append_eos=True).long() for p in batch]
+        source_token, target_token = language_token_pieces(self.language_tokens)
+        tokens = [self.src_dict.encode_line(" ".join(source_token + p), add_if_not_exist=False, append_eos=True).long()
+                  for p in batch]
         if self.non_autoregressive:  # translation_lev's sources start with <s>
             tokens = [torch.cat([torch.tensor([self.src_dict.bos()]), t]) for t in tokens]
         lengths = torch.tensor([len(t) for t in tokens])
         src_tokens = data_utils.collate_tokens(tokens, self.src_dict.pad(), self.src_dict.eos(),
                                                left_pad=self.left_pad_source)
         sample = {"net_input": {"src_tokens": src_tokens.to(self.device), "src_lengths": lengths.to(self.device)}}
-        hypotheses = self.generator.generate([self.model], sample)
         if self.non_autoregressive:
+            hypotheses = self.generator.generate([self.model], sample)
             self.refinement_steps += [hypos[0]["steps"] for hypos in hypotheses]
+        else:
+            # a multilingual model's output starts with the target language's token, given, as fairseq gives it
+            prefix = (torch.full((len(batch), 1), self.tgt_dict.index(target_token[0]), device=self.device)
+                      if target_token else None)
+            hypotheses = self.generator.generate([self.model], sample, prefix_tokens=prefix)
         special = {self.tgt_dict.eos(), self.tgt_dict.pad(), self.tgt_dict.bos()}  # NAT outputs start with <s>
-        return [[self.tgt_dict[i] for i in hypos[0]["tokens"].tolist() if i not in special] for hypos in hypotheses]
+        return [[self.tgt_dict[i] for i in hypos[0]["tokens"].tolist()[len(target_token):] if i not in special]
+                for hypos in hypotheses]
+
+
+def language_token_pieces(tokens):
+    """``([source token], [target token])`` of a multilingual model's ``LanguageTokens``; empty lists
+    where it uses none, or for a bilingual model (None)."""
+    if tokens is None:
+        return [], []
+    return [tokens.source] if tokens.source else [], [tokens.target] if tokens.target else []
 
 
 def language_pair(args, data):
@@ -164,20 +190,35 @@ def language_pair(args, data):
     langs = data_utils.infer_language_pair(data)
     if None in langs:
         raise FairseqKDError(
-            f"--data {data}: cannot tell the language pair (no binarized split named SPLIT.SRC-TGT.*); give the"
-            " fairseq data-bin the model was trained on"
+            f"--data {data}: cannot tell the language pair (no binarized split named SPLIT.SRC-TGT.*, or several"
+            " pairs); give the fairseq data-bin the model was trained on, and for a multilingual model"
+            " --source-lang and --target-lang"
         )
     return langs
 
 
-def checked_dictionaries(checkpoint, state, data):
-    """``(languages, (source, target dictionary))`` of the data-bin ``data``, which must be those the
-    checkpoint (its ``inference_state``) was trained with."""
-    langs = language_pair(state["args"], data)
+def checked_dictionaries(checkpoint, task_cfg, state, data, langs=None):
+    """``(languages, (source, target dictionary), language tokens)`` of the data-bin ``data`` for the pair
+    ``langs`` (default: the checkpoint's): its dictionaries, which must be those the checkpoint (its saved
+    task config and ``inference_state``) was trained with, extended for a multilingual model with its
+    language tokens (``LanguageTokens``; None for a bilingual model)."""
+    label = f"checkpoint {checkpoint}"
+    if langs is None and task_name(task_cfg) in MULTILINGUAL_TASKS:
+        langs = trained_language_pair(task_cfg)  # a model of one pair
+        if None in langs:
+            raise FairseqKDError(
+                f"{label}: a multilingual model of several pairs ({task_cfg.lang_pairs}); name the pair to translate"
+                " with --source-lang and --target-lang"
+            )
+    langs = langs or language_pair(state["args"], data)
+    tokens = language_tokens(label, task_cfg, langs, data)
     dictionaries = load_dictionaries(data, *langs)
-    check_checkpoint_dictionaries(checkpoint, f"checkpoint {checkpoint}", state["args"].data, state["model"], langs,
-                                  dictionaries)
-    return langs, dictionaries
+    for dictionary in dictionaries if tokens else []:
+        for symbol in tokens.symbols:
+            dictionary.add_symbol(symbol)
+    check_checkpoint_dictionaries(checkpoint, label, state["args"].data, state["model"], langs, dictionaries,
+                                  tokens.symbols if tokens else ())
+    return langs, dictionaries, tokens
 
 
 def load_dictionaries(data, source_lang, target_lang):
@@ -208,12 +249,16 @@ class CTranslate2Translator:
         self.translator = ctranslate2.Translator(model_dir, device=device, intra_threads=threads, inter_threads=1)
 
     def translate(self, batch):
+        # a multilingual model's (exports of bilingual models record none)
+        source_token, target_token = self.manifest.get("language_tokens", ([], []))
+        batch = [source_token + pieces for pieces in batch]
         results = self.translator.translate_batch(
             batch, beam_size=self.options.beam, length_penalty=self.options.lenpen,
             max_decoding_length=max_output_length(self.options, batch, self.max_positions),
             min_decoding_length=1, max_input_length=0, use_vmap=self.use_vmap,
+            target_prefix=[target_token] * len(batch) if target_token else None,
         )
-        return [result.hypotheses[0] for result in results]
+        return [result.hypotheses[0][len(target_token):] for result in results]
 
 
 def read_export_manifest(model_dir):
@@ -234,7 +279,9 @@ def read_export_manifest(model_dir):
 
 
 def check_export_vocabulary(model_dir, src_dict, tgt_dict):
-    """An exported model's vocabularies must equal the data's dictionaries, symbol for symbol."""
+    """An exported model's vocabularies must equal the data's dictionaries, symbol for symbol (a multilingual
+    model's extended with the language tokens its export recorded)."""
+    added = read_export_manifest(model_dir).get("language_symbols", [])
     files = {"source": "source_vocabulary.json", "target": "target_vocabulary.json"}
     if os.path.isfile(os.path.join(model_dir, "shared_vocabulary.json")):
         files = {"source": "shared_vocabulary.json", "target": "shared_vocabulary.json"}
@@ -246,7 +293,7 @@ def check_export_vocabulary(model_dir, src_dict, tgt_dict):
             raise FairseqKDError(f"{model_dir}: cannot read its {side} vocabulary ({e}); export the model again")
         # CTranslate2 names fairseq's padding symbol <blank>
         symbols = ["<pad>" if symbol == "<blank>" else symbol for symbol in vocabulary]
-        if symbols != dictionary.symbols:
+        if symbols != dictionary.symbols + added:
             raise FairseqKDError(
                 f"{model_dir}: its {side} vocabulary ({len(symbols)} symbols) differs from the data's dictionary"
                 f" ({len(dictionary)} symbols); evaluate it on the data-bin it was exported from"

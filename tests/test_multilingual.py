@@ -220,5 +220,40 @@ def test_teachers_with_other_language_tokens_are_refused(ml_data, ml_teachers, t
     reordered = tmp_path / "langs.txt"
     reordered.write_text("en\nde\nfr\ncs\n")
     other_order = train_teacher(ml_data, "en-de", tmp_path / "reordered", "--lang-dict", reordered, "--max-epoch", "1")
-    with pytest.raises(FairseqKDError, match="differs from this run's .* checkpoint '__en__', this run '__cs__'"):
+    with pytest.raises(FairseqKDError, match="with its language tokens .* differs .* at index 48: checkpoint '__en__', data '__cs__'; train the teacher"):
         build(ml_data, "--teacher-paths", f"en-de:{other_order}")
+
+
+@pytest.fixture(scope="module")
+def ml_student(ml_data, ml_teachers, tmp_path_factory):
+    """A multilingual student of en-de, en-fr and en-cs, distilled from the en-de and en-fr teachers."""
+    save_dir = tmp_path_factory.mktemp("ml_student")
+    train_student(ml_data, save_dir, "--lang-pairs", "en-de,en-fr,en-cs", "--teacher-paths",
+                  f"en-de:{ml_teachers['en-de']},en-fr:{ml_teachers['en-fr']}", "--max-epoch", "2")
+    return save_dir / "checkpoint_last.pt"
+
+
+def test_multilingual_student_evaluates_and_exports_per_pair(ml_data, ml_student, tmp_path):
+    # fairseq-kd-eval decodes it as fairseq-generate does: the source language token in, the target's given
+    generate = run("fairseq-generate", ml_data, "--user-dir", PLUGIN, "--task", "translation_multi_simple_epoch",
+                   "--lang-pairs", "en-de,en-fr,en-cs", "--lang-dict", ml_data / "langs.txt", *LANGTOK_FLAGS,
+                   "-s", "en", "-t", "fr", "--path", ml_student, "--gen-subset", "test", "--beam", "5", "--cpu",
+                   "--required-batch-size-multiple", "1").stdout
+    expected = [line.split("\t")[2] for line in sorted((line for line in generate.splitlines() if line.startswith("D-")),
+                                                        key=lambda line: int(line.split("\t")[0][2:]))]
+    pair = ("--source-lang", "en", "--target-lang", "fr")
+    run("fairseq-kd-eval", ml_data, "--checkpoints", f"student={ml_student}", "--split", "test", *pair,
+        "--post-process", "none", "--beam", "5", "--no-speed", "--out-prefix", tmp_path / "beam5")
+    assert (tmp_path / "beam5.student.test.txt").read_text().splitlines() == expected
+    # exported for one pair, CTranslate2 writes the same greedy translations (its beam search ranks without
+    # the given language token's score, so beams > 1 may differ)
+    codes = tmp_path / "codes"
+    codes.write_text("#version: 0.2\nq z\n")  # one merge that never applies: the toy words stay whole
+    run("fairseq-kd-export", ml_student, "--data", ml_data, "--bpe-codes", codes, *pair, "--quantization", "float32",
+        "--out", tmp_path / "ct2")
+    run("fairseq-kd-eval", ml_data, "--checkpoints", f"fairseq={ml_student}", f"ct2={tmp_path / 'ct2'}", "--split",
+        "test", *pair, "--post-process", "none", "--beam", "1", "--no-speed", "--out-prefix", tmp_path / "beam1")
+    assert (tmp_path / "beam1.fairseq.test.txt").read_text() == (tmp_path / "beam1.ct2.test.txt").read_text()
+    refused = run("fairseq-kd-export", ml_student, "--data", ml_data, "--bpe-codes", codes, "--out", tmp_path / "x",
+                  expect_ok=False)
+    assert refused.returncode == 1 and "a multilingual model of several pairs" in refused.stderr
