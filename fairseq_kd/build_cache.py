@@ -172,6 +172,8 @@ def write_manifest(task, teachers, teacher_files, splits, k, directory, num_shar
             "teachers": teacher_files,
             "teacher_weights": teachers.weights.tolist(),
             "teacher_weighting": teachers.weighting,
+            # a multilingual student's cache: the language pair it holds the teacher of
+            "lang_pair": task.lang_pairs[0] if isinstance(task, TranslationMultiSimpleEpochTask) else None,
             "splits": entries,
         },
     )

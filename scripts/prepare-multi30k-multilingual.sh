@@ -6,7 +6,8 @@
 # Usage: prepare-multi30k-multilingual.sh OUT_DIR
 #   PAIRS="en-de en-fr en-cs"   the language pairs (Multi30k is four-way parallel: line i of every language is
 #                               the same sentence, so any two of en, de, fr, cs make a pair)
-#   LOW_RESOURCE="en-cs:5000"   pairs whose training data is cut to their first N pairs (space-separated)
+#   LOW_RESOURCE="en-cs:5000"   also OUT_DIR/data-bin-low-resource: the same pairs and dictionary, these pairs'
+#                               training data cut to their first N pairs (space-separated), the others linked
 #   VOCAB_SIZE=16000            joint subword vocabulary over all languages' training text
 #   MULTI30K_DIR=dir            read the official gzipped raw files from dir instead of downloading them
 set -euo pipefail
@@ -75,19 +76,29 @@ cat $(printf "$OUT/subword/train.%s " "${!LANGS[@]}") > "$OUT/subword/dict-text"
 fairseq-preprocess --only-source --trainpref "$OUT/subword/dict-text" --destdir "$OUT/dictionary" --dict-only \
     --workers 2 > "$OUT/preprocess.log" 2>&1 || { echo "error: fairseq-preprocess failed, see $OUT/preprocess.log" >&2; exit 1; }
 
-echo "[prepare] fairseq-preprocess per pair (${PAIRS[*]}) -> $OUT/data-bin"
-for pair in "${PAIRS[@]}"; do
-    src=${pair%-*} tgt=${pair#*-} prefix=$OUT/subword/train
-    if [ -n "${CUT[$pair]:-}" ]; then
-        echo "[prepare] $pair: keeping the first ${CUT[$pair]} training pairs"
-        prefix=$OUT/subword/train.$pair-cut
-        for lang in "$src" "$tgt"; do head -n "${CUT[$pair]}" "$OUT/subword/train.$lang" > "$prefix.$lang"; done
-    fi
-    # one pair's files at a time: fairseq-preprocess names them by pair, so all land in one data-bin
-    fairseq-preprocess --source-lang "$src" --target-lang "$tgt" --trainpref "$prefix" \
+binarize() {  # PAIR TRAIN_PREFIX DEST: one pair's files (fairseq-preprocess names them by pair, so all pairs
+    # land in one data-bin)
+    fairseq-preprocess --source-lang "${1%-*}" --target-lang "${1#*-}" --trainpref "$2" \
         --validpref "$OUT/subword/valid" --testpref "$OUT/subword/test" \
-        --srcdict "$OUT/dictionary/dict.txt" --tgtdict "$OUT/dictionary/dict.txt" --destdir "$OUT/data-bin" \
+        --srcdict "$OUT/dictionary/dict.txt" --tgtdict "$OUT/dictionary/dict.txt" --destdir "$3" \
         --workers 2 >> "$OUT/preprocess.log" 2>&1 || { echo "error: fairseq-preprocess failed, see $OUT/preprocess.log" >&2; exit 1; }
-done
+}
+echo "[prepare] fairseq-preprocess per pair (${PAIRS[*]}) -> $OUT/data-bin"
+for pair in "${PAIRS[@]}"; do binarize "$pair" "$OUT/subword/train" "$OUT/data-bin"; done
 printf '%s\n' "${!LANGS[@]}" | sort > "$OUT/data-bin/langs.txt"
+if [ "${#CUT[@]}" -gt 0 ]; then
+    low=$OUT/data-bin-low-resource
+    echo "[prepare] low resource (${LOW_RESOURCE[*]}) -> $low"
+    mkdir -p "$low"
+    ln -sf "$OUT"/data-bin/{dict.*.txt,langs.txt} "$low"
+    for pair in "${PAIRS[@]}"; do
+        if [ -z "${CUT[$pair]:-}" ]; then
+            ln -sf "$OUT/data-bin/"*".$pair."* "$low"
+            continue
+        fi
+        prefix=$OUT/subword/train.$pair-cut
+        for lang in "${pair%-*}" "${pair#*-}"; do head -n "${CUT[$pair]}" "$OUT/subword/train.$lang" > "$prefix.$lang"; done
+        binarize "$pair" "$prefix" "$low"
+    done
+fi
 echo "$settings" > "$OUT/data-bin/.done"

@@ -270,9 +270,10 @@ def test_prepare_multilingual_with_a_low_resource_pair(tmp_path):
     from fairseq.data import Dictionary, data_utils
     dictionary = Dictionary.load(str(data / "dict.en.txt"))
     assert all((data / f"dict.{lang}.txt").read_text() == (data / "dict.en.txt").read_text() for lang in ("de", "fr", "cs"))
-    sizes = {pair: len(data_utils.load_indexed_dataset(str(data / f"train.{pair}.{pair[-2:]}"), dictionary))
-             for pair in ("en-de", "en-fr", "en-cs")}
-    assert sizes == {"en-de": SPLITS["train"], "en-fr": SPLITS["train"], "en-cs": 100}
+    for directory, cut in ((data, SPLITS["train"]), (tmp_path / "out" / "data-bin-low-resource", 100)):
+        sizes = {pair: len(data_utils.load_indexed_dataset(str(directory / f"train.{pair}.{pair[-2:]}"), dictionary))
+                 for pair in ("en-de", "en-fr", "en-cs")}
+        assert sizes == {"en-de": SPLITS["train"], "en-fr": SPLITS["train"], "en-cs": cut}
     assert (data / "langs.txt").read_text() == "cs\nde\nen\nfr\n"
     # line i is the same sentence in every pair (the pivot relies on it)
     assert (tmp_path / "out" / "raw" / "train.cs").read_text().count("\n") == SPLITS["train"]
@@ -280,3 +281,4 @@ def test_prepare_multilingual_with_a_low_resource_pair(tmp_path):
     assert refused.returncode == 1 and "was prepared with PAIRS=en-de en-fr en-cs LOW_RESOURCE=en-cs:100" in refused.stderr
     refused = prepare(PAIRS="en-de en-xx")
     assert refused.returncode == 2 and "PAIRS names 'en-xx'" in refused.stderr
+

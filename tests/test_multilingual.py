@@ -134,7 +134,7 @@ def test_cache_is_keyed_by_pair_and_equals_the_teachers(ml_data, ml_teachers, tm
     distilled = online.teachers.position_weights(sample).gt(0) & sample["target"].ne(1)
     assert torch.equal(ids[distilled], cached_ids[distilled])
     assert torch.allclose(values[distilled], cached_values[distilled], atol=2e-3)  # stored as float16
-    with pytest.raises(FairseqKDError, match="its 'valid' split"):  # en-fr's cache given for en-de
+    with pytest.raises(FairseqKDError, match="the cache holds the en-fr teacher's top-k; build one for en-de"):
         build(ml_data, "--teacher-topk-caches", f"en-de:{tmp_path / 'en-fr'}", "--kd-topk", 4)[0].load_dataset("valid")
 
 
@@ -202,6 +202,7 @@ def test_threshold_switches_kd_per_pair_and_survives_a_resume(ml_data, ml_teache
     (("--teacher-paths", "en-de:{en-de}", "--kd-pair-weights", "en-de:2"), r"weights are numbers in \[0, 1\]"),
     (("--teacher-paths", "en-de:{en-de}", "--kd-threshold", "bleu", "--disable-validation"), "needs validation data"),
     (("--teacher-paths", "en-de:{en-fr}",), "it translates en->fr"),
+    (("--teacher-topk-caches", "en-de:X", "--teacher-source-lang", "en"), "give them with --teacher-paths"),
     (("--teacher-paths", "en-de:{en-de}", "--decoder-langtok", "--encoder-langtok", "tgt"),
      "trained with --encoder-langtok src, this run uses tgt"),
 ])

@@ -189,6 +189,11 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
     def load_teachers(self, args):
         if args.teacher_paths and args.teacher_topk_caches:
             raise FairseqKDError("give either --teacher-paths or --teacher-topk-caches, not both")
+        if args.teacher_source_lang and not args.teacher_paths:
+            raise FairseqKDError(
+                "--teacher-source-lang runs the teachers on the same sentences in their own language: give them with"
+                " --teacher-paths"
+            )
         if not args.lang_dict and not args.langs:
             raise FairseqKDError(
                 "translation_multi_distillation needs the languages in a fixed order (their tokens' ids must match"
@@ -234,7 +239,15 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
             teacher_source = (self.pivot_source(params, dataset) if pair in self.pivot_pairs else dataset.src)
         cache = None
         if index in self.cache_dirs:
-            cache = TopKCache(self.cache_dirs[index], params["split"], dataset, self.target_dictionary)
+            directory = self.cache_dirs[index]
+            built_for = read_manifest(directory).get("lang_pair")
+            if built_for != pair:
+                raise FairseqKDError(
+                    f"--teacher-topk-caches {pair}:{directory}: the cache holds the {built_for or 'bilingual'} teacher's"
+                    f" top-k; build one for {pair} (fairseq-kd-build-cache --task translation_multi_simple_epoch"
+                    f" --lang-pairs {pair} ...)"
+                )
+            cache = TopKCache(directory, params["split"], dataset, self.target_dictionary)
         return PairTaggedDataset(dataset, index, teacher_source, cache)
 
     def pivot_source(self, params, dataset):

@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# Multilingual, low-resource and cross-lingual distillation on Multi30k, which is four-way parallel (line i of
+# en, de, fr and cs is the same sentence). One joint dictionary; every model, teacher or student, is trained
+# by fairseq's translation_multi_simple_epoch (students by its distillation version,
+# translation_multi_distillation) with the same language tokens. Three experiments, one table each:
+#
+#   multilingual  en-de, en-fr, en-cs: a teacher per pair; bilingual word-KD students; one multilingual student
+#                 of the same size without KD, with word-level KD from the pairs' top-k caches, with
+#                 sequence-level KD (the teachers' translations), with the threshold strategy (Tan et al.,
+#                 2019: KD off for a pair while the student beats its teacher on validation BLEU); the
+#                 word-KD student exported to CTranslate2 int8, per pair
+#   low-resource  the same pairs with en-cs cut to its first LOW_RESOURCE_SIZE pairs: the bilingual en-cs
+#                 word-KD student against the multilingual word-KD student
+#   pivot         a cs-de student without KD and with cross-lingual KD from the en-de teacher, which reads
+#                 the English side of the same sentences
+#
+# Usage: bash examples/multi30k/multilingual.sh          (CONFIG=quick: minutes; CONFIG=full: hours)
+#   EXPERIMENTS="multilingual low-resource pivot"   which to run
+#   LOW_RESOURCE_SIZE=5000      training pairs left to en-cs in the low-resource experiment
+#   THRESHOLD_INTERVAL=n        updates between two threshold comparisons (default: STUDENT_UPDATES / 5)
+#   THRESHOLD_MARGIN=1          BLEU by which the student must beat its teacher for KD to switch off
+#   ...and run.sh's settings: WORK, CONFIG (quick or full), STUDENT_ARCH, KD_ALPHA, KD_TEMPERATURE, KD_TOPK,
+#   VOCAB_SIZE (default 16000: four languages), TEACHER_UPDATES, STUDENT_UPDATES, MAX_TOKENS, DEVICE_FLAGS, ...
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+CONFIG=${CONFIG:-quick}
+WORK=${WORK:-$ROOT/work/multi30k-multilingual-$CONFIG}
+VOCAB_SIZE=${VOCAB_SIZE:-16000}
+if [ "$CONFIG" = converged ]; then
+    echo "error: CONFIG=converged stops on valid BLEU, which translation_multi_simple_epoch does not compute;" \
+        "use CONFIG=quick or full (or set TEACHER_UPDATES/STUDENT_UPDATES)" >&2
+    exit 2
+fi
+. "$(dirname "$0")/common.sh"
+
+read -r -a EXPERIMENTS <<< "${EXPERIMENTS:-multilingual low-resource pivot}"
+LOW_RESOURCE_SIZE=${LOW_RESOURCE_SIZE:-5000}
+THRESHOLD_INTERVAL=${THRESHOLD_INTERVAL:-$(( STUDENT_UPDATES / 5 > 0 ? STUDENT_UPDATES / 5 : 1 ))}
+THRESHOLD_MARGIN=${THRESHOLD_MARGIN:-1}
+for experiment in "${EXPERIMENTS[@]}"; do
+    case "$experiment" in multilingual|low-resource|pivot) ;;
+        *) echo "error: EXPERIMENTS names '$experiment'; choose from multilingual low-resource pivot" >&2; exit 2 ;; esac
+done
+for setting in LOW_RESOURCE_SIZE THRESHOLD_INTERVAL; do
+    if ! [[ ${!setting} =~ ^[1-9][0-9]*$ ]]; then echo "error: $setting must be an integer >= 1, got '${!setting}'" >&2; exit 2; fi
+done
+if ! [[ $THRESHOLD_MARGIN =~ ^[0-9]+(\.[0-9]+)?$ ]]; then
+    echo "error: THRESHOLD_MARGIN must be a number >= 0, got '$THRESHOLD_MARGIN'" >&2; exit 2
+fi
+
+PAIRS=(en-de en-fr en-cs)
+DATA=$WORK/data/data-bin
+LOW_DATA=$WORK/data/data-bin-low-resource
+SUBWORD=$WORK/data/subword
+# every model marks languages the same way, so each teacher's dictionary is the student's
+MULTI_FLAGS=(--lang-dict "$DATA/langs.txt" --encoder-langtok src --decoder-langtok)
+
+prepare_multilingual() {
+    cmd env PAIRS="${PAIRS[*]} cs-de" LOW_RESOURCE="en-cs:$LOW_RESOURCE_SIZE" VOCAB_SIZE="$VOCAB_SIZE" \
+        MULTI30K_DIR="$MULTI30K_DIR" bash "$ROOT/scripts/prepare-multi30k-multilingual.sh" "$WORK/data"
+}
+
+train_pair_teacher() {  # SAVE_DIR DATA_BIN PAIR
+    cmd fairseq-train "$2" --user-dir "$ROOT/fairseq_kd" --task translation_multi_simple_epoch --lang-pairs "$3" \
+        "${MULTI_FLAGS[@]}" "${TEACHER_FLAGS[@]}" --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
+        "${OPTIM_FLAGS[@]}" "${BATCH_FLAGS[@]}" --max-update "$TEACHER_UPDATES" "${DEVICE_FLAGS[@]}" "${LOG_FLAGS[@]}" \
+        --save-dir "$1"
+}
+
+train_multi_student() {  # NAME DATA_BIN PAIRS EXTRA_FLAGS...
+    local name=$1 data=$2 pairs=$3
+    shift 3
+    cmd fairseq-train "$data" --user-dir "$ROOT/fairseq_kd" --task translation_multi_distillation --lang-pairs "$pairs" \
+        "${MULTI_FLAGS[@]}" "${STUDENT_FLAGS[@]}" --criterion kd_label_smoothed_cross_entropy --label-smoothing 0.1 \
+        "$@" "${OPTIM_FLAGS[@]}" "${BATCH_FLAGS[@]}" --max-update "$STUDENT_UPDATES" "${DEVICE_FLAGS[@]}" \
+        "${LOG_FLAGS[@]}" --save-dir "$WORK/$name"
+}
+
+# a teacher's top-k over one pair's training and validation data, for word-level KD without the teacher
+build_pair_cache() {  # DATA_BIN PAIR TEACHER OUT_DIR
+    cmd fairseq-kd-build-cache "$1" --user-dir "$ROOT/fairseq_kd" --task translation_multi_simple_epoch \
+        --lang-pairs "$2" "${MULTI_FLAGS[@]}" --teacher-path "$3" --topk "$KD_TOPK" --splits train,valid \
+        --max-tokens 8000 "${DEVICE_FLAGS[@]}" --out "$4"
+}
+
+# the sequence-level KD corpus: each teacher's translations of its pair's training source, binarized with
+# the joint dictionary beside the original validation and test sets
+distill_pairs() {  # OUT_DIR PAIR:TEACHER...
+    local out=$1 item pair teacher
+    shift
+    mkdir -p "$out/data-bin"
+    for item in "$@"; do
+        pair=${item%%:*} teacher=${item#*:}
+        cmd fairseq-generate "$DATA" --user-dir "$ROOT/fairseq_kd" --task translation_multi_simple_epoch \
+            --lang-pairs "$pair" "${MULTI_FLAGS[@]}" -s "${pair%-*}" -t "${pair#*-}" --path "$teacher" \
+            --gen-subset train --beam "$DISTILL_BEAM" "${DECODE_FLAGS[@]}" "${DEVICE_FLAGS[@]}" \
+            --results-path "$out/$pair"
+        cmd python "$ROOT/scripts/distilled_corpus.py" --generate-log "$out/$pair/generate-train.txt" \
+            --source "$SUBWORD/train.${pair%-*}" --target "$SUBWORD/train.${pair#*-}" --out-prefix "$out/$pair/train" \
+            --src "${pair%-*}" --tgt "${pair#*-}"
+        cmd fairseq-preprocess --source-lang "${pair%-*}" --target-lang "${pair#*-}" --trainpref "$out/$pair/train" \
+            --validpref "$SUBWORD/valid" --testpref "$SUBWORD/test" --srcdict "$DATA/dict.en.txt" \
+            --tgtdict "$DATA/dict.en.txt" --destdir "$out/data-bin" --workers 2
+    done
+    cmd cp "$DATA"/dict.*.txt "$DATA/langs.txt" "$out/data-bin/"
+}
+
+# models on one pair's test set, one fairseq-kd-eval run (fairseq's default length limits, the first model
+# the reference of the retention column): WORK/results/EXPERIMENT.PAIR.json and .md
+evaluate_pair() {  # EXPERIMENT DATA_BIN PAIR NAME=MODEL...
+    local out=$WORK/results/$1.$3 data=$2 pair=$3
+    shift 3
+    cmd fairseq-kd-eval "$data" --checkpoints "$@" --split test --source-lang "${pair%-*}" --target-lang "${pair#*-}" \
+        --reference "$WORK/data/raw/test.${pair#*-}" --post-process sentencepiece --beam "$BEAM" --no-speed \
+        --out-prefix "$out"
+}
+
+# one table per experiment from its pairs' reports: test BLEU per pair and their average, chrF, length
+# ratio, parameters, training speed
+pair_table() {  # EXPERIMENT PAIRS MODELS [PER_PAIR_MODELS]
+    python "$ROOT/scripts/multilingual_table.py" --work "$WORK" --experiment "$1" --pairs $2 --models $3 --per-pair ${4:-}
+}
+
+teacher() { echo "$WORK/teacher-$1/checkpoint_last.pt"; }
+kd=(--kd-alpha "$KD_ALPHA" --kd-temperature "$KD_TEMPERATURE")
+
+mkdir -p "$WORK/results"
+stage prepare "$WORK/prepare.log" prepare_multilingual
+for pair in "${PAIRS[@]}"; do
+    stage "teacher-$pair" "$WORK/teacher-$pair.log" train_pair_teacher "$WORK/teacher-$pair" "$DATA" "$pair"
+done
+
+if [[ " ${EXPERIMENTS[*]} " == *" multilingual "* ]]; then
+    caches=() paths=() corpus=()
+    for pair in "${PAIRS[@]}"; do
+        stage "cache-$pair" "$WORK/cache-$pair.log" build_pair_cache "$DATA" "$pair" "$(teacher "$pair")" "$WORK/cache-$pair"
+        caches+=("$pair:$WORK/cache-$pair") paths+=("$pair:$(teacher "$pair")") corpus+=("$pair:$(teacher "$pair")")
+        stage "bilingual-word-kd-$pair" "$WORK/bilingual-word-kd-$pair.log" train_multi_student "bilingual-word-kd-$pair" \
+            "$DATA" "$pair" "${kd[@]}" --teacher-topk-caches "$pair:$WORK/cache-$pair" --kd-topk "$KD_TOPK"
+    done
+    stage distill "$WORK/distill.log" distill_pairs "$WORK/distill" "${corpus[@]}"
+    pairs=$(IFS=,; echo "${PAIRS[*]}")
+    stage multilingual-no-kd "$WORK/multilingual-no-kd.log" train_multi_student multilingual-no-kd "$DATA" "$pairs" --kd-alpha 0
+    stage multilingual-word-kd "$WORK/multilingual-word-kd.log" train_multi_student multilingual-word-kd "$DATA" "$pairs" \
+        "${kd[@]}" --teacher-topk-caches "$(IFS=,; echo "${caches[*]}")" --kd-topk "$KD_TOPK"
+    stage multilingual-seq-kd "$WORK/multilingual-seq-kd.log" train_multi_student multilingual-seq-kd \
+        "$WORK/distill/data-bin" "$pairs" --kd-alpha 0
+    stage multilingual-threshold "$WORK/multilingual-threshold.log" train_multi_student multilingual-threshold "$DATA" \
+        "$pairs" "${kd[@]}" --teacher-paths "$(IFS=,; echo "${paths[*]}")" --kd-topk "$KD_TOPK" --kd-threshold bleu \
+        --kd-threshold-interval "$THRESHOLD_INTERVAL" --kd-threshold-margin "$THRESHOLD_MARGIN"
+    students=(multilingual-no-kd multilingual-word-kd multilingual-seq-kd multilingual-threshold)
+    for pair in "${PAIRS[@]}"; do
+        stage "export-multilingual-word-kd-$pair" "$WORK/export-multilingual-word-kd-$pair.log" cmd fairseq-kd-export \
+            "$WORK/multilingual-word-kd/checkpoint_last.pt" --data "$DATA" --sentencepiece-model "$SUBWORD/spm.model" \
+            --source-lang "${pair%-*}" --target-lang "${pair#*-}" --out "$WORK/multilingual-word-kd-ct2-int8-$pair" --force
+        models=("teacher=$(teacher "$pair")" "bilingual-word-kd=$WORK/bilingual-word-kd-$pair/checkpoint_last.pt")
+        for name in "${students[@]}"; do models+=("$name=$WORK/$name/checkpoint_last.pt"); done
+        models+=("multilingual-word-kd-ct2-int8=$WORK/multilingual-word-kd-ct2-int8-$pair")
+        stage "evaluate-multilingual-$pair" "$WORK/results/multilingual.$pair.log" evaluate_pair multilingual "$DATA" \
+            "$pair" "${models[@]}"
+    done
+    pair_table multilingual "${PAIRS[*]}" "teacher bilingual-word-kd ${students[*]} multilingual-word-kd-ct2-int8" \
+        "teacher bilingual-word-kd"
+fi
+
+if [[ " ${EXPERIMENTS[*]} " == *" low-resource "* ]]; then
+    stage low-teacher "$WORK/low-teacher.log" train_pair_teacher "$WORK/low-teacher" "$LOW_DATA" en-cs
+    stage low-cache "$WORK/low-cache.log" build_pair_cache "$LOW_DATA" en-cs "$WORK/low-teacher/checkpoint_last.pt" \
+        "$WORK/low-cache"
+    for pair in en-de en-fr; do  # the same files as the multilingual experiment's
+        stage "cache-$pair" "$WORK/cache-$pair.log" build_pair_cache "$DATA" "$pair" "$(teacher "$pair")" "$WORK/cache-$pair"
+    done
+    stage low-bilingual-word-kd "$WORK/low-bilingual-word-kd.log" train_multi_student low-bilingual-word-kd "$LOW_DATA" \
+        en-cs "${kd[@]}" --teacher-topk-caches "en-cs:$WORK/low-cache" --kd-topk "$KD_TOPK"
+    stage low-multilingual-no-kd "$WORK/low-multilingual-no-kd.log" train_multi_student low-multilingual-no-kd "$LOW_DATA" \
+        en-de,en-fr,en-cs --kd-alpha 0
+    stage low-multilingual-word-kd "$WORK/low-multilingual-word-kd.log" train_multi_student low-multilingual-word-kd \
+        "$LOW_DATA" en-de,en-fr,en-cs "${kd[@]}" --kd-topk "$KD_TOPK" \
+        --teacher-topk-caches "en-de:$WORK/cache-en-de,en-fr:$WORK/cache-en-fr,en-cs:$WORK/low-cache"
+    for pair in "${PAIRS[@]}"; do
+        models=()
+        if [ "$pair" = en-cs ]; then
+            models=("low-teacher=$WORK/low-teacher/checkpoint_last.pt"
+                    "low-bilingual-word-kd=$WORK/low-bilingual-word-kd/checkpoint_last.pt")
+        fi
+        models+=("low-multilingual-no-kd=$WORK/low-multilingual-no-kd/checkpoint_last.pt"
+                 "low-multilingual-word-kd=$WORK/low-multilingual-word-kd/checkpoint_last.pt")
+        stage "evaluate-low-resource-$pair" "$WORK/results/low-resource.$pair.log" evaluate_pair low-resource "$LOW_DATA" \
+            "$pair" "${models[@]}"
+    done
+    pair_table low-resource "${PAIRS[*]}" "low-teacher low-bilingual-word-kd low-multilingual-no-kd low-multilingual-word-kd"
+fi
+
+if [[ " ${EXPERIMENTS[*]} " == *" pivot "* ]]; then
+    stage pivot-no-kd "$WORK/pivot-no-kd.log" train_multi_student pivot-no-kd "$DATA" cs-de --kd-alpha 0
+    stage pivot-kd "$WORK/pivot-kd.log" train_multi_student pivot-kd "$DATA" cs-de "${kd[@]}" \
+        --teacher-paths "cs-de:$(teacher en-de)" --teacher-source-lang en
+    stage evaluate-pivot "$WORK/results/pivot.cs-de.log" evaluate_pair pivot "$DATA" cs-de \
+        "pivot-no-kd=$WORK/pivot-no-kd/checkpoint_last.pt" "pivot-kd=$WORK/pivot-kd/checkpoint_last.pt"
+    pair_table pivot cs-de "pivot-no-kd pivot-kd"
+fi
+for experiment in "${EXPERIMENTS[@]}"; do
+    echo "[$experiment table] $WORK/results/$experiment.md, .json"
+    cat "$WORK/results/$experiment.md"
+done

@@ -1,0 +1,38 @@
+"""examples/multi30k/multilingual.sh on four-way toy data (its own file, so that pytest-xdist runs it beside
+the demo's)."""
+import json
+
+from test_demo import fake_multi30k, run_demo
+
+
+def test_multilingual_recipe(tmp_path):
+    """multilingual.sh on four-way toy data: the three experiments' tables, the threshold comparisons, the
+    pivot teacher reading English, the per-pair exports; a re-run skips every stage."""
+    (tmp_path / "raw").mkdir()
+    fake_multi30k(tmp_path / "raw", more_languages=("fr", "cs"))
+    settings = dict(VOCAB_SIZE="90", TEACHER_UPDATES="40", STUDENT_UPDATES="4", LOW_RESOURCE_SIZE="100",
+                    THRESHOLD_INTERVAL="2")
+    refused = run_demo(tmp_path, "multilingual.sh", EXPERIMENTS="multilingual magic")
+    assert refused.returncode == 2 and "EXPERIMENTS names 'magic'" in refused.stderr
+    refused = run_demo(tmp_path, "multilingual.sh", CONFIG="converged")
+    assert refused.returncode == 2 and "CONFIG=converged stops on valid BLEU" in refused.stderr
+    proc = run_demo(tmp_path, "multilingual.sh", **settings)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    work = tmp_path / "work"
+    tables = {name: json.loads((work / "results" / f"{name}.json").read_text())
+              for name in ("multilingual", "low-resource", "pivot")}
+    assert [m["name"] for m in tables["multilingual"]["models"]] == [
+        "teacher", "bilingual-word-kd", "multilingual-no-kd", "multilingual-word-kd", "multilingual-seq-kd",
+        "multilingual-threshold", "multilingual-word-kd-ct2-int8"]
+    rows = {m["name"]: m for m in tables["multilingual"]["models"]}
+    assert set(rows["multilingual-word-kd"]["pairs"]) == {"en-de", "en-fr", "en-cs"}
+    # three bilingual students against one multilingual student of the same architecture
+    assert rows["bilingual-word-kd"]["params"] == 3 * rows["multilingual-word-kd"]["params"]
+    assert [set(m["pairs"]) for m in tables["low-resource"]["models"]] == [{"en-cs"}, {"en-cs"}, *2 * [{"en-de", "en-fr", "en-cs"}]]
+    assert [m["name"] for m in tables["pivot"]["models"]] == ["pivot-no-kd", "pivot-kd"]
+    assert "kd-threshold at update 2: en-fr" in (work / "multilingual-threshold.log").read_text()
+    assert "--teacher-source-lang en" in (work / ".stage-pivot-kd").read_text()
+    assert json.loads((work / "multilingual-word-kd-ct2-int8-en-cs" / "fairseq_kd_export.json").read_text())[
+        "language_tokens"] == [["__en__"], ["__cs__"]]
+    again = run_demo(tmp_path, "multilingual.sh", **settings)
+    assert again.returncode == 0 and "running" not in again.stdout
