@@ -203,6 +203,9 @@ def test_threshold_switches_kd_per_pair_and_survives_a_resume(ml_data, ml_teache
     (("--teacher-paths", "en-de:{en-de}", "--kd-threshold", "bleu", "--disable-validation"), "needs validation data"),
     (("--teacher-paths", "en-de:{en-fr}",), "it translates en->fr"),
     (("--teacher-topk-caches", "en-de:X", "--teacher-source-lang", "en"), "give them with --teacher-paths"),
+    (("--teacher-paths", "en-de:{en-de}", "--teacher-topk-caches", "en-fr:X"), "not both"),
+    (("--teacher-paths", "en-de:{en-de}", "--kd-threshold", "loss", "--kd-threshold-margin", "-1"),
+     "--kd-threshold-margin must be >= 0"),
     (("--teacher-paths", "en-de:{en-de}", "--decoder-langtok", "--encoder-langtok", "tgt"),
      "trained with --encoder-langtok src, this run uses tgt"),
 ])
