@@ -508,7 +508,9 @@ def main(argv=None):
     splits, reference_files, batch_sizes, decoding = check_arguments(args)
     task = setup_task(args, splits)
     references = {split: load_references(args, task, split, path) for split, path in zip(splits, reference_files)}
-    context = multiprocessing.get_context("spawn")
+    # each model in a fresh process forked from a server that has imported fairseq once: no import per model
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["fairseq_kd.evaluate"])
     models, outputs = [], {}
     for name, path in named:
         record, translations = run_in_child(context, name, (args, name, path, batch_sizes, decoding, references))

@@ -38,6 +38,16 @@ def run(tool, *args, expect_ok=True, env=None):
     return proc
 
 
+# the recipe files take most of the suite's time: run first (pytest.ini keeps this order for pytest-xdist),
+# they start at once on separate workers while the short files fill in around them
+LONGEST_FIRST = ("test_multilingual_recipe.py", "test_demo.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def write_parallel(directory, seed=0, sizes=(("train", 800), ("valid", 40), ("test", 40)), vocab=12):
     """A learnable toy language pair: the target spells each source word in the other alphabet."""
     rng = random.Random(seed)

@@ -63,11 +63,11 @@ def ml_teachers(ml_data, tmp_path_factory):
     return {pair: train_teacher(ml_data, pair, tmp_path_factory.mktemp(f"teacher-{pair}")) for pair in ("en-de", "en-fr")}
 
 
-def build(data, *flags, lang_pairs="en-de,en-fr,en-cs"):
+def build(data, *flags, lang_pairs="en-de,en-fr,en-cs", lang_dict=("--lang-dict", "{data}/langs.txt")):
     """(task, student) as fairseq-train builds them."""
     args = options.parse_args_and_arch(options.get_training_parser(), [
         str(data), "--user-dir", PLUGIN, "--task", "translation_multi_distillation", "--lang-pairs", lang_pairs,
-        "--lang-dict", str(data / "langs.txt"), *LANGTOK_FLAGS, "--arch", "transformer", *TINY_TRANSFORMER,
+        *(flag.format(data=data) for flag in lang_dict), *LANGTOK_FLAGS, "--arch", "transformer", *TINY_TRANSFORMER,
         "--share-all-embeddings", "--cpu", "--max-tokens", "300", "--criterion", "kd_label_smoothed_cross_entropy",
         *map(str, flags)])
     task = tasks.setup_task(args)
@@ -213,6 +213,19 @@ def test_bad_multilingual_options_are_refused(ml_data, ml_teachers, flags, messa
     flags = [flag.format(**ml_teachers) for flag in flags]
     with pytest.raises(FairseqKDError, match=message):
         build(ml_data, *flags)
+
+
+def test_languages_without_a_fixed_order_are_refused(ml_data, ml_teachers):
+    with pytest.raises(FairseqKDError, match="needs the languages in a fixed order .* give --lang-dict langs.txt"):
+        build(ml_data, "--teacher-paths", f"en-de:{ml_teachers['en-de']}", lang_dict=())
+
+
+def test_threshold_without_a_pairs_validation_data_is_refused(ml_data, ml_teachers, tmp_path):
+    data = tmp_path / "bin"
+    shutil.copytree(ml_data, data, ignore=shutil.ignore_patterns("valid.en-fr.*"))
+    with pytest.raises(FairseqKDError, match=r"has no valid data for en-fr \(valid.en-fr.en.idx\).* binarize a valid set"):
+        build(data, "--teacher-paths", f"en-de:{ml_teachers['en-de']},en-fr:{ml_teachers['en-fr']}",
+              "--kd-threshold", "bleu")
 
 
 def test_teachers_with_other_language_tokens_are_refused(ml_data, ml_teachers, tmp_path):
