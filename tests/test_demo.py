@@ -66,10 +66,14 @@ def test_a_failing_stage_stops_the_demo_and_names_its_log(demo):
 
 
 def test_bad_settings_are_refused_before_any_stage(tmp_path):
-    proc = run_demo(tmp_path, STUDENT_ARCH="no_such_arch", KD_TEMPERATURE="0")
+    proc = run_demo(tmp_path, STUDENT_ARCH="no_such_arch", KD_TEMPERATURE="0", LR="fast", DEVICE_FLAGS="")
     assert proc.returncode == 2 and "[prepare]" not in proc.stdout and "Traceback" not in proc.stderr
     assert "STUDENT_ARCH 'no_such_arch' is not a fairseq architecture" in proc.stderr
     assert "KD_TEMPERATURE must be a number > 0, got '0'" in proc.stderr
+    assert "LR must be a number > 0, got 'fast'" in proc.stderr
+    assert "CPU_BF16=1 autocasts CPU training; with DEVICE_FLAGS='' set CPU_BF16=0" in proc.stderr
+    proc = run_demo(tmp_path, CPU_BF16="yes")
+    assert proc.returncode == 2 and "CPU_BF16 must be 0 or 1, got 'yes'" in proc.stderr
 
 
 def test_rerun_skips_finished_stages_and_prints_the_table(demo):
@@ -94,6 +98,9 @@ def test_rerun_skips_finished_stages_and_prints_the_table(demo):
     assert f"| {best}-ct2-int8 | {best} |" in table  # the export beside the checkpoint it came from
     assert "nrefs:1|case:mixed" in table and json.loads((tmp_path / "work" / "results.json").read_text())["models"]
     assert (tmp_path / "work" / "results-curves.png").read_bytes()[:4] == b"\x89PNG"
+    # the quick configuration trains under bfloat16 autocast, the teacher through the distillation task
+    assert "--task translation_distillation --cpu-bf16" in (tmp_path / "work" / ".stage-teacher").read_text()
+    assert "--cpu-bf16" in (tmp_path / "work" / ".stage-student-seq-word-kd").read_text()
     # the distilled corpus is in the training source's order: line i of its source is line i of the original
     distilled_src = (tmp_path / "work" / "distill" / "train.en").read_text().splitlines()
     original_src = (tmp_path / "work" / "subword" / "train.en").read_text().splitlines()

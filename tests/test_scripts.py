@@ -46,6 +46,21 @@ def test_distilled_corpus_restores_order_and_drops_degenerate_outputs(tmp_path):
     assert (tmp_path / "union" / "train.src").read_text() == "a b\na b\nc d e\nf\n"
 
 
+@pytest.mark.parametrize("pieces, loops", [
+    ("▁Ein ▁Mann ▁spricht ▁dabei ▁dabei ▁dabei .", True),  # one piece three times
+    ("▁No ten e b ett e b ett e .", True),  # three pieces twice
+    ("▁auf ▁einem ▁Kuchen ▁auf ▁einem ▁Kuchen .", True),
+    ("▁Eine ▁Frau ▁eine m ▁eine m ▁weißen ▁Rock .", True),  # two pieces twice: the references' rare false alarm
+    ("▁Schwimm m m m er .", True),
+    ("▁Ein ▁Mann ▁und ▁ein ▁Mann .", False),  # repeated, but not at once
+    ("▁Das ▁Boot ▁ist ▁sehr ▁sehr ▁schnell .", False),  # one piece twice
+    ("▁U - Bahn steig ▁am ▁Bahn hof", False),  # the same piece, not in a row
+])
+def test_repetition_loops_are_degenerate(pieces, loops, monkeypatch):
+    monkeypatch.syspath_prepend(REPO / "scripts")  # the script imports its neighbour generate_log
+    assert load_script("distilled_corpus").looping(pieces.split()) == loops
+
+
 def test_distilled_corpus_keeps_the_hypothesis_of_an_nbest_list_closest_to_the_reference(tmp_path):
     (tmp_path / "train.src").write_text("a b c\nd e f\n")
     (tmp_path / "train.tgt").write_text("▁das ▁ist ▁gut\n▁ein ▁rotes ▁haus\n")

@@ -6,14 +6,15 @@ SRC=${SRC:-en}
 TGT=${TGT:-de}
 CONFIG=${CONFIG:-quick}
 case "$CONFIG" in
-    # a 5k-sentence prefix and small batches: minutes per stage, BLEU only a smoke signal
-    quick) : "${TEACHER_UPDATES:=120}" "${STUDENT_UPDATES:=80}" "${MAX_TOKENS:=2048}" "${TRAIN_SENTENCES:=5000}" \
-           "${WARMUP_UPDATES:=100}" "${DISTILL_BEAM:=1}" "${BEAM:=1}" ;;
+    # about 20 minutes on a 2-core CPU: a 10k-sentence prefix, 4k subwords, a short warm-up to a higher peak
+    # learning rate, bfloat16 autocast, greedy decoding
+    quick) : "${TEACHER_UPDATES:=1200}" "${STUDENT_UPDATES:=700}" "${MAX_TOKENS:=2048}" "${TRAIN_SENTENCES:=10000}" \
+           "${VOCAB_SIZE:=4000}" "${WARMUP_UPDATES:=100}" "${LR:=2e-3}" "${CPU_BF16:=1}" "${DISTILL_BEAM:=1}" "${BEAM:=1}" ;;
     full) : "${TEACHER_UPDATES:=1360}" "${STUDENT_UPDATES:=1360}" "${MAX_TOKENS:=4096}" "${TRAIN_SENTENCES:=0}" \
-          "${WARMUP_UPDATES:=300}" "${DISTILL_BEAM:=5}" "${BEAM:=5}" ;;
+          "${WARMUP_UPDATES:=300}" "${LR:=1e-3}" "${CPU_BF16:=0}" "${DISTILL_BEAM:=5}" "${BEAM:=5}" ;;
     # every model trained until its valid BLEU stops improving (CONVERGE_FLAGS); budgets 0: no update limit
     converged) : "${TEACHER_UPDATES:=0}" "${STUDENT_UPDATES:=0}" "${MAX_TOKENS:=4096}" "${TRAIN_SENTENCES:=0}" \
-               "${WARMUP_UPDATES:=300}" "${DISTILL_BEAM:=5}" "${BEAM:=5}" ;;
+               "${WARMUP_UPDATES:=300}" "${LR:=1e-3}" "${CPU_BF16:=0}" "${DISTILL_BEAM:=5}" "${BEAM:=5}" ;;
     *) echo "error: CONFIG must be quick, full or converged, got '$CONFIG'" >&2; exit 2 ;;
 esac
 WORK=${WORK:-$ROOT/work/multi30k-$SRC-$TGT-$CONFIG}
@@ -53,8 +54,14 @@ if [ "$CONFIG" = converged ]; then
     CONVERGE_FLAGS=(--max-epoch 100 --patience "${PATIENCE:-5}" --eval-bleu --eval-bleu-args '{"beam": 5}'
         --eval-bleu-remove-bpe "$POST_PROCESS" --best-checkpoint-metric bleu --maximize-best-checkpoint-metric)
 fi
-OPTIM_FLAGS=(--optimizer adam --adam-betas "(0.9,0.98)" --lr 1e-3 --lr-scheduler inverse_sqrt
+OPTIM_FLAGS=(--optimizer adam --adam-betas "(0.9,0.98)" --lr "$LR" --lr-scheduler inverse_sqrt
     --warmup-updates "$WARMUP_UPDATES" --clip-norm 1.0)
+# CPU_BF16=1: forward passes under bfloat16 autocast (--cpu-bf16, an option of fairseq_kd's tasks; stock
+# translation has none, and without a teacher translation_distillation trains as translation does)
+STUDENT_BF16=() TEACHER_BF16=()
+if [ "$CPU_BF16" = 1 ]; then
+    STUDENT_BF16=(--cpu-bf16) TEACHER_BF16=(--task translation_distillation --cpu-bf16)
+fi
 BATCH_FLAGS=(--max-tokens "$MAX_TOKENS" --seed 1)
 LOG_FLAGS=(--no-epoch-checkpoints --log-format simple --log-interval 50)
 TEACHER_FLAGS=(--arch transformer --share-all-embeddings --encoder-layers 3 --decoder-layers 3
@@ -82,7 +89,8 @@ if "$DISTILL_NBEST".isdigit() and "$DISTILL_BEAM".isdigit() and int("$DISTILL_NB
 if "$DISTILL_SELECT" not in ("first", "bestbleu", "bestchrf"):
     errors.append("DISTILL_SELECT must be first, bestbleu or bestchrf, got '$DISTILL_SELECT'")
 for name, value, ok, wanted in (("KD_ALPHA", "$KD_ALPHA", lambda v: 0 <= v <= 1, "in [0, 1]"),
-                                ("KD_TEMPERATURE", "$KD_TEMPERATURE", lambda v: 0 < v < math.inf, "> 0")):
+                                ("KD_TEMPERATURE", "$KD_TEMPERATURE", lambda v: 0 < v < math.inf, "> 0"),
+                                ("LR", "$LR", lambda v: 0 < v < math.inf, "> 0")):
     try:
         if not ok(float(value)):
             raise ValueError
@@ -94,6 +102,10 @@ if "$SUBWORDS" not in ("spm", "bpe"):
     errors.append("SUBWORDS must be spm or bpe, got '$SUBWORDS'")
 if "$DISTILL_UNION" not in ("0", "1"):
     errors.append("DISTILL_UNION must be 0 or 1, got '$DISTILL_UNION'")
+if "$CPU_BF16" not in ("0", "1"):
+    errors.append("CPU_BF16 must be 0 or 1, got '$CPU_BF16'")
+elif "$CPU_BF16" == "1" and "--cpu" not in "${DEVICE_FLAGS[*]}".split():
+    errors.append("CPU_BF16=1 autocasts CPU training; with DEVICE_FLAGS='${DEVICE_FLAGS[*]}' set CPU_BF16=0")
 import fairseq_kd  # noqa: F401  (registers the student architectures)
 from fairseq.models import ARCH_MODEL_REGISTRY
 if sys.argv[1] not in ARCH_MODEL_REGISTRY:
@@ -199,7 +211,7 @@ train_teacher() {  # SAVE_DIR EXTRA_FLAGS...
     cmd fairseq-train "$DATA" --user-dir "$ROOT/fairseq_kd" "${TEACHER_FLAGS[@]}" \
         --criterion label_smoothed_cross_entropy --label-smoothing 0.1 "${OPTIM_FLAGS[@]}" \
         "${BATCH_FLAGS[@]}" --max-update "$TEACHER_UPDATES" "${CONVERGE_FLAGS[@]}" "${DEVICE_FLAGS[@]}" "${LOG_FLAGS[@]}" \
-        --save-dir "$dir" "$@"
+        "${TEACHER_BF16[@]}" --save-dir "$dir" "$@"
 }
 
 train_student() {  # NAME DATA_BIN EXTRA_FLAGS...
@@ -208,7 +220,7 @@ train_student() {  # NAME DATA_BIN EXTRA_FLAGS...
     cmd fairseq-train "$data" --user-dir "$ROOT/fairseq_kd" --task translation_distillation "${STUDENT_FLAGS[@]}" \
         --criterion kd_label_smoothed_cross_entropy --label-smoothing 0.1 "$@" "${OPTIM_FLAGS[@]}" \
         "${BATCH_FLAGS[@]}" --max-update "$STUDENT_UPDATES" "${CONVERGE_FLAGS[@]}" "${DEVICE_FLAGS[@]}" "${LOG_FLAGS[@]}" \
-        --save-dir "$WORK/$name"
+        "${STUDENT_BF16[@]}" --save-dir "$WORK/$name"
 }
 
 # the sequence-level KD corpus in DISTILLED: the teacher beam-decodes the training source (DISTILL_BEAM,

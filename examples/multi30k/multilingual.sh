@@ -20,7 +20,8 @@
 #   THRESHOLD_INTERVAL=n        updates between two threshold comparisons (default: STUDENT_UPDATES / 5)
 #   THRESHOLD_MARGIN=1          BLEU by which the student must beat its teacher for KD to switch off
 #   ...and run.sh's settings: WORK, CONFIG (quick or full), STUDENT_ARCH, KD_ALPHA, KD_TEMPERATURE, KD_TOPK,
-#   VOCAB_SIZE (default 16000: four languages), TEACHER_UPDATES, STUDENT_UPDATES, MAX_TOKENS, DEVICE_FLAGS, ...
+#   VOCAB_SIZE (default 16000: four languages), TEACHER_UPDATES, STUDENT_UPDATES, MAX_TOKENS, LR, CPU_BF16,
+#   DEVICE_FLAGS, ...
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -31,6 +32,9 @@ if [ "$CONFIG" = converged ]; then
     echo "error: CONFIG=converged stops on valid BLEU, which translation_multi_simple_epoch does not compute;" \
         "use CONFIG=quick or full (or set TEACHER_UPDATES/STUDENT_UPDATES)" >&2
     exit 2
+fi
+if [ "$CONFIG" = quick ]; then  # a smoke run of every stage in minutes (run.sh's quick budgets take an hour here)
+    : "${TEACHER_UPDATES:=120}" "${STUDENT_UPDATES:=80}" "${MAX_TOKENS:=2048}"
 fi
 . "$(dirname "$0")/common.sh"
 
@@ -62,7 +66,10 @@ prepare_multilingual() {
 }
 
 train_pair_teacher() {  # SAVE_DIR DATA_BIN PAIR
-    cmd fairseq-train "$2" --user-dir "$ROOT/fairseq_kd" --task translation_multi_simple_epoch --lang-pairs "$3" \
+    # CPU_BF16=1: the distillation task, which has --cpu-bf16 and without teachers trains as fairseq's does
+    local task=(--task translation_multi_simple_epoch)
+    if [ "$CPU_BF16" = 1 ]; then task=(--task translation_multi_distillation --cpu-bf16); fi
+    cmd fairseq-train "$2" --user-dir "$ROOT/fairseq_kd" "${task[@]}" --lang-pairs "$3" \
         "${MULTI_FLAGS[@]}" "${TEACHER_FLAGS[@]}" --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
         "${OPTIM_FLAGS[@]}" "${BATCH_FLAGS[@]}" --max-update "$TEACHER_UPDATES" "${DEVICE_FLAGS[@]}" "${LOG_FLAGS[@]}" \
         --save-dir "$1"
@@ -74,7 +81,7 @@ train_multi_student() {  # NAME DATA_BIN PAIRS EXTRA_FLAGS...
     cmd fairseq-train "$data" --user-dir "$ROOT/fairseq_kd" --task translation_multi_distillation --lang-pairs "$pairs" \
         "${MULTI_FLAGS[@]}" "${STUDENT_FLAGS[@]}" --criterion kd_label_smoothed_cross_entropy --label-smoothing 0.1 \
         "$@" "${OPTIM_FLAGS[@]}" "${BATCH_FLAGS[@]}" --max-update "$STUDENT_UPDATES" "${DEVICE_FLAGS[@]}" \
-        "${LOG_FLAGS[@]}" --save-dir "$WORK/$name"
+        "${LOG_FLAGS[@]}" "${STUDENT_BF16[@]}" --save-dir "$WORK/$name"
 }
 
 # a teacher's top-k over one pair's training and validation data, for word-level KD without the teacher

@@ -2,10 +2,11 @@
 # End-to-end distillation on Multi30k: data -> teacher -> sequence-level KD corpus and top-k teacher caches
 # -> one student architecture trained four ways (no KD, word-level KD, sequence-level KD, both) with the
 # same budget -> sacrebleu on test and valid -> the best student (by valid BLEU) exported to CTranslate2
-# int8 and scored the same way -> results table. Re-running skips finished stages; a failed stage names
-# its log.
+# int8 and scored the same way -> results table and learning curves. Re-running skips finished stages; a
+# failed stage names its log.
 #
-# Usage: bash examples/multi30k/run.sh            quick configuration: every stage, small budgets, on a CPU
+# Usage: bash examples/multi30k/run.sh            quick configuration: every stage in about 20 minutes on a
+#                                                   2-core CPU (10k pairs, short budgets, bfloat16 autocast)
 #        CONFIG=full bash examples/multi30k/run.sh  the budget of the README's measurements
 #        CONFIG=converged bash examples/multi30k/run.sh  every model until its valid BLEU stops improving
 #                          (PATIENCE=5 epochs without a new best), the best checkpoint by valid BLEU used after
@@ -14,16 +15,17 @@
 #                          exists, else the files are downloaded)
 #   SRC=en TGT=de          any two of en, de, fr, cs
 #   SUBWORDS=spm|bpe       sentencepiece (default) or subword-nmt BPE
-#   TEACHER_UPDATES=n STUDENT_UPDATES=n MAX_TOKENS=n TRAIN_SENTENCES=n WARMUP_UPDATES=n DISTILL_BEAM=n BEAM=n
+#   TEACHER_UPDATES=n STUDENT_UPDATES=n MAX_TOKENS=n TRAIN_SENTENCES=n WARMUP_UPDATES=n LR=x DISTILL_BEAM=n BEAM=n
 #                          override the configuration: budgets, batch size, training-set prefix (0: all),
-#                          learning-rate warm-up, the teacher beam that builds the sequence-level KD corpus,
-#                          the evaluation beam
+#                          learning-rate warm-up and peak, the teacher beam that builds the sequence-level KD
+#                          corpus, the evaluation beam
+#   CPU_BF16=0|1           train under bfloat16 autocast on the CPU (--cpu-bf16; quick: 1, else 0)
 #   DISTILL_UNION=1        keep the original training pairs beside the distilled ones
 #   DISTILL_NBEST=n DISTILL_SELECT=first|bestbleu|bestchrf   the teacher's n-best list (n <= DISTILL_BEAM) and which
 #                          hypothesis per sentence the corpus keeps: the teacher's best, or the closest to the
 #                          reference by sentence BLEU (Seq-Inter) or chrF
 #   STUDENT_ARCH=transformer_student_tiny  the students' architecture
-#   VOCAB_SIZE=8000        joint subword vocabulary size
+#   VOCAB_SIZE=8000        joint subword vocabulary size (quick: 4000)
 #   KD_ALPHA, KD_TEMPERATURE  word-level KD weight and temperature
 #   KD_TOPK=8              word-level KD from a cache of the teacher's top-k (built once); 0 runs the
 #                          teacher online on every batch with its full distribution
