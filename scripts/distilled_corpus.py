@@ -11,11 +11,12 @@ or the one closest to the reference by sentence BLEU (``bestbleu``: Kim & Rush's
 bestbleu) or chrF (``bestchrf``), scored on subword pieces. Degenerate outputs
 are dropped: empty hypotheses, those whose length ratio to the source lies outside
 [1 / max-length-ratio, max-length-ratio], and repetition loops (``looping``), which a student trained on
-them learns to produce and then fails to stop. With ``--union`` the original pairs are kept as well
+them learns to produce and then fails to stop (``--keep-loops`` keeps them). With ``--union`` the original pairs are kept as well
 (Kim & Rush, 2016 found both useful).
 """
 import argparse
 import os
+import sys
 
 from sacrebleu.metrics import BLEU, CHRF
 
@@ -45,10 +46,10 @@ def looping(pieces, longest=4):
     return False
 
 
-def keep(source, hypothesis, max_length_ratio):
+def keep(source, hypothesis, max_length_ratio, keep_loops):
     src_len, pieces = len(source.split()), hypothesis.split()
     return (len(pieces) > 0 and 1 / max_length_ratio <= len(pieces) / max(src_len, 1) <= max_length_ratio
-            and not looping(pieces))
+            and (keep_loops or not looping(pieces)))
 
 
 def main():
@@ -61,6 +62,8 @@ def main():
     parser.add_argument("--tgt", required=True)
     parser.add_argument("--union", action="store_true", help="keep the original pairs too")
     parser.add_argument("--max-length-ratio", type=float, default=3.0)
+    parser.add_argument("--keep-loops", action="store_true",
+                        help="keep repetition loops (for comparison, or a teacher of a few updates that only loops)")
     parser.add_argument("--select", choices=["first", *SELECTORS], default="first",
                         help="which hypothesis of an n-best list to keep (default: the teacher's best)")
     args = parser.parse_args()
@@ -76,8 +79,11 @@ def main():
     hypotheses = [select(nbest, target, args.select)
                   for nbest, target in zip(nbest_in_corpus_order(args.generate_log, len(sources), kind="H"), targets)]
 
-    pairs = [(s, h) for s, h in zip(sources, hypotheses) if keep(s, h, args.max_length_ratio)]
+    pairs = [(s, h) for s, h in zip(sources, hypotheses) if keep(s, h, args.max_length_ratio, args.keep_loops)]
     dropped = len(sources) - len(pairs)
+    if not pairs:
+        sys.exit(f"fairseq_kd: error: all {len(sources)} teacher outputs are degenerate (empty, too long or short,"
+                 " or looping), so there is no sequence-level KD corpus; train the teacher longer")
     if args.union:
         pairs += list(zip(sources, targets))
     os.makedirs(os.path.dirname(os.path.abspath(args.out_prefix)), exist_ok=True)

@@ -10,8 +10,8 @@ def test_multilingual_recipe(tmp_path):
     pivot teacher reading English, the per-pair exports; a re-run skips every stage."""
     (tmp_path / "raw").mkdir()
     fake_multi30k(tmp_path / "raw", more_languages=("fr", "cs"))
-    # teachers without warm-up learn enough in 15 updates for a non-empty sequence-level KD corpus
-    settings = dict(VOCAB_SIZE="90", TEACHER_UPDATES="15", WARMUP_UPDATES="1", STUDENT_UPDATES="4",
+    # teachers without warm-up learn enough in 15 updates for a non-empty sequence-level KD corpus (loops kept)
+    settings = dict(VOCAB_SIZE="90", TEACHER_UPDATES="15", WARMUP_UPDATES="1", STUDENT_UPDATES="4", DISTILL_KEEP_LOOPS="1",
                     LOW_RESOURCE_SIZE="100", THRESHOLD_INTERVAL="2")
     refused = run_demo(tmp_path, "multilingual.sh", EXPERIMENTS="multilingual magic")
     assert refused.returncode == 2 and "EXPERIMENTS names 'magic'" in refused.stderr

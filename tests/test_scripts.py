@@ -44,6 +44,11 @@ def test_distilled_corpus_restores_order_and_drops_degenerate_outputs(tmp_path):
     subprocess.run([*common, "--out-prefix", tmp_path / "union" / "train", "--union"], check=True, capture_output=True)
     assert (tmp_path / "union" / "train.tgt").read_text() == "A2 B2\nA B\nC D E\nF\n"
     assert (tmp_path / "union" / "train.src").read_text() == "a b\na b\nc d e\nf\n"
+    (tmp_path / "gen.log").write_text("H-2\t-1\tF F F\nH-0\t-1\tA A A\nH-1\t-1\tC D C D\n")  # only loops
+    refused = subprocess.run([*common, "--out-prefix", tmp_path / "loops" / "train"], capture_output=True, text=True)
+    assert refused.returncode == 1 and refused.stderr.startswith("fairseq_kd: error: all 3 teacher outputs are degenerate")
+    subprocess.run([*common, "--out-prefix", tmp_path / "loops" / "train", "--keep-loops"], check=True, capture_output=True)
+    assert (tmp_path / "loops" / "train.tgt").read_text() == "A A A\nC D C D\nF F F\n"
 
 
 @pytest.mark.parametrize("pieces, loops", [

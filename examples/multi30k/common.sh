@@ -25,6 +25,7 @@ KD_TOPK=${KD_TOPK:-8}
 SUBWORDS=${SUBWORDS:-spm}
 VOCAB_SIZE=${VOCAB_SIZE:-8000}
 DISTILL_UNION=${DISTILL_UNION:-0}
+DISTILL_KEEP_LOOPS=${DISTILL_KEEP_LOOPS:-0}
 DISTILL_NBEST=${DISTILL_NBEST:-1}
 DISTILL_SELECT=${DISTILL_SELECT:-first}
 read -r -a DEVICE_FLAGS <<< "${DEVICE_FLAGS---cpu}"
@@ -100,8 +101,9 @@ if "$SRC" == "$TGT" or not {"$SRC", "$TGT"} <= {"en", "de", "fr", "cs"}:
     errors.append("SRC and TGT must be two different languages of en, de, fr, cs, got '$SRC' and '$TGT'")
 if "$SUBWORDS" not in ("spm", "bpe"):
     errors.append("SUBWORDS must be spm or bpe, got '$SUBWORDS'")
-if "$DISTILL_UNION" not in ("0", "1"):
-    errors.append("DISTILL_UNION must be 0 or 1, got '$DISTILL_UNION'")
+for name, value in (("DISTILL_UNION", "$DISTILL_UNION"), ("DISTILL_KEEP_LOOPS", "$DISTILL_KEEP_LOOPS")):
+    if value not in ("0", "1"):
+        errors.append(f"{name} must be 0 or 1, got '{value}'")
 if "$CPU_BF16" not in ("0", "1"):
     errors.append("CPU_BF16 must be 0 or 1, got '$CPU_BF16'")
 elif "$CPU_BF16" == "1" and "--cpu" not in "${DEVICE_FLAGS[*]}".split():
@@ -242,12 +244,13 @@ decode_train() {  # DIR
 # ones, with the original pairs beside them if DISTILL_UNION=1, binarized with the teacher's dictionaries:
 # DIR/data-bin
 distilled_pairs() {  # GENERATE_LOG DIR
-    local union=()
-    if [ "$DISTILL_UNION" = 1 ]; then union=(--union); fi
+    local kept=()
+    if [ "$DISTILL_UNION" = 1 ]; then kept=(--union); fi
+    if [ "$DISTILL_KEEP_LOOPS" = 1 ]; then kept+=(--keep-loops); fi
     mkdir -p "$2"
     cmd python "$ROOT/scripts/distilled_corpus.py" --generate-log "$1" \
         --source "$WORK/subword/train.$SRC" --target "$WORK/subword/train.$TGT" \
-        --out-prefix "$2/train" --src "$SRC" --tgt "$TGT" --select "$DISTILL_SELECT" "${union[@]}"
+        --out-prefix "$2/train" --src "$SRC" --tgt "$TGT" --select "$DISTILL_SELECT" "${kept[@]}"
     cmd fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" \
         --trainpref "$2/train" --validpref "$WORK/subword/valid" --testpref "$WORK/subword/test" \
         --srcdict "$DATA/dict.$SRC.txt" --tgtdict "$DATA/dict.$TGT.txt" \

@@ -21,6 +21,7 @@
 #                          corpus, the evaluation beam
 #   CPU_BF16=0|1           train under bfloat16 autocast on the CPU (--cpu-bf16; quick: 1, else 0)
 #   DISTILL_UNION=1        keep the original training pairs beside the distilled ones
+#   DISTILL_KEEP_LOOPS=1   keep the teacher's repetition loops in the distilled corpus (dropped by default)
 #   DISTILL_NBEST=n DISTILL_SELECT=first|bestbleu|bestchrf   the teacher's n-best list (n <= DISTILL_BEAM) and which
 #                          hypothesis per sentence the corpus keeps: the teacher's best, or the closest to the
 #                          reference by sentence BLEU (Seq-Inter) or chrF
