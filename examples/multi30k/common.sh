@@ -26,6 +26,8 @@ SUBWORDS=${SUBWORDS:-spm}
 VOCAB_SIZE=${VOCAB_SIZE:-8000}
 DISTILL_UNION=${DISTILL_UNION:-0}
 DISTILL_KEEP_LOOPS=${DISTILL_KEEP_LOOPS:-0}
+LOOP_FLAGS=()  # distilled_corpus.py drops the teacher's repetition loops unless told to keep them
+if [ "$DISTILL_KEEP_LOOPS" = 1 ]; then LOOP_FLAGS=(--keep-loops); fi
 DISTILL_NBEST=${DISTILL_NBEST:-1}
 DISTILL_SELECT=${DISTILL_SELECT:-first}
 read -r -a DEVICE_FLAGS <<< "${DEVICE_FLAGS---cpu}"
@@ -244,13 +246,12 @@ decode_train() {  # DIR
 # ones, with the original pairs beside them if DISTILL_UNION=1, binarized with the teacher's dictionaries:
 # DIR/data-bin
 distilled_pairs() {  # GENERATE_LOG DIR
-    local kept=()
-    if [ "$DISTILL_UNION" = 1 ]; then kept=(--union); fi
-    if [ "$DISTILL_KEEP_LOOPS" = 1 ]; then kept+=(--keep-loops); fi
+    local union=()
+    if [ "$DISTILL_UNION" = 1 ]; then union=(--union); fi
     mkdir -p "$2"
     cmd python "$ROOT/scripts/distilled_corpus.py" --generate-log "$1" \
         --source "$WORK/subword/train.$SRC" --target "$WORK/subword/train.$TGT" \
-        --out-prefix "$2/train" --src "$SRC" --tgt "$TGT" --select "$DISTILL_SELECT" "${kept[@]}"
+        --out-prefix "$2/train" --src "$SRC" --tgt "$TGT" --select "$DISTILL_SELECT" "${union[@]}" "${LOOP_FLAGS[@]}"
     cmd fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" \
         --trainpref "$2/train" --validpref "$WORK/subword/valid" --testpref "$WORK/subword/test" \
         --srcdict "$DATA/dict.$SRC.txt" --tgtdict "$DATA/dict.$TGT.txt" \

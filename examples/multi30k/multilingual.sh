@@ -94,8 +94,7 @@ build_pair_cache() {  # DATA_BIN PAIR TEACHER OUT_DIR
 # the sequence-level KD corpus: each teacher's translations of its pair's training source, binarized with
 # the joint dictionary beside the original validation and test sets
 distill_pairs() {  # OUT_DIR PAIR:TEACHER...
-    local out=$1 item pair teacher keep_loops=()
-    if [ "$DISTILL_KEEP_LOOPS" = 1 ]; then keep_loops=(--keep-loops); fi
+    local out=$1 item pair teacher
     shift
     mkdir -p "$out/data-bin"
     for item in "$@"; do
@@ -106,7 +105,7 @@ distill_pairs() {  # OUT_DIR PAIR:TEACHER...
             --results-path "$out/$pair"
         cmd python "$ROOT/scripts/distilled_corpus.py" --generate-log "$out/$pair/generate-train.txt" \
             --source "$SUBWORD/train.${pair%-*}" --target "$SUBWORD/train.${pair#*-}" --out-prefix "$out/$pair/train" \
-            --src "${pair%-*}" --tgt "${pair#*-}" "${keep_loops[@]}"
+            --src "${pair%-*}" --tgt "${pair#*-}" "${LOOP_FLAGS[@]}"
         cmd fairseq-preprocess --source-lang "${pair%-*}" --target-lang "${pair#*-}" --trainpref "$out/$pair/train" \
             --validpref "$SUBWORD/valid" --testpref "$SUBWORD/test" --srcdict "$DATA/dict.en.txt" \
             --tgtdict "$DATA/dict.en.txt" --destdir "$out/data-bin" --workers 2
