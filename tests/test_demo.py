@@ -232,6 +232,9 @@ def test_stages_refuse_changed_settings_and_inputs(demo):
     naming what changed."""
     tmp_path, _, finished = demo
     assert finished.returncode == 0
+    # where a stage ran is not one of its settings: other device flags reuse every stage
+    moved = run_demo(tmp_path, DEVICE_FLAGS="--cpu --num-workers 0")
+    assert moved.returncode == 0 and "running, log" not in moved.stdout, moved.stdout + moved.stderr
     changed = run_demo(tmp_path, KD_ALPHA="0.3")
     assert changed.returncode == 1
     assert "stage 'student-word-kd'" in changed.stderr and "it ran with --kd-alpha 0.5, now --kd-alpha 0.3" in changed.stderr

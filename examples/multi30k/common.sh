@@ -149,6 +149,14 @@ cmd() {
     done
 }
 
+# list_stage RECORD FUNCTION ARGS...: a stage's listing (cmd) into RECORD, without DEVICE_FLAGS: where a
+# stage ran is not one of its settings, so a work directory can move between a CPU and a GPU machine
+list_stage() {
+    local record=$1 DEVICE_FLAGS=()
+    shift
+    STAGE_LIST=$record "$@" > /dev/null
+}
+
 # stage NAME LOG FUNCTION ARGS...: run a stage once, showing its progress, stopping with the log's name on
 # failure. Its record, WORK/.stage-NAME, holds its listing as it finished; a later run skips the stage when
 # the listing is the same and stops, naming the difference, when settings or input files have changed.
@@ -156,7 +164,7 @@ stage() {
     local name=$1 log=$2 record=$WORK/.stage-$1
     shift 2
     if [ -f "$record" ]; then
-        STAGE_LIST=$record.now "$@" > /dev/null
+        list_stage "$record.now" "$@"
         if cmp -s "$record" "$record.now"; then
             rm "$record.now"
             echo "[$name] finished earlier, skipping"
@@ -173,7 +181,7 @@ stage() {
         exit 1
     fi
     rm -f "$record.tmp"
-    STAGE_LIST=$record.tmp "$@" > /dev/null
+    list_stage "$record.tmp" "$@"
     mv "$record.tmp" "$record"
 }
 
