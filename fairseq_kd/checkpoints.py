@@ -296,14 +296,20 @@ def symbol_at(symbols, index):
 def count_parameters(model_state):
     """``(total, embedding, bytes)`` of the parameters of a saved model state, counting tied (shared)
     tensors once.
-    Embeddings are the token and learned position tables; fairseq's one-element ``.version`` entries
-    are not parameters."""
-    seen, total, embedding, size = set(), 0, 0, 0
+    Tied tensors share one storage in a checkpoint saved from the CPU; saved from a GPU, each is its own copy
+    (fairseq moves tensors to the CPU one by one), so a matrix equal to one already counted is a tied copy:
+    two independently initialised matrices are never equal. Embeddings are the token and learned position
+    tables; fairseq's one-element ``.version`` entries are not parameters."""
+    seen, matrices, total, embedding, size = set(), [], 0, 0, 0
     for key, tensor in model_state.items():
         pointer = tensor.untyped_storage().data_ptr()
         if key.endswith(".version") or pointer in seen:
             continue
         seen.add(pointer)
+        if tensor.dim() > 1:
+            if any(m.shape == tensor.shape and torch.equal(m, tensor) for m in matrices):
+                continue
+            matrices.append(tensor)
         total += tensor.numel()
         size += tensor.numel() * tensor.element_size()
         if "embed_tokens" in key or "embed_positions" in key:

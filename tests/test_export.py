@@ -12,6 +12,7 @@ import torch
 
 import fairseq_kd  # noqa: F401  (torch.load of fairseq checkpoints below relies on its allowlist)
 from conftest import BIN, PLUGIN, run
+from fairseq_kd.checkpoints import count_parameters
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.export import main as export_main
 from fairseq_kd.translate import main as translate_main
@@ -116,6 +117,21 @@ def test_int8_vocabulary_map_and_empty_lines(data_bin, teacher, codes, tmp_path)
     without = translate_here(tmp_path / "ct2", tmp_path / "text.src", tmp_path, "--no-vmap")
     assert len(with_map) == len(without) == 3 and with_map[1] == without[1] == ""
     assert with_map[0].startswith("t") and without[0].startswith("t")
+
+
+def test_tied_embeddings_counted_once_however_saved():
+    """Tied tensors share a storage in a checkpoint saved from the CPU and are separate copies in one saved
+    from a GPU: counted once either way (the export's manifest and the evaluation table use the count);
+    untied matrices and equal vectors (fresh layer norms) each count."""
+    embedding = torch.randn(10, 4)
+    shared = {"encoder.embed_tokens.weight": embedding, "decoder.embed_tokens.weight": embedding,
+              "decoder.output_projection.weight": embedding, "decoder.fc1.weight": torch.randn(4, 4),
+              "encoder.layer_norm.weight": torch.ones(4), "decoder.layer_norm.weight": torch.ones(4),
+              "decoder.version": torch.tensor([3.0])}
+    copied = {key: tensor.clone() for key, tensor in shared.items()}
+    assert count_parameters(shared) == count_parameters(copied) == (40 + 16 + 8, 40, 64 * 4)
+    untied = dict(copied, **{"decoder.embed_tokens.weight": torch.randn(10, 4)})
+    assert count_parameters(untied)[:2] == (40 + 40 + 16 + 8, 80)
 
 
 def test_training_does_not_import_ctranslate2():

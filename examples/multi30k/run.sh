@@ -31,7 +31,8 @@
 #   KD_TOPK=8              word-level KD from a cache of the teacher's top-k (built once); 0 runs the
 #                          teacher online on every batch with its full distribution
 #   DEVICE_FLAGS="--cpu"   set to "" on a GPU machine; not part of a stage's record, so a work directory can move
-#                          between machines (a teacher trained on a CPU, students on a GPU) and go on
+#                          between machines (a teacher trained on a CPU, students on a GPU) and go on, copied
+#                          to the same path with its file times (rsync -a): the records hold both
 #
 # Each stage records its command lines and the files they read (WORK/.stage-NAME); re-running with other
 # settings stops at the first stage they change, naming the change.
