@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import statistics
 import subprocess
 
 import pytest
@@ -205,6 +206,22 @@ def test_levers_against_plain_kd(demo):
     assert [row.split("|")[1].strip() for row in table[2:8]] == [
         "teacher", "student-no-kd", "student-word-kd", "student-seq-kd", "lever-narrow-init", "lever-seq-bestbleu"]
     assert (work / "levers-curves.png").stat().st_size > 0
+
+
+def test_seeds_measure_the_spread_between_trainings(demo):
+    refused = run_demo(demo[0], "seeds.sh", SEEDS="2 1")
+    assert refused.returncode == 1 and "SEEDS must be integers >= 1 other than run.sh's SEED (1), got '1'" in refused.stderr
+    refused = run_demo(demo[0], "seeds.sh", SEED_STUDENTS="student-magic")
+    assert refused.returncode == 1 and "SEED_STUDENTS names 'student-magic'; choose from: student-no-kd" in refused.stderr
+    work = run_after_demo(demo, "seeds.sh", SEEDS="2", SEED_STUDENTS="student-seq-kd")
+    first, again = ((work / f".stage-student-seq-kd{suffix}").read_text().splitlines()[0] for suffix in ("", "-seed2"))
+    assert first.replace("--seed 1", "--seed 2").replace("student-seq-kd ", "student-seq-kd-seed2 ") == again
+    table = (work / "seeds.md").read_text().splitlines()
+    assert [row.split("|")[1].strip() for row in table[2:5]] == ["teacher", "student-seq-kd", "student-seq-kd-seed2"]
+    bleu = [json.loads((work / "results" / f"{name}.json").read_text())["models"][0]["test"]["bleu"]
+            for name in ("student-seq-kd", "student-seq-kd-seed2")]
+    spread = table[table.index("| test BLEU by seed | 1 | 2 | mean | spread (max - min) |") + 2]
+    assert spread == f"| student-seq-kd | {bleu[0]:.2f} | {bleu[1]:.2f} | {statistics.mean(bleu):.2f} | {max(bleu) - min(bleu):.2f} |"
 
 
 def test_nat_students_beside_the_autoregressive_one(demo):

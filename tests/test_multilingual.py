@@ -189,7 +189,7 @@ def test_threshold_switches_kd_per_pair_and_survives_a_resume(ml_data, ml_teache
     log = train_student(ml_data, tmp_path / "student", *flags, "--max-epoch", "1")
     assert "kd-threshold at update 10: en-fr" in log and "KD off" in log
     switches = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "student" / "checkpoint_last.pt"))[
-        "extra_state"]["TranslationMultiDistillationTask"]["switches"]
+        "extra_state"]["TranslationMultiDistillationTask"]["threshold"]["switches"]
     assert [pair for _, pair, _ in switches] == ["en-fr"] and switches[0][2] == "off"
     resumed = train_student(ml_data, tmp_path / "student", *flags, "--max-epoch", "2")
     first = next(line for line in resumed.splitlines() if "train_inner" in line)

@@ -22,6 +22,7 @@ STUDENT_ARCH=${STUDENT_ARCH:-transformer_student_tiny}
 KD_ALPHA=${KD_ALPHA:-0.5}
 KD_TEMPERATURE=${KD_TEMPERATURE:-1}
 KD_TOPK=${KD_TOPK:-8}
+SEED=${SEED:-1}
 SUBWORDS=${SUBWORDS:-spm}
 VOCAB_SIZE=${VOCAB_SIZE:-8000}
 DISTILL_UNION=${DISTILL_UNION:-0}
@@ -65,7 +66,7 @@ STUDENT_BF16=() TEACHER_BF16=()
 if [ "$CPU_BF16" = 1 ]; then
     STUDENT_BF16=(--cpu-bf16) TEACHER_BF16=(--task translation_distillation --cpu-bf16)
 fi
-BATCH_FLAGS=(--max-tokens "$MAX_TOKENS" --seed 1)
+BATCH_FLAGS=(--max-tokens "$MAX_TOKENS")
 LOG_FLAGS=(--no-epoch-checkpoints --log-format simple --log-interval 50)
 TEACHER_FLAGS=(--arch transformer --share-all-embeddings --encoder-layers 3 --decoder-layers 3
     --encoder-embed-dim 256 --decoder-embed-dim 256 --encoder-ffn-embed-dim 1024 --decoder-ffn-embed-dim 1024
@@ -85,7 +86,7 @@ for name, value, least in (("TEACHER_UPDATES", "$TEACHER_UPDATES", updates), ("S
                            ("WARMUP_UPDATES", "$WARMUP_UPDATES", 0), ("DISTILL_BEAM", "$DISTILL_BEAM", 1),
                            ("BEAM", "$BEAM", 1), ("VOCAB_SIZE", "$VOCAB_SIZE", 10), ("KD_TOPK", "$KD_TOPK", 0),
                            ("DISTILL_NBEST", "$DISTILL_NBEST", 1), ("PATIENCE", "${PATIENCE:-5}", 1),
-                           ("KD_SCHEDULE_UPDATES", "${KD_SCHEDULE_UPDATES:-1}", 1)):
+                           ("KD_SCHEDULE_UPDATES", "${KD_SCHEDULE_UPDATES:-1}", 1), ("SEED", "$SEED", 1)):
     integer(name, value, least)
 if "$DISTILL_NBEST".isdigit() and "$DISTILL_BEAM".isdigit() and int("$DISTILL_NBEST") > int("$DISTILL_BEAM"):
     errors.append("DISTILL_NBEST ($DISTILL_NBEST) cannot exceed DISTILL_BEAM ($DISTILL_BEAM): the beam holds the n-best list")
@@ -222,8 +223,8 @@ train_teacher() {  # SAVE_DIR EXTRA_FLAGS...
     shift
     cmd fairseq-train "$DATA" --user-dir "$ROOT/fairseq_kd" "${TEACHER_FLAGS[@]}" \
         --criterion label_smoothed_cross_entropy --label-smoothing 0.1 "${OPTIM_FLAGS[@]}" \
-        "${BATCH_FLAGS[@]}" --max-update "$TEACHER_UPDATES" "${CONVERGE_FLAGS[@]}" "${DEVICE_FLAGS[@]}" "${LOG_FLAGS[@]}" \
-        "${TEACHER_BF16[@]}" --save-dir "$dir" "$@"
+        "${BATCH_FLAGS[@]}" --seed "$SEED" --max-update "$TEACHER_UPDATES" "${CONVERGE_FLAGS[@]}" "${DEVICE_FLAGS[@]}" \
+        "${LOG_FLAGS[@]}" "${TEACHER_BF16[@]}" --save-dir "$dir" "$@"
 }
 
 train_student() {  # NAME DATA_BIN EXTRA_FLAGS...
@@ -231,8 +232,8 @@ train_student() {  # NAME DATA_BIN EXTRA_FLAGS...
     shift 2
     cmd fairseq-train "$data" --user-dir "$ROOT/fairseq_kd" --task translation_distillation "${STUDENT_FLAGS[@]}" \
         --criterion kd_label_smoothed_cross_entropy --label-smoothing 0.1 "$@" "${OPTIM_FLAGS[@]}" \
-        "${BATCH_FLAGS[@]}" --max-update "$STUDENT_UPDATES" "${CONVERGE_FLAGS[@]}" "${DEVICE_FLAGS[@]}" "${LOG_FLAGS[@]}" \
-        "${STUDENT_BF16[@]}" --save-dir "$WORK/$name"
+        "${BATCH_FLAGS[@]}" --seed "$SEED" --max-update "$STUDENT_UPDATES" "${CONVERGE_FLAGS[@]}" "${DEVICE_FLAGS[@]}" \
+        "${LOG_FLAGS[@]}" "${STUDENT_BF16[@]}" --save-dir "$WORK/$name"
 }
 
 # the sequence-level KD corpus in DISTILLED: the teacher beam-decodes the training source (DISTILL_BEAM,
@@ -303,6 +304,17 @@ build_cache() {  # DATA_BIN OUT_DIR [TEACHER_CHECKPOINTS [EXTRA_FLAGS...]]
     shift $(($# < 3 ? $# : 3))
     cmd fairseq-kd-build-cache "$data" --teacher-path "$teachers" --topk "$KD_TOPK" \
         --splits train,valid --max-tokens 8000 "${DEVICE_FLAGS[@]}" --out "$out" "$@"
+}
+
+# STUDENT_DATA: the training data and KD options of one of run.sh's four students
+RUN_STUDENTS=(student-no-kd student-word-kd student-seq-kd student-seq-word-kd)
+student_data() {  # NAME
+    case "$1" in
+        student-no-kd) STUDENT_DATA=("$DATA" --kd-alpha 0) ;;
+        student-word-kd) word_kd_flags "$WORK/cache"; STUDENT_DATA=("$DATA" "${KD_FLAGS[@]}") ;;
+        student-seq-kd) STUDENT_DATA=("$DISTILLED/data-bin" --kd-alpha 0) ;;
+        student-seq-word-kd) word_kd_flags "$WORK/cache-distilled"; STUDENT_DATA=("$DISTILLED/data-bin" "${KD_FLAGS[@]}") ;;
+    esac
 }
 
 # KD_FLAGS: the word-level KD options, from a cache of the teacher's top-k or from the teacher online

@@ -71,8 +71,8 @@ train_pair_teacher() {  # SAVE_DIR DATA_BIN PAIR
     if [ "$CPU_BF16" = 1 ]; then task=(--task translation_multi_distillation --cpu-bf16); fi
     cmd fairseq-train "$2" --user-dir "$ROOT/fairseq_kd" "${task[@]}" --lang-pairs "$3" \
         "${MULTI_FLAGS[@]}" "${TEACHER_FLAGS[@]}" --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
-        "${OPTIM_FLAGS[@]}" "${BATCH_FLAGS[@]}" --max-update "$TEACHER_UPDATES" "${DEVICE_FLAGS[@]}" "${LOG_FLAGS[@]}" \
-        --save-dir "$1"
+        "${OPTIM_FLAGS[@]}" "${BATCH_FLAGS[@]}" --seed "$SEED" --max-update "$TEACHER_UPDATES" "${DEVICE_FLAGS[@]}" \
+        "${LOG_FLAGS[@]}" --save-dir "$1"
 }
 
 train_multi_student() {  # NAME DATA_BIN PAIRS EXTRA_FLAGS...
@@ -80,7 +80,7 @@ train_multi_student() {  # NAME DATA_BIN PAIRS EXTRA_FLAGS...
     shift 3
     cmd fairseq-train "$data" --user-dir "$ROOT/fairseq_kd" --task translation_multi_distillation --lang-pairs "$pairs" \
         "${MULTI_FLAGS[@]}" "${STUDENT_FLAGS[@]}" --criterion kd_label_smoothed_cross_entropy --label-smoothing 0.1 \
-        "$@" "${OPTIM_FLAGS[@]}" "${BATCH_FLAGS[@]}" --max-update "$STUDENT_UPDATES" "${DEVICE_FLAGS[@]}" \
+        "$@" "${OPTIM_FLAGS[@]}" "${BATCH_FLAGS[@]}" --seed "$SEED" --max-update "$STUDENT_UPDATES" "${DEVICE_FLAGS[@]}" \
         "${LOG_FLAGS[@]}" "${STUDENT_BF16[@]}" --save-dir "$WORK/$name"
 }
 

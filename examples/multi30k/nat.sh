@@ -51,7 +51,7 @@ train_nat() {  # NAME ARCH DATA_BIN
     local noise=random_mask
     if [[ $2 == nonautoregressive_* ]]; then noise=full_mask; fi
     cmd fairseq-train "$3" --user-dir "$ROOT/fairseq_kd" --task translation_lev --noise "$noise" --arch "$2" \
-        --criterion nat_loss --label-smoothing 0.1 --dropout 0.1 "${OPTIM_FLAGS[@]}" "${BATCH_FLAGS[@]}" \
+        --criterion nat_loss --label-smoothing 0.1 --dropout 0.1 "${OPTIM_FLAGS[@]}" "${BATCH_FLAGS[@]}" --seed "$SEED" \
         --max-update "$NAT_UPDATES" "${DEVICE_FLAGS[@]}" "${LOG_FLAGS[@]}" --save-dir "$WORK/$1"
 }
 

@@ -26,6 +26,7 @@
 #                          hypothesis per sentence the corpus keeps: the teacher's best, or the closest to the
 #                          reference by sentence BLEU (Seq-Inter) or chrF
 #   STUDENT_ARCH=transformer_student_tiny  the students' architecture
+#   SEED=1                 the random seed of every training (seeds.sh measures what another one changes)
 #   VOCAB_SIZE=8000        joint subword vocabulary size (quick: 4000)
 #   KD_ALPHA, KD_TEMPERATURE  word-level KD weight and temperature
 #   KD_TOPK=8              word-level KD from a cache of the teacher's top-k (built once); 0 runs the
@@ -50,28 +51,25 @@ if [ "$KD_TOPK" -gt 0 ]; then
     stage cache "$WORK/cache.log" build_cache "$DATA" "$WORK/cache"
     stage cache-distilled "$WORK/cache-distilled.log" build_cache "$DISTILLED/data-bin" "$WORK/cache-distilled"
 fi
-stage student-no-kd "$WORK/student-no-kd.log" train_student student-no-kd "$DATA" --kd-alpha 0
-word_kd_flags "$WORK/cache"
-stage student-word-kd "$WORK/student-word-kd.log" train_student student-word-kd "$DATA" "${KD_FLAGS[@]}"
-stage student-seq-kd "$WORK/student-seq-kd.log" train_student student-seq-kd "$DISTILLED/data-bin" --kd-alpha 0
-word_kd_flags "$WORK/cache-distilled"
-stage student-seq-word-kd "$WORK/student-seq-word-kd.log" \
-    train_student student-seq-word-kd "$DISTILLED/data-bin" "${KD_FLAGS[@]}"
+# no KD, word-level KD, sequence-level KD, both (student_data in common.sh)
+for name in "${RUN_STUDENTS[@]}"; do
+    student_data "$name"
+    stage "$name" "$WORK/$name.log" train_student "$name" "${STUDENT_DATA[@]}"
+done
 
-STUDENTS=(student-no-kd student-word-kd student-seq-kd student-seq-word-kd)
 mkdir -p "$WORK/results"
-for name in teacher "${STUDENTS[@]}"; do
+for name in teacher "${RUN_STUDENTS[@]}"; do
     stage "evaluate-$name" "$WORK/results/$name.log" evaluate "$name" "$WORK/$name/$CHECKPOINT"
 done
 
 # deployment: the best student as an int8 CTranslate2 model, scored the same way
-BEST=$(best_student "${STUDENTS[@]}")
+BEST=$(best_student "${RUN_STUDENTS[@]}")
 DEPLOYED=$BEST-ct2-int8
 stage "export-$DEPLOYED" "$WORK/export-$DEPLOYED.log" export_model "$WORK/$BEST/$CHECKPOINT" "$WORK/$DEPLOYED"
 stage "evaluate-$DEPLOYED" "$WORK/results/$DEPLOYED.log" evaluate "$DEPLOYED" "$WORK/$DEPLOYED"
 
 echo "[table] $WORK/results.md, $WORK/results.json"
-table "$WORK/results" teacher "${STUDENTS[@]}" "$DEPLOYED"
+table "$WORK/results" teacher "${RUN_STUDENTS[@]}" "$DEPLOYED"
 echo "[learning curves] $WORK/results-curves.png"
 python "$ROOT/scripts/valid_curve.py" --every "$STUDENT_UPDATES" --plot "$WORK/results-curves.png" \
-    $(printf "$WORK/%s.log " teacher "${STUDENTS[@]}")
+    $(printf "$WORK/%s.log " teacher "${RUN_STUDENTS[@]}")

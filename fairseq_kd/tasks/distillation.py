@@ -3,7 +3,11 @@
 - ``teachers``: the ``Teachers`` it owns (empty without --teacher-path/--teacher-topk-cache);
 - ``student``: a ``Student`` describing the model ``build_model`` built (None before);
 - ``num_updates``: the update count of the latest training step, which the criterion's schedules follow.
+
+Its checkpoints also hold fairseq-train's early-stopping count (--patience), which fairseq keeps only in
+memory: a resumed run stops where the uninterrupted one would have.
 """
+import sys
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -73,6 +77,31 @@ class DistillationTaskMixin:
         optimizer.backward(loss)
         return loss, sample_size, logging_output
 
+    def get_checkpoint_dict(self):
+        """What fairseq saves for the task in each checkpoint (``extra_state[task class name]``)."""
+        early_stopping = fairseq_train_early_stopping()
+        if early_stopping is None or not hasattr(early_stopping, "best"):
+            return {}
+        return {type(self).__name__: {"early_stopping": {"best": early_stopping.best,
+                                                         "num_runs": early_stopping.num_runs}}}
+
+    def set_checkpoint_dict(self, state):
+        """Restores a resumed run's early-stopping count, but only where fairseq restored the best score
+        beside it: --reset-meters and --reset-optimizer start both afresh."""
+        from fairseq import checkpoint_utils  # imported by its caller: here already loaded
+
+        early_stopping = fairseq_train_early_stopping()
+        restored_best = hasattr(checkpoint_utils.save_checkpoint, "best")
+        if early_stopping is not None and restored_best and "early_stopping" in state:
+            early_stopping.best = state["early_stopping"]["best"]
+            early_stopping.num_runs = state["early_stopping"]["num_runs"]
+
     def valid_step(self, sample, model, criterion):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.options.cpu_bf16):
             return super().valid_step(sample, model, criterion)
+
+
+def fairseq_train_early_stopping():
+    """fairseq-train's ``should_stop_early``, which keeps the best validation score and the validations since
+    in attributes of itself (None outside fairseq-train: nothing to save or restore)."""
+    return getattr(sys.modules.get("fairseq_cli.train"), "should_stop_early", None)

@@ -295,11 +295,15 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def get_checkpoint_dict(self):
-        return {type(self).__name__: self.threshold.state_dict()} if self.threshold is not None else {}
+        state = super().get_checkpoint_dict()
+        if self.threshold is not None:
+            state.setdefault(type(self).__name__, {})["threshold"] = self.threshold.state_dict()
+        return state
 
     def set_checkpoint_dict(self, state):
-        if self.threshold is not None:
-            self.threshold.load_state_dict(state)
+        super().set_checkpoint_dict(state)
+        if self.threshold is not None and "threshold" in state:
+            self.threshold.load_state_dict(state["threshold"])
 
     def pair_dataset(self, split, pair):
         """The ``PairTaggedDataset`` of one pair of a loaded split."""
