@@ -86,6 +86,9 @@ def test_rerun_skips_finished_stages_and_prints_the_table(demo):
         assert f"[{stage}] finished earlier, skipping" in finished.stdout
     for stage in ("cache", "student-no-kd", "student-word-kd"):
         assert f"[{stage}] running" in finished.stdout
+    # the stage run again appends to its log: the failed attempt, then the finished one
+    cache_log = (tmp_path / "work" / "cache.log").read_text()
+    assert cache_log.index("fairseq_kd: error: --topk 100 exceeds") < cache_log.index("cache complete:")
     table = (tmp_path / "work" / "results.md").read_text()
     names = ["teacher", "student-no-kd", "student-word-kd", "student-seq-kd", "student-seq-word-kd"]
     rows = [line for line in table.split("\n\n")[0].splitlines() if re.match(r"\| (teacher|student)", line)]
@@ -180,6 +183,7 @@ def test_strategies_against_plain_kd(demo):
     assert [t["path"] for t in manifest["teachers"]] == [str(work / "teacher" / "checkpoint_last.pt"), teacher_2]
     assert manifest["teacher_weighting"] == "confidence"
     assert "'seed': 2" in (work / "teacher-2.log").read_text()
+    assert (work / "strategies-curves.png").read_bytes()[:4] == b"\x89PNG"
     table = (work / "strategies.md").read_text().splitlines()
     assert [row.split("|")[1].strip() for row in table[2:8]] == [
         "teacher", "student-no-kd", "student-word-kd", "strategy-two-teachers-confidence",

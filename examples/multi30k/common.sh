@@ -177,7 +177,9 @@ stage() {
         exit 1
     fi
     echo "[$name] running, log: $log"
-    if ! "$@" 2>&1 | tee "$log" | show_progress; then
+    # appended: a stage stopped earlier runs again after its log (fairseq-train resumes from its
+    # checkpoint_last.pt), so that the log keeps the whole learning curve
+    if ! "$@" 2>&1 | tee -a "$log" | show_progress; then
         echo "error: stage '$name' failed; see $log" >&2
         exit 1
     fi

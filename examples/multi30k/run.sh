@@ -2,8 +2,9 @@
 # End-to-end distillation on Multi30k: data -> teacher -> sequence-level KD corpus and top-k teacher caches
 # -> one student architecture trained four ways (no KD, word-level KD, sequence-level KD, both) with the
 # same budget -> sacrebleu on test and valid -> the best student (by valid BLEU) exported to CTranslate2
-# int8 and scored the same way -> results table and learning curves. Re-running skips finished stages; a
-# failed stage names its log.
+# int8 and scored the same way -> results table and learning curves. Re-running skips finished stages and
+# runs a stopped one again (training resumes from its last checkpoint, its log appended); a failed stage
+# names its log.
 #
 # Usage: bash examples/multi30k/run.sh            quick configuration: every stage in about 20 minutes on a
 #                                                   2-core CPU (10k pairs, short budgets, bfloat16 autocast)

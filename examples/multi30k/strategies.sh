@@ -3,7 +3,7 @@
 # a temperature schedule, an alpha schedule, selective KD (batch and global), the mutual-information loss,
 # two teachers (fixed, confidence and learned weights) and deep mutual learning (two students, no teacher);
 # every model scored on test and valid; one table with run.sh's no-KD and word-KD students, and one of the
-# students' final valid NLL.
+# students' final valid NLL, with learning curves beside them.
 #
 # Usage: bash examples/multi30k/run.sh && bash examples/multi30k/strategies.sh   (same settings for both)
 #   STRATEGIES="..."       which of them to train (default: all, in the order of the table)
@@ -93,11 +93,11 @@ for name in "${STRATEGIES[@]}"; do
     fi
 done
 
-echo "[strategies tables] $WORK/strategies.md, $WORK/results/strategies.json"
+echo "[strategies tables] $WORK/strategies.md, $WORK/results/strategies.json, learning curves $WORK/strategies-curves.png"
 {
     table "$WORK/results/strategies" teacher student-no-kd student-word-kd "${scored[@]}"
     echo
     # the students' own valid NLL after the last update (of peer a for deep mutual learning)
-    python "$ROOT/scripts/valid_curve.py" --every "$STUDENT_UPDATES" \
+    python "$ROOT/scripts/valid_curve.py" --every "$STUDENT_UPDATES" --plot "$WORK/strategies-curves.png" \
         $(printf "$WORK/%s.log " student-no-kd student-word-kd "${STRATEGIES[@]}")
 } | tee "$WORK/strategies.md"
