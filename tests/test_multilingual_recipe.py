@@ -33,6 +33,10 @@ def test_multilingual_recipe(tmp_path):
     assert [m["name"] for m in tables["pivot"]["models"]] == ["pivot-no-kd", "pivot-kd"]
     assert "kd-threshold at update 2: en-fr" in (work / "multilingual-threshold.log").read_text()
     assert "--teacher-source-lang en" in (work / ".stage-pivot-kd").read_text()
+    # STUDENT_UPDATES per pair: three pairs, three times the updates
+    assert "--max-update 12 " in (work / ".stage-multilingual-word-kd").read_text()
+    assert "--max-update 4 " in (work / ".stage-bilingual-word-kd-en-de").read_text()
+    assert "--max-update 4 " in (work / ".stage-pivot-kd").read_text()
     assert json.loads((work / "multilingual-word-kd-ct2-int8-en-cs" / "fairseq_kd_export.json").read_text())[
         "language_tokens"] == [["__en__"], ["__cs__"]]
     again = run_demo(tmp_path, "multilingual.sh", **settings)

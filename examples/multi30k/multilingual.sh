@@ -17,11 +17,16 @@
 # Usage: bash examples/multi30k/multilingual.sh          (CONFIG=quick: minutes; CONFIG=full: hours)
 #   EXPERIMENTS="multilingual low-resource pivot"   which to run
 #   LOW_RESOURCE_SIZE=5000      training pairs left to en-cs in the low-resource experiment
-#   THRESHOLD_INTERVAL=n        updates between two threshold comparisons (default: STUDENT_UPDATES / 5)
+#   THRESHOLD_INTERVAL=n        updates between two threshold comparisons (default: a fifth of the threshold
+#                               student's updates)
 #   THRESHOLD_MARGIN=1          BLEU by which the student must beat its teacher for KD to switch off
 #   ...and run.sh's settings: WORK, CONFIG (quick or full), STUDENT_ARCH, KD_ALPHA, KD_TEMPERATURE, KD_TOPK,
 #   VOCAB_SIZE (default 16000: four languages), TEACHER_UPDATES, STUDENT_UPDATES, MAX_TOKENS, LR, CPU_BF16,
 #   DEVICE_FLAGS, ...
+#
+# STUDENT_UPDATES is per language pair: a student of three pairs trains three times as many updates as a
+# bilingual one, so that every student sees each of its pairs' data as often (the three bilingual students
+# together train as long as one multilingual student).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -40,7 +45,7 @@ fi
 
 read -r -a EXPERIMENTS <<< "${EXPERIMENTS:-multilingual low-resource pivot}"
 LOW_RESOURCE_SIZE=${LOW_RESOURCE_SIZE:-5000}
-THRESHOLD_INTERVAL=${THRESHOLD_INTERVAL:-$(( STUDENT_UPDATES / 5 > 0 ? STUDENT_UPDATES / 5 : 1 ))}
+THRESHOLD_INTERVAL=${THRESHOLD_INTERVAL:-$(( 3 * STUDENT_UPDATES / 5 > 0 ? 3 * STUDENT_UPDATES / 5 : 1 ))}
 THRESHOLD_MARGIN=${THRESHOLD_MARGIN:-1}
 for experiment in "${EXPERIMENTS[@]}"; do
     case "$experiment" in multilingual|low-resource|pivot) ;;
@@ -76,12 +81,13 @@ train_pair_teacher() {  # SAVE_DIR DATA_BIN PAIR
 }
 
 train_multi_student() {  # NAME DATA_BIN PAIRS EXTRA_FLAGS...
-    local name=$1 data=$2 pairs=$3
+    local name=$1 data=$2 pairs=$3 commas=${3//[^,]/}
     shift 3
     cmd fairseq-train "$data" --user-dir "$ROOT/fairseq_kd" --task translation_multi_distillation --lang-pairs "$pairs" \
         "${MULTI_FLAGS[@]}" "${STUDENT_FLAGS[@]}" --criterion kd_label_smoothed_cross_entropy --label-smoothing 0.1 \
-        "$@" "${OPTIM_FLAGS[@]}" "${BATCH_FLAGS[@]}" --seed "$SEED" --max-update "$STUDENT_UPDATES" "${DEVICE_FLAGS[@]}" \
-        "${LOG_FLAGS[@]}" "${STUDENT_BF16[@]}" --save-dir "$WORK/$name"
+        "$@" "${OPTIM_FLAGS[@]}" "${BATCH_FLAGS[@]}" --seed "$SEED" \
+        --max-update $(( STUDENT_UPDATES * (${#commas} + 1) )) "${DEVICE_FLAGS[@]}" "${LOG_FLAGS[@]}" \
+        "${STUDENT_BF16[@]}" --save-dir "$WORK/$name"
 }
 
 # a teacher's top-k over one pair's training and validation data, for word-level KD without the teacher
