@@ -10,7 +10,7 @@
 #                                                   2-core CPU (10k pairs, short budgets, bfloat16 autocast)
 #        CONFIG=full bash examples/multi30k/run.sh  the budget of the README's measurements
 #        CONFIG=converged bash examples/multi30k/run.sh  every model until its valid BLEU stops improving
-#                          (PATIENCE=5 epochs without a new best), the best checkpoint by valid BLEU used after
+#                          (PATIENCE=10 epochs without a new best), the best checkpoint by valid BLEU used after
 #   WORK=dir               where everything goes (default: ./work/multi30k-SRC-TGT-CONFIG)
 #   MULTI30K_DIR=dir       local copy of Multi30k data/task1/raw (default: ../shared/data/multi30k when it
 #                          exists, else the files are downloaded)
