@@ -217,6 +217,10 @@ def test_seeds_measure_the_spread_between_trainings(demo):
     assert refused.returncode == 1 and "SEEDS must be integers >= 1 other than run.sh's SEED (1), got '1'" in refused.stderr
     refused = run_demo(demo[0], "seeds.sh", SEED_STUDENTS="student-magic")
     assert refused.returncode == 1 and "SEED_STUDENTS names 'student-magic'; choose from: student-no-kd" in refused.stderr
+    # seed 1 trained with other settings than now: the spread would compare runs made under two rules
+    refused = run_demo(demo[0], "seeds.sh", SEED_STUDENTS="student-seq-kd", LR="1e-3")
+    assert refused.returncode == 1 and "student-seq-kd in " in refused.stderr
+    assert "was trained with other settings or inputs: it ran with --lr 2e-3, now --lr 1e-3" in refused.stderr
     work = run_after_demo(demo, "seeds.sh", SEEDS="2", SEED_STUDENTS="student-seq-kd")
     first, again = ((work / f".stage-student-seq-kd{suffix}").read_text().splitlines()[0] for suffix in ("", "-seed2"))
     assert first.replace("--seed 1", "--seed 2").replace("student-seq-kd ", "student-seq-kd-seed2 ") == again

@@ -167,15 +167,14 @@ stage() {
     local name=$1 log=$2 record=$WORK/.stage-$1
     shift 2
     if [ -f "$record" ]; then
-        list_stage "$record.now" "$@"
-        if cmp -s "$record" "$record.now"; then
-            rm "$record.now"
+        local stale
+        stale=$(stale_record "$record" "$@")
+        if [ -z "$stale" ]; then
             echo "[$name] finished earlier, skipping"
             return
         fi
-        echo "error: stage '$name' in $WORK ran with other settings or inputs: $(changes "$record" "$record.now");" \
+        echo "error: stage '$name' in $WORK ran with other settings or inputs: $stale;" \
             "use another WORK, or delete $record and the stage's outputs to run it again" >&2
-        rm "$record.now"
         exit 1
     fi
     echo "[$name] running, log: $log"
@@ -188,6 +187,17 @@ stage() {
     rm -f "$record.tmp"
     list_stage "$record.tmp" "$@"
     mv "$record.tmp" "$record"
+}
+
+# stale_record RECORD FUNCTION ARGS...: how a stage's record differs from its listing with the settings and
+# input files of now (nothing when they are the same)
+stale_record() {
+    local record=$1
+    shift
+    rm -f "$record.now"
+    list_stage "$record.now" "$@"
+    if ! cmp -s "$record" "$record.now"; then changes "$record" "$record.now"; fi
+    rm "$record.now"
 }
 
 # what differs between two stage listings: the first changed line, as the options or words only one has
@@ -210,6 +220,22 @@ require_stages() {
     for needed in "$@"; do
         if [ ! -f "$WORK/.stage-$needed" ]; then
             echo "error: $WORK has no finished '$needed' stage; run examples/multi30k/run.sh with the same settings first" >&2
+            exit 1
+        fi
+    done
+}
+
+# require_current_students NAME...: stop unless run.sh's students NAME... in $WORK were trained with the
+# settings and inputs of now: a table would put them beside runs made under other rules
+require_current_students() {
+    local name stale
+    require_stages "$@"
+    for name in "$@"; do
+        student_data "$name"
+        stale=$(stale_record "$WORK/.stage-$name" train_student "$name" "${STUDENT_DATA[@]}")
+        if [ -n "$stale" ]; then
+            echo "error: $name in $WORK was trained with other settings or inputs: $stale;" \
+                "run examples/multi30k/run.sh with the settings of now first" >&2
             exit 1
         fi
     done

@@ -27,6 +27,7 @@ for name in "${SEED_STUDENTS[@]}"; do
     fi
 done
 require_stages teacher evaluate-teacher $(printf "evaluate-%s " "${SEED_STUDENTS[@]}")
+require_current_students "${SEED_STUDENTS[@]}"
 
 runs=()
 for name in "${SEED_STUDENTS[@]}"; do
