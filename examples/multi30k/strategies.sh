@@ -28,7 +28,8 @@ SELECTION_RATE=${SELECTION_RATE:-0.5}
 DML_ARCH=${DML_ARCH:-transformer_mutual_student_tiny}
 TEACHER=$WORK/teacher/$CHECKPOINT
 
-require_stages teacher student-no-kd student-word-kd evaluate-teacher evaluate-student-no-kd evaluate-student-word-kd
+require_stages teacher evaluate-teacher evaluate-student-no-kd evaluate-student-word-kd
+require_current_students student-no-kd student-word-kd
 for name in "${STRATEGIES[@]}"; do
     if [[ " ${ALL[*]} " != *" $name "* ]]; then
         echo "error: STRATEGIES names '$name'; choose from: ${ALL[*]}" >&2
