@@ -68,6 +68,25 @@ def test_a_failing_stage_stops_the_demo_and_names_its_log(demo):
     assert "[teacher] running" in failed.stdout and "[student-no-kd]" not in failed.stdout
 
 
+def teacher_command(tmp_path, **env):
+    """The teacher's fairseq-train command line as the recipes' stage record lists it, for these settings."""
+    script = (f". {REPO}/examples/multi30k/common.sh && list_stage {tmp_path}/listing train_teacher {tmp_path}/teacher"
+              f" && cat {tmp_path}/listing")
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "WORK": str(tmp_path / "work"), **env})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (tmp_path / "listing").unlink()
+    return proc.stdout.splitlines()[0]
+
+
+def test_converged_teacher_keeps_its_patience_count_across_resumes(tmp_path):
+    # stock translation restarts the count on a resume; translation_distillation saves it (test_scale.py)
+    converged = teacher_command(tmp_path, CONFIG="converged")
+    assert "--patience 10 " in converged and "--best-checkpoint-metric bleu " in converged
+    assert "--task translation_distillation --save-dir" in converged and "--cpu-bf16" not in converged
+    assert "--task" not in teacher_command(tmp_path, CONFIG="full")
+
+
 def test_bad_settings_are_refused_before_any_stage(tmp_path):
     proc = run_demo(tmp_path, STUDENT_ARCH="no_such_arch", KD_TEMPERATURE="0", LR="fast", DEVICE_FLAGS="")
     assert proc.returncode == 2 and "[prepare]" not in proc.stdout and "Traceback" not in proc.stderr

@@ -62,11 +62,14 @@ if [ "$CONFIG" = converged ]; then
 fi
 OPTIM_FLAGS=(--optimizer adam --adam-betas "(0.9,0.98)" --lr "$LR" --lr-scheduler inverse_sqrt
     --warmup-updates "$WARMUP_UPDATES" --clip-norm 1.0)
-# CPU_BF16=1: forward passes under bfloat16 autocast (--cpu-bf16, an option of fairseq_kd's tasks; stock
-# translation has none, and without a teacher translation_distillation trains as translation does)
-STUDENT_BF16=() TEACHER_BF16=()
+# CPU_BF16=1: forward passes under bfloat16 autocast (--cpu-bf16, an option of fairseq_kd's tasks). The
+# teacher trains through translation_distillation, which without a teacher trains as fairseq's translation
+# does, where it needs what that task adds: --cpu-bf16, and with CONFIG=converged a patience count that
+# survives a resume (stock fairseq-train restarts it)
+STUDENT_BF16=() TEACHER_TASK=()
+if [ "$CONFIG" = converged ]; then TEACHER_TASK=(--task translation_distillation); fi
 if [ "$CPU_BF16" = 1 ]; then
-    STUDENT_BF16=(--cpu-bf16) TEACHER_BF16=(--task translation_distillation --cpu-bf16)
+    STUDENT_BF16=(--cpu-bf16) TEACHER_TASK=(--task translation_distillation --cpu-bf16)
 fi
 BATCH_FLAGS=(--max-tokens "$MAX_TOKENS")
 LOG_FLAGS=(--no-epoch-checkpoints --log-format simple --log-interval 50)
@@ -254,7 +257,7 @@ train_teacher() {  # SAVE_DIR EXTRA_FLAGS...
     cmd fairseq-train "$DATA" --user-dir "$ROOT/fairseq_kd" "${TEACHER_FLAGS[@]}" \
         --criterion label_smoothed_cross_entropy --label-smoothing 0.1 "${OPTIM_FLAGS[@]}" \
         "${BATCH_FLAGS[@]}" --seed "$SEED" --max-update "$TEACHER_UPDATES" "${CONVERGE_FLAGS[@]}" "${DEVICE_FLAGS[@]}" \
-        "${LOG_FLAGS[@]}" "${TEACHER_BF16[@]}" --save-dir "$dir" "$@"
+        "${LOG_FLAGS[@]}" "${TEACHER_TASK[@]}" --save-dir "$dir" "$@"
 }
 
 train_student() {  # NAME DATA_BIN EXTRA_FLAGS...
