@@ -45,7 +45,10 @@ fi
 
 read -r -a EXPERIMENTS <<< "${EXPERIMENTS:-multilingual low-resource pivot}"
 LOW_RESOURCE_SIZE=${LOW_RESOURCE_SIZE:-5000}
-THRESHOLD_INTERVAL=${THRESHOLD_INTERVAL:-$(( 3 * STUDENT_UPDATES / 5 > 0 ? 3 * STUDENT_UPDATES / 5 : 1 ))}
+PAIRS=(en-de en-fr en-cs)
+# five comparisons over the threshold student's run, which trains STUDENT_UPDATES per pair
+interval=$(( ${#PAIRS[@]} * STUDENT_UPDATES / 5 ))
+THRESHOLD_INTERVAL=${THRESHOLD_INTERVAL:-$(( interval > 0 ? interval : 1 ))}
 THRESHOLD_MARGIN=${THRESHOLD_MARGIN:-1}
 for experiment in "${EXPERIMENTS[@]}"; do
     case "$experiment" in multilingual|low-resource|pivot) ;;
@@ -58,7 +61,6 @@ if ! [[ $THRESHOLD_MARGIN =~ ^[0-9]+(\.[0-9]+)?$ ]]; then
     echo "error: THRESHOLD_MARGIN must be a number >= 0, got '$THRESHOLD_MARGIN'" >&2; exit 2
 fi
 
-PAIRS=(en-de en-fr en-cs)
 DATA=$WORK/data/data-bin
 LOW_DATA=$WORK/data/data-bin-low-resource
 SUBWORD=$WORK/data/subword
@@ -81,7 +83,7 @@ train_pair_teacher() {  # SAVE_DIR DATA_BIN PAIR
 }
 
 train_multi_student() {  # NAME DATA_BIN PAIRS EXTRA_FLAGS...
-    local name=$1 data=$2 pairs=$3 commas=${3//[^,]/}
+    local name=$1 data=$2 pairs=$3 commas=${3//[^,]/}  # one comma fewer than pairs: the budget is per pair
     shift 3
     cmd fairseq-train "$data" --user-dir "$ROOT/fairseq_kd" --task translation_multi_distillation --lang-pairs "$pairs" \
         "${MULTI_FLAGS[@]}" "${STUDENT_FLAGS[@]}" --criterion kd_label_smoothed_cross_entropy --label-smoothing 0.1 \
