@@ -218,6 +218,10 @@ def test_strategies_against_plain_kd(demo):
 def test_levers_against_plain_kd(demo):
     refused = run_demo(demo[0], "levers.sh", LEVERS="lever-dec2 lever-magic")
     assert refused.returncode == 1 and "LEVERS names 'lever-magic'; choose from: lever-narrow-init" in refused.stderr
+    # the students the levers are measured against, trained under another rule than now
+    refused = run_demo(demo[0], "levers.sh", LEVERS="lever-dec2", LR="1e-3")
+    assert refused.returncode == 1 and "student-no-kd in " in refused.stderr
+    assert "was trained with other settings or inputs" in refused.stderr
     work = run_after_demo(demo, "levers.sh", LEVERS="lever-narrow-init lever-seq-bestbleu", DISTILL_BEAM="2", NBEST="2")
     assert "student initialised from the teacher: " in (work / "lever-narrow-init.log").read_text()
     assert "(narrowed: projected onto the student widths)" in (work / "lever-narrow-init.log").read_text()

@@ -27,6 +27,7 @@ TEACHER=$WORK/teacher/$CHECKPOINT
 
 require_stages teacher distill student-no-kd student-word-kd student-seq-kd evaluate-teacher \
     evaluate-student-no-kd evaluate-student-word-kd evaluate-student-seq-kd
+require_current_students student-no-kd student-word-kd student-seq-kd
 for name in "${LEVERS[@]}"; do
     if [[ " ${ALL[*]} " != *" $name "* ]]; then
         echo "error: LEVERS names '$name'; choose from: ${ALL[*]}" >&2
