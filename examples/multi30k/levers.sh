@@ -25,8 +25,7 @@ ALPHA_START=${ALPHA_START:-0.9}
 ALPHA_FINAL=${ALPHA_FINAL:-0.1}
 TEACHER=$WORK/teacher/$CHECKPOINT
 
-require_stages teacher distill student-no-kd student-word-kd student-seq-kd evaluate-teacher \
-    evaluate-student-no-kd evaluate-student-word-kd evaluate-student-seq-kd
+require_stages teacher distill evaluate-teacher evaluate-student-no-kd evaluate-student-word-kd evaluate-student-seq-kd
 require_current_students student-no-kd student-word-kd student-seq-kd
 for name in "${LEVERS[@]}"; do
     if [[ " ${ALL[*]} " != *" $name "* ]]; then
