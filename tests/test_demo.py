@@ -159,7 +159,7 @@ def test_sweep_over_temperature_and_alpha(demo, tmp_path):
 
 def progression(work):
     """A chain that starts from a model trained elsewhere, then two links trained by progressive.sh."""
-    return f"{work}/student-seq-kd/checkpoint_last.pt transformer_student_small transformer_student_tiny"
+    return f"{work}/student-seq-kd/checkpoint_last.pt transformer_student_small transformer_student_tiny_dec2"
 
 
 def test_progressive_distillation_chains_the_models(demo):
@@ -167,14 +167,14 @@ def test_progressive_distillation_chains_the_models(demo):
     run_after_demo(demo, "progressive.sh", PROGRESSION=progression(work))
     # each stage's cache holds the previous model's distribution
     teachers = [json.loads((work / f"cache-progressive-{arch}" / "manifest.json").read_text())["teachers"][0]["path"]
-                for arch in ("transformer_student_small", "transformer_student_tiny")]
+                for arch in ("transformer_student_small", "transformer_student_tiny_dec2")]
     assert teachers == [str(work / "student-seq-kd" / "checkpoint_last.pt"),
                         str(work / "progressive-transformer_student_small" / "checkpoint_last.pt")]
     rows = [line.split("|")[1].strip() for line in (work / "results" / "progressive.md").read_text().splitlines()[2:6]]
     assert rows == ["teacher", "student-word-kd", "progressive-transformer_student_small",
-                    "progressive-transformer_student_tiny"]
+                    "progressive-transformer_student_tiny_dec2"]
     # another chain would reuse these stages' results
-    refused = run_demo(demo[0], "progressive.sh", PROGRESSION="transformer_student_tiny")
+    refused = run_demo(demo[0], "progressive.sh", PROGRESSION="transformer_student_tiny_dec2")
     assert refused.returncode == 1 and f'holds the chain PROGRESSION="{progression(work)}"' in refused.stderr
 
 
@@ -195,6 +195,8 @@ def test_intermediate_layer_comparison(demo):
 def test_strategies_against_plain_kd(demo):
     refused = run_demo(demo[0], "strategies.sh", STRATEGIES="strategy-mi strategy-magic")
     assert refused.returncode == 1 and "STRATEGIES names 'strategy-magic'; choose from: strategy-temperature-cosine" in refused.stderr
+    refused = run_demo(demo[0], "strategies.sh", STRATEGIES="strategy-dml", DML_ARCH="transformer_student_tiny")
+    assert refused.returncode == 1 and "DML_ARCH 'transformer_student_tiny' is not a transformer_mutual architecture" in refused.stderr
     # the others are criterion flags, each run end to end by test_cli.py
     work = run_after_demo(demo, "strategies.sh", STRATEGIES="strategy-two-teachers-confidence strategy-dml")
     teacher_2 = str(work / "teacher-2" / "checkpoint_last.pt")

@@ -5,14 +5,14 @@
 # last one is compared with run.sh's student-word-kd, distilled directly from the teacher.
 #
 # Usage: bash examples/multi30k/run.sh && bash examples/multi30k/progressive.sh   (same settings for both)
-#   PROGRESSION="transformer_student_small transformer_student_tiny"   the compression schedule, largest first;
-#                          a checkpoint file in it is a link trained elsewhere, used as it is
+#   PROGRESSION="transformer_student_small $STUDENT_ARCH"   the compression schedule, largest first, ending in
+#                          run.sh's students; a checkpoint file in it is a link trained elsewhere, used as it is
 #   ...and every setting of run.sh (WORK, CONFIG, STUDENT_UPDATES, KD_ALPHA, KD_TEMPERATURE, KD_TOPK, ...)
 set -euo pipefail
 
 . "$(dirname "$0")/common.sh"
 
-PROGRESSION=${PROGRESSION:-transformer_student_small transformer_student_tiny}
+PROGRESSION=${PROGRESSION:-transformer_student_small $STUDENT_ARCH}
 
 require_stages teacher student-word-kd evaluate-teacher evaluate-student-word-kd
 

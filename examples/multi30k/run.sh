@@ -26,7 +26,8 @@
 #   DISTILL_NBEST=n DISTILL_SELECT=first|bestbleu|bestchrf   the teacher's n-best list (n <= DISTILL_BEAM) and which
 #                          hypothesis per sentence the corpus keeps: the teacher's best, or the closest to the
 #                          reference by sentence BLEU (Seq-Inter) or chrF
-#   STUDENT_ARCH=transformer_student_tiny  the students' architecture
+#   STUDENT_ARCH=transformer_student_tiny STUDENT_DROPOUT=0.1  the students' architecture and dropout (quick:
+#                          transformer_student_tiny_dec2 and 0)
 #   SEED=1                 the random seed of every training (seeds.sh measures what another one changes)
 #   VOCAB_SIZE=8000        joint subword vocabulary size (quick: 4000)
 #   KD_ALPHA, KD_TEMPERATURE  word-level KD weight and temperature

@@ -12,7 +12,8 @@
 #   TEMPERATURE_START=2    the temperature schedule: cosine from it down to KD_TEMPERATURE
 #   ALPHA_START=0.9 ALPHA_FINAL=0.1   the alpha schedule: linear between them
 #   SELECTION_RATE=0.5     the fraction of target tokens selective KD distils
-#   DML_ARCH=transformer_mutual_student_tiny   two peers of run.sh's student architecture
+#   DML_ARCH=transformer_mutual_student_tiny   two peers of run.sh's student architecture (default: the
+#                          transformer_mutual_* of STUDENT_ARCH)
 #   ...and every setting of run.sh (WORK, CONFIG, STUDENT_UPDATES, KD_ALPHA, KD_TEMPERATURE, KD_TOPK, ...)
 set -euo pipefail
 
@@ -25,7 +26,7 @@ TEMPERATURE_START=${TEMPERATURE_START:-2}
 ALPHA_START=${ALPHA_START:-0.9}
 ALPHA_FINAL=${ALPHA_FINAL:-0.1}
 SELECTION_RATE=${SELECTION_RATE:-0.5}
-DML_ARCH=${DML_ARCH:-transformer_mutual_student_tiny}
+DML_ARCH=${DML_ARCH:-${STUDENT_ARCH/#transformer_student/transformer_mutual_student}}
 TEACHER=$WORK/teacher/$CHECKPOINT
 
 require_stages teacher evaluate-teacher evaluate-student-no-kd evaluate-student-word-kd
@@ -37,6 +38,17 @@ for name in "${STRATEGIES[@]}"; do
     fi
 done
 
+if [[ " ${STRATEGIES[*]} " == *" strategy-dml "* ]] && ! python - "$DML_ARCH" <<'CHECK'
+import sys
+from fairseq.models import ARCH_MODEL_REGISTRY
+from fairseq_kd.models.transformer_mutual import TransformerMutualModel
+sys.exit(ARCH_MODEL_REGISTRY.get(sys.argv[1]) is not TransformerMutualModel)
+CHECK
+then
+    echo "error: DML_ARCH '$DML_ARCH' is not a transformer_mutual architecture; set DML_ARCH to the" \
+        "transformer_mutual_* of STUDENT_ARCH=$STUDENT_ARCH (e.g. transformer_mutual_student_tiny)" >&2
+    exit 1
+fi
 if [[ " ${STRATEGIES[*]} " == *" strategy-two-teachers"* ]] && [ -z "${SECOND_TEACHER:-}" ]; then
     stage teacher-2 "$WORK/teacher-2.log" train_teacher "$WORK/teacher-2" --seed 2
 fi

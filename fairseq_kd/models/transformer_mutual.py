@@ -8,7 +8,7 @@ embeddings. ``scripts/extract_peer.py`` writes either peer as a plain ``transfor
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerModel, base_architecture
 
-from fairseq_kd.models.transformer_student import transformer_student_tiny
+from fairseq_kd.models.transformer_student import transformer_student_tiny, transformer_student_tiny_dec2
 
 
 @register_model("transformer_mutual")
@@ -37,3 +37,9 @@ def transformer_mutual(args):
 def transformer_mutual_student_tiny(args):
     """Two ``transformer_student_tiny`` peers."""
     transformer_student_tiny(args)
+
+
+@register_model_architecture("transformer_mutual", "transformer_mutual_student_tiny_dec2")
+def transformer_mutual_student_tiny_dec2(args):
+    """Two ``transformer_student_tiny_dec2`` peers."""
+    transformer_student_tiny_dec2(args)
