@@ -94,8 +94,9 @@ def test_bad_settings_are_refused_before_any_stage(tmp_path):
     assert "KD_TEMPERATURE must be a number > 0, got '0'" in proc.stderr
     assert "LR must be a number > 0, got 'fast'" in proc.stderr
     assert "CPU_BF16=1 autocasts CPU training; with DEVICE_FLAGS='' set CPU_BF16=0" in proc.stderr
-    proc = run_demo(tmp_path, CPU_BF16="yes")
+    proc = run_demo(tmp_path, CPU_BF16="yes", STUDENT_DROPOUT="1")
     assert proc.returncode == 2 and "CPU_BF16 must be 0 or 1, got 'yes'" in proc.stderr
+    assert "STUDENT_DROPOUT must be a number in [0, 1), got '1'" in proc.stderr
 
 
 def test_rerun_skips_finished_stages_and_prints_the_table(demo):
