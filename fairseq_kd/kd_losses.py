@@ -113,20 +113,27 @@ def kd_topk_kl_loss(
     topk_lprobs_teacher: torch.Tensor,
     topk_ids_teacher: torch.Tensor,
     temperature: float,
+    renormalise_student: bool = False,
 ) -> torch.Tensor:
     """Per-position ``T^2 * KL(q_T || student_T)`` where ``q_T`` is the teacher's top-k, renormalised.
 
-    ``q_T = softmax(topk_lprobs_teacher / T)`` over the k kept tokens; the student keeps its full
-    softmax, so the student is pushed towards the teacher's top-k and away from everything else.
+    ``q_T = softmax(topk_lprobs_teacher / T)`` over the k kept tokens. By default the student keeps its
+    full softmax, so it is pushed towards the teacher's top-k and away from everything else: at T > 1,
+    where the teacher's own distribution would spread over the tail, that asks for a zero tail at T.
+    ``renormalise_student`` compares ``q_T`` with the student's distribution renormalised over the same
+    k tokens instead, leaving the tail to the cross-entropy term. Both equal ``kd_kl_loss`` when k = V.
 
     Args:
         lprobs_student_t: ``(N, V)`` student log-probabilities at temperature T (see ``kd_kl_loss``).
         topk_lprobs_teacher: ``(N, k)`` teacher log-probabilities at T = 1 (any constant shift is fine).
         topk_ids_teacher: ``(N, k)`` token ids of those entries.
+        renormalise_student: compare over the k tokens only.
     Returns:
         ``(N,)`` loss per position.
     """
     lprobs_student_t = lprobs_student_t.float().gather(-1, topk_ids_teacher)
+    if renormalise_student:
+        lprobs_student_t = lprobs_student_t - torch.logsumexp(lprobs_student_t, dim=-1, keepdim=True)
     lprobs_teacher_t = lprobs_at_temperature(topk_lprobs_teacher, temperature)
     kl = (lprobs_teacher_t.exp() * (lprobs_teacher_t - lprobs_student_t)).sum(dim=-1)
     return kl * temperature**2

@@ -1,6 +1,7 @@
 """Collect the fairseq-kd-eval reports of a T x alpha sweep (examples/multi30k/sweep.sh, names
-``sweep-SCHEDULE-T<T>-a<alpha>``) into a grid of test BLEU: a Markdown table (stdout, valid BLEU in
-brackets), OUT.json and a heat map OUT.png.
+``sweep-SCHEDULE-T<T>-a<alpha>``) into a grid of test BLEU: a Markdown table (stdout, the test length ratio
+and valid BLEU beside each test BLEU: a student that fails to stop shows in the ratio), OUT.json and a heat
+map OUT.png.
 
     python scripts/sweep_table.py --out work/sweep-constant work/results/sweep-constant-T*-a*.json
 """
@@ -27,11 +28,15 @@ def read_grid(paths):
     return temperatures, alphas, records
 
 
+def cell(record):
+    """``test BLEU (test length ratio; valid BLEU)`` of one grid point."""
+    return f"{record['test']['bleu']:.2f} ({record['test']['length_ratio']:.3f}; {record['valid']['bleu']:.2f})"
+
+
 def markdown(temperatures, alphas, records):
     lines = ["| T \\ alpha | " + " | ".join(f"{a:g}" for a in alphas) + " |", "|---" + "|---:" * len(alphas) + "|"]
     for t in temperatures:
-        cells = [f"{records[t, a]['test']['bleu']:.2f} ({records[t, a]['valid']['bleu']:.2f})" if (t, a) in records
-                 else "–" for a in alphas]
+        cells = [cell(records[t, a]) if (t, a) in records else "–" for a in alphas]
         lines.append(f"| {t:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -73,7 +78,7 @@ def main():
     heat_map(temperatures, alphas, records, args.out + ".png")
     any_record = next(iter(records.values()))
     print(markdown(temperatures, alphas, records))
-    print(f"\ntest BLEU (valid BLEU); BLEU: {any_record['test']['bleu_signature']}")
+    print(f"\ntest BLEU (test length ratio; valid BLEU); BLEU: {any_record['test']['bleu_signature']}")
 
 
 if __name__ == "__main__":

@@ -136,10 +136,25 @@ def test_topk_over_the_whole_vocabulary_equals_the_full_distribution(data_bin, t
     vocab_size = len(task.target_dictionary)
     sample = first_batch(task)
     _, _, log_full = full(model, sample)
-    for k, same in ((vocab_size, True), (2, False)):
-        topk = build(data_bin, "--teacher-path", teacher, "--kd-alpha", 1, "--kd-temperature", 2, "--kd-topk", k)[2]
+    for k, student, same in ((vocab_size, "full", True), (vocab_size, "renormalised", True), (2, "full", False),
+                             (2, "renormalised", False)):
+        topk = build(data_bin, "--teacher-path", teacher, "--kd-alpha", 1, "--kd-temperature", 2, "--kd-topk", k,
+                     "--kd-topk-student", student)[2]
         _, _, log_topk = topk(model, sample)
-        assert torch.isclose(log_topk["kd_loss"], log_full["kd_loss"], rtol=1e-4) == same, k
+        assert torch.isclose(log_topk["kd_loss"], log_full["kd_loss"], rtol=1e-4) == same, (k, student)
+
+
+@pytest.mark.parametrize("student, warned", [("full", True), ("renormalised", False)])
+def test_topk_at_a_temperature_above_one_warns_unless_the_student_is_renormalised(data_bin, teacher, caplog, student,
+                                                                                   warned):
+    build(data_bin, "--teacher-path", teacher, "--kd-topk", 4, "--kd-temperature", 2, "--kd-topk-student", student)
+    assert ("--kd-topk-student renormalised" in caplog.text) == warned
+
+
+@pytest.mark.parametrize("flags", [[], ["--kd-topk", "4", "--kd-loss", "mi"]])
+def test_renormalised_student_needs_a_topk_kl_term(data_bin, teacher, flags):
+    with pytest.raises(FairseqKDError, match="--kd-topk-student renormalised .* needs --kd-loss kl and --kd-topk > 0"):
+        build(data_bin, "--teacher-path", teacher, "--kd-topk-student", "renormalised", *flags)
 
 
 

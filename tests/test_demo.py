@@ -70,7 +70,13 @@ def test_a_failing_stage_stops_the_demo_and_names_its_log(demo):
 
 def teacher_command(tmp_path, **env):
     """The teacher's fairseq-train command line as the recipes' stage record lists it, for these settings."""
-    script = (f". {REPO}/examples/multi30k/common.sh && list_stage {tmp_path}/listing train_teacher {tmp_path}/teacher"
+    return listed_command(tmp_path, f"train_teacher {tmp_path}/teacher", **env)
+
+
+def listed_command(tmp_path, stage_call, setup="true", **env):
+    """The first command line of a stage (a common.sh function and its arguments, after the shell commands
+    of ``setup``) as its record lists it."""
+    script = (f". {REPO}/examples/multi30k/common.sh && {setup} && list_stage {tmp_path}/listing {stage_call}"
               f" && cat {tmp_path}/listing")
     proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
                           env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "WORK": str(tmp_path / "work"), **env})
@@ -87,6 +93,14 @@ def test_converged_teacher_keeps_its_patience_count_across_resumes(tmp_path):
     assert "--task" not in teacher_command(tmp_path, CONFIG="full")
 
 
+def test_renormalised_topk_student_reaches_the_word_kd_command_only_when_set(tmp_path):
+    word_kd = {"stage_call": 'train_student student-word-kd "${STUDENT_DATA[@]}"', "setup": "student_data student-word-kd"}
+    renormalised = listed_command(tmp_path, **word_kd, KD_TOPK_STUDENT="renormalised")
+    assert "--kd-topk 8 --kd-topk-student renormalised " in renormalised
+    # the default adds nothing, so that the records of runs made before the option existed stay current
+    assert "--kd-topk-student" not in listed_command(tmp_path, **word_kd)
+
+
 def test_bad_settings_are_refused_before_any_stage(tmp_path):
     proc = run_demo(tmp_path, STUDENT_ARCH="no_such_arch", KD_TEMPERATURE="0", LR="fast", DEVICE_FLAGS="")
     assert proc.returncode == 2 and "[prepare]" not in proc.stdout and "Traceback" not in proc.stderr
@@ -94,9 +108,10 @@ def test_bad_settings_are_refused_before_any_stage(tmp_path):
     assert "KD_TEMPERATURE must be a number > 0, got '0'" in proc.stderr
     assert "LR must be a number > 0, got 'fast'" in proc.stderr
     assert "CPU_BF16=1 autocasts CPU training; with DEVICE_FLAGS='' set CPU_BF16=0" in proc.stderr
-    proc = run_demo(tmp_path, CPU_BF16="yes", STUDENT_DROPOUT="1")
+    proc = run_demo(tmp_path, CPU_BF16="yes", STUDENT_DROPOUT="1", KD_TOPK_STUDENT="tail")
     assert proc.returncode == 2 and "CPU_BF16 must be 0 or 1, got 'yes'" in proc.stderr
     assert "STUDENT_DROPOUT must be a number in [0, 1), got '1'" in proc.stderr
+    assert "KD_TOPK_STUDENT must be full or renormalised, got 'tail'" in proc.stderr
 
 
 def test_rerun_skips_finished_stages_and_prints_the_table(demo):

@@ -82,6 +82,28 @@ def test_topk_renormalises_the_kept_tokens():
     assert kd_topk_kl_loss(lprobs_student, values, ids, 1.0).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_topk_with_renormalised_student_compares_over_the_kept_tokens_only():
+    lprobs_teacher = F.log_softmax(torch.randn(4, 6), -1)
+    logits_student = torch.randn(4, 6)
+    values, ids = topk_lprobs(lprobs_teacher, 2)
+    lprobs_student_t = lprobs_at_temperature(logits_student, 2.0)
+    loss = kd_topk_kl_loss(lprobs_student_t, values, ids, 2.0, renormalise_student=True)
+    # the KL of two distributions over the same 2 tokens
+    kept_student = F.log_softmax(logits_student.gather(-1, ids) / 2.0, -1)
+    kept_teacher = F.log_softmax(values / 2.0, -1)
+    expected = (kept_teacher.exp() * (kept_teacher - kept_student)).sum(-1) * 4.0
+    assert torch.allclose(loss, expected, atol=1e-5)
+    # the student's other tokens do not move it, where they move the full-softmax comparison
+    tail = torch.ones_like(logits_student).scatter(-1, ids, 0.0) * 3.0
+    lprobs_tail_t = lprobs_at_temperature(logits_student + tail, 2.0)
+    assert torch.allclose(kd_topk_kl_loss(lprobs_tail_t, values, ids, 2.0, renormalise_student=True), loss, atol=1e-5)
+    assert not torch.allclose(kd_topk_kl_loss(lprobs_tail_t, values, ids, 2.0), kd_topk_kl_loss(lprobs_student_t, values, ids, 2.0))
+    # over the whole vocabulary it is the full KL
+    values_all, ids_all = topk_lprobs(lprobs_teacher, 6)
+    assert torch.allclose(kd_topk_kl_loss(lprobs_student_t, values_all, ids_all, 2.0, renormalise_student=True),
+                          kd_kl_loss(lprobs_student_t, lprobs_teacher, 2.0), atol=1e-5)
+
+
 def test_ensemble_is_the_weighted_probability_average():
     lp_a, lp_b = F.log_softmax(torch.randn(2, 3, 5), -1), F.log_softmax(torch.randn(2, 3, 5), -1)
     averaged = ensemble_lprobs([lp_a, lp_b], torch.tensor([0.25, 0.75]))

@@ -25,6 +25,7 @@ STUDENT_DROPOUT=${STUDENT_DROPOUT:-0.1}
 KD_ALPHA=${KD_ALPHA:-0.5}
 KD_TEMPERATURE=${KD_TEMPERATURE:-1}
 KD_TOPK=${KD_TOPK:-8}
+KD_TOPK_STUDENT=${KD_TOPK_STUDENT:-full}
 SEED=${SEED:-1}
 SUBWORDS=${SUBWORDS:-spm}
 VOCAB_SIZE=${VOCAB_SIZE:-8000}
@@ -111,6 +112,8 @@ for name, value, ok, wanted in (("KD_ALPHA", "$KD_ALPHA", lambda v: 0 <= v <= 1,
         errors.append(f"{name} must be a number {wanted}, got '{value}'")
 if "$SRC" == "$TGT" or not {"$SRC", "$TGT"} <= {"en", "de", "fr", "cs"}:
     errors.append("SRC and TGT must be two different languages of en, de, fr, cs, got '$SRC' and '$TGT'")
+if "$KD_TOPK_STUDENT" not in ("full", "renormalised"):
+    errors.append("KD_TOPK_STUDENT must be full or renormalised, got '$KD_TOPK_STUDENT'")
 if "$SUBWORDS" not in ("spm", "bpe"):
     errors.append("SUBWORDS must be spm or bpe, got '$SUBWORDS'")
 for name, value in (("DISTILL_UNION", "$DISTILL_UNION"), ("DISTILL_KEEP_LOOPS", "$DISTILL_KEEP_LOOPS")):
@@ -359,6 +362,8 @@ word_kd_flags() {  # CACHE_DIR [TEACHER_CHECKPOINT]
     KD_FLAGS=(--kd-alpha "$KD_ALPHA" --kd-temperature "$KD_TEMPERATURE")
     if [ "$KD_TOPK" -gt 0 ]; then
         KD_FLAGS+=(--teacher-topk-cache "$1" --kd-topk "$KD_TOPK")
+        # only when set: the stage records of runs made before the option existed stay current
+        if [ "$KD_TOPK_STUDENT" != full ]; then KD_FLAGS+=(--kd-topk-student "$KD_TOPK_STUDENT"); fi
     else
         KD_FLAGS+=(--teacher-path "${2:-$WORK/teacher/$CHECKPOINT}")
     fi

@@ -3,7 +3,8 @@
 # same data and stopping rule: the student initialised from the teacher's projected weights (narrow init),
 # the same parameter count with a 2-layer decoder, sequence-level KD from the teacher's n-best list keeping
 # the hypothesis closest to the reference (Seq-Inter by sentence BLEU; by chrF), from the union of original
-# and distilled pairs, and word-level KD at temperature 2 with alpha annealed 0.9 -> 0.1. Every model scored
+# and distilled pairs, and word-level KD at temperature 2 with alpha annealed 0.9 -> 0.1 (from a top-k
+# teacher, the student renormalised over the same k tokens: --kd-topk-student renormalised). Every model scored
 # on test and valid; one table with run.sh's teacher and students, learning curves beside it.
 #
 # Usage: CONFIG=converged bash examples/multi30k/run.sh && CONFIG=converged bash examples/multi30k/levers.sh
@@ -38,6 +39,10 @@ if [ "$NBEST" -gt "$DISTILL_BEAM" ]; then
     exit 1
 fi
 
+# at T > 1 the top-k target asks the student's full softmax for a zero tail (README, step 7): the
+# temperature lever compares over the top k only
+KD_TOPK_STUDENT=renormalised word_kd_flags "$WORK/cache"
+TEMPERATURE_KD_FLAGS=("${KD_FLAGS[@]}")
 word_kd_flags "$WORK/cache"
 # each lever: its training data and flags (bash arrays named after it, '-' replaced by '_')
 # the projected weights come from the teacher itself, so it runs online (its top-k, as the cache holds)
@@ -47,7 +52,7 @@ lever_dec2=("$DATA" "${KD_FLAGS[@]}" --arch transformer_student_tiny_dec2)
 lever_seq_bestbleu=("$WORK/distill-bestbleu/data-bin" --kd-alpha 0)
 lever_seq_bestchrf=("$WORK/distill-bestchrf/data-bin" --kd-alpha 0)
 lever_seq_union=("$WORK/distill-union/data-bin" --kd-alpha 0)
-lever_temperature_alpha=("$DATA" "${KD_FLAGS[@]}" --kd-temperature "$LEVER_TEMPERATURE" --kd-alpha "$ALPHA_START"
+lever_temperature_alpha=("$DATA" "${TEMPERATURE_KD_FLAGS[@]}" --kd-temperature "$LEVER_TEMPERATURE" --kd-alpha "$ALPHA_START"
     --kd-alpha-schedule linear --kd-alpha-final "$ALPHA_FINAL" "${KD_SCHEDULE_FLAGS[@]}")
 
 # the corpora: the teacher's n-best list decoded once; the union reuses run.sh's decoding

@@ -33,6 +33,8 @@
 #   KD_ALPHA, KD_TEMPERATURE  word-level KD weight and temperature
 #   KD_TOPK=8              word-level KD from a cache of the teacher's top-k (built once); 0 runs the
 #                          teacher online on every batch with its full distribution
+#   KD_TOPK_STUDENT=full   the top-k target against the student's full softmax, or 'renormalised': against the
+#                          student over the same k tokens (for KD_TEMPERATURE > 1: README, step 7)
 #   DEVICE_FLAGS="--cpu"   set to "" on a GPU machine; not part of a stage's record, so a work directory can move
 #                          between machines (a teacher trained on a CPU, students on a GPU) and go on, copied
 #                          to the same path with its file times (rsync -a): the records hold both

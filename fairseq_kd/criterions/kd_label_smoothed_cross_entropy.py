@@ -55,6 +55,15 @@ class KDLabelSmoothedCrossEntropyCriterionConfig(LabelSmoothedCrossEntropyCriter
             " 0 uses the full distribution"
         },
     )
+    kd_topk_student: ChoiceEnum(["full", "renormalised"]) = field(
+        default="full",
+        metadata={
+            "help": "with --kd-topk or a top-k cache: 'full' compares the teacher's renormalised top k with the"
+            " student's full softmax (pushing the student's other tokens down); 'renormalised' with the student's"
+            " distribution renormalised over the same k tokens. At --kd-temperature > 1 'full' asks for a zero"
+            " tail at T, which made students overrun (examples/multi30k/README.md, step 7)"
+        },
+    )
     kd_loss: ChoiceEnum(KD_LOSSES) = field(
         default="kl",
         metadata={

@@ -93,7 +93,8 @@ class TokenSelection:
 
 class WordKD:
     """Word-level KD per target position (--kd-loss): ``T^2 KL(teacher_T || student_T)`` over the
-    teacher's full distribution or its top k (--kd-topk, or the cache's k), or an InfoNCE bound."""
+    teacher's full distribution or its top k (--kd-topk, or the cache's k; --kd-topk-student), or an
+    InfoNCE bound."""
 
     LOGGED = {"kd_loss": "bits", "kd_alpha": "per_token", "kd_temperature": "per_token", "kd_distilled": "per_token"}
 
@@ -113,6 +114,20 @@ class WordKD:
             raise FairseqKDError(f"--kd-mi-negatives must be > 0, got {cfg.kd_mi_negatives}")
         if str(cfg.kd_loss) == "mi" and cfg.max_tokens:
             check_mi_memory(cfg.kd_mi_negatives, cfg.max_tokens, cfg.kd_topk or vocab_size)
+        self.renormalise = str(cfg.kd_topk_student) == "renormalised"
+        if self.renormalise and (cfg.kd_topk == 0 or str(cfg.kd_loss) != "kl"):
+            raise FairseqKDError(
+                "--kd-topk-student renormalised compares the teacher's top k with the student over the same k"
+                " tokens: it needs --kd-loss kl and --kd-topk > 0 (or a top-k cache)"
+            )
+        temperature = max(cfg.kd_temperature, cfg.kd_temperature_final or 0.0)
+        distils = max(cfg.kd_alpha, cfg.kd_alpha_final or 0.0) > 0 and bool(teachers)
+        if distils and cfg.kd_topk and str(cfg.kd_loss) == "kl" and temperature > 1 and not self.renormalise:
+            logger.warning(
+                f"--kd-temperature {temperature:g} with the teacher's top {cfg.kd_topk}: the student's full softmax"
+                " is pushed to a zero tail at T, which made students overrun in our measurements; consider"
+                " --kd-topk-student renormalised (examples/multi30k/README.md, step 7)"
+            )
         self.k, self.loss, self.negatives = cfg.kd_topk, str(cfg.kd_loss), cfg.kd_mi_negatives
         self.padding_idx, self.prefix = padding_idx, ignore_prefix_size
 
@@ -130,7 +145,7 @@ class WordKD:
             return loss
         if ids is None:
             return kd_kl_loss(lprobs_student_t, values, temperature)
-        return kd_topk_kl_loss(lprobs_student_t, values, ids, temperature)
+        return kd_topk_kl_loss(lprobs_student_t, values, ids, temperature, self.renormalise)
 
 
 class LayerKD(torch.nn.Module):
