@@ -7,6 +7,7 @@ the other peer; alpha and T follow their schedules; the layer terms and the lear
 likelihood are added when enabled. The parts live in ``kd_terms``, the math in ``fairseq_kd.kd_losses``.
 """
 import fnmatch
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -28,6 +29,8 @@ from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.kd_losses import ATTENTION_DISTANCES, HIDDEN_DISTANCES, SCHEDULES, lprobs_at_temperature, mixture_nll, mutual_kl_loss
 from fairseq_kd.tasks.distillation import DistillationTaskMixin, Student
 from fairseq_kd.teachers import Teachers
+
+logger = logging.getLogger(__name__)
 
 SELECTIONS = ("none", "batch", "global")
 KD_LOSSES = ("kl", "mi")
@@ -185,6 +188,13 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
                 " symmetric KL between its peers: drop --kd-loss mi"
             )
         self.word_kd = WordKD(cfg, self.teachers, len(task.target_dictionary), self.padding_idx, self.ignore_prefix_size)
+        if self.alpha.largest > 0 and self.teachers and self.temperature.largest > 1 and self.word_kd.asks_for_a_zero_tail:
+            # at T > 1 the teacher's real distribution spreads beyond its top k
+            logger.warning(
+                f"--kd-temperature {self.temperature.largest:g} with the teacher's top {cfg.kd_topk}: the student's"
+                " full softmax is pushed to a zero tail at T, which made students overrun in our measurements;"
+                " consider --kd-topk-student renormalised (examples/multi30k/README.md, step 7)"
+            )
         self.selection = TokenSelection(cfg.kd_selection, cfg.kd_selection_rate, cfg.kd_selection_queue_size)
         self.layer_kd = LayerKD(cfg, self.teachers, student, self.padding_idx)
         self.learned_mixture = self.teachers.weighting == "learned"

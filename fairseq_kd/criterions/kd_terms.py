@@ -120,16 +120,13 @@ class WordKD:
                 "--kd-topk-student renormalised compares the teacher's top k with the student over the same k"
                 " tokens: it needs --kd-loss kl and --kd-topk > 0 (or a top-k cache)"
             )
-        temperature = max(cfg.kd_temperature, cfg.kd_temperature_final or 0.0)
-        distils = max(cfg.kd_alpha, cfg.kd_alpha_final or 0.0) > 0 and bool(teachers)
-        if distils and cfg.kd_topk and str(cfg.kd_loss) == "kl" and temperature > 1 and not self.renormalise:
-            logger.warning(
-                f"--kd-temperature {temperature:g} with the teacher's top {cfg.kd_topk}: the student's full softmax"
-                " is pushed to a zero tail at T, which made students overrun in our measurements; consider"
-                " --kd-topk-student renormalised (examples/multi30k/README.md, step 7)"
-            )
         self.k, self.loss, self.negatives = cfg.kd_topk, str(cfg.kd_loss), cfg.kd_mi_negatives
         self.padding_idx, self.prefix = padding_idx, ignore_prefix_size
+
+    @property
+    def asks_for_a_zero_tail(self):
+        """A top-k target against the student's full softmax: the tokens outside the k get no mass."""
+        return bool(self.k) and self.loss == "kl" and not self.renormalise
 
     def __call__(self, lprobs_student_t, teacher, target, temperature):
         """``(N,)``: the term at each of the N target positions, from the student's log-probabilities at
