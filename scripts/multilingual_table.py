@@ -7,7 +7,9 @@ Reads ``WORK/results/EXPERIMENT.PAIR.json`` for each pair (the models evaluated 
 writes ``WORK/results/EXPERIMENT.md`` and ``.json``: test BLEU and length ratio per pair, the average BLEU and
 chrF over the pairs a model translates, its parameters, and its training speed (target tokens per second:
 the mean of fairseq's per-epoch ``wps`` in ``WORK/NAME.log``). A ``--per-pair`` name is a bilingual model per
-pair (``WORK/NAME-PAIR.log``): its parameters are added up over the pairs.
+pair (``WORK/NAME-PAIR.log``): its parameters are added up over the pairs. A student trained with
+``--kd-threshold`` also gets its comparisons with the teachers from its log, and per pair the updates at
+which KD switched off or back on.
 """
 import argparse
 import json
@@ -26,6 +28,33 @@ def training_speed(log):
     return statistics.mean(values) if values else None
 
 
+THRESHOLD_CHECK = re.compile(r"kd-threshold at update (\d+): (\S+) student (\S+) ([-0-9.]+), teacher ([-0-9.]+): KD (on|off)")
+
+
+def threshold_checks(log):
+    """The --kd-threshold comparisons in a training log, by update and pair. A resumed run appends to its log
+    and repeats the updates after its last checkpoint: the later line of an update counts."""
+    if not os.path.isfile(log):
+        return []
+    checks = {}
+    with open(log, errors="replace") as f:
+        for match in filter(None, map(THRESHOLD_CHECK.search, f)):
+            update, pair, metric, student, teacher, kd = match.groups()
+            checks[int(update), pair] = {"update": int(update), "pair": pair, "metric": metric,
+                                         "student": float(student), "teacher": float(teacher), "kd": kd}
+    return [checks[key] for key in sorted(checks)]
+
+
+def switches(checks, pair):
+    """'off at 1632, on at 3264' (KD starts on), or 'on throughout'."""
+    state, events = "on", []
+    for check in checks:
+        if check["pair"] == pair and check["kd"] != state:
+            state = check["kd"]
+            events.append(f"{state} at {check['update']}")
+    return ", ".join(events) or "on throughout"
+
+
 def model_row(work, name, reports, per_pair):
     found = {pair: next(m for m in report["models"] if m["name"] == name)
              for pair, report in reports.items() if any(m["name"] == name for m in report["models"])}
@@ -34,6 +63,7 @@ def model_row(work, name, reports, per_pair):
     logs = [os.path.join(work, f"{name}-{pair}.log") for pair in found] if per_pair else [os.path.join(work, f"{name}.log")]
     speeds = [s for s in map(training_speed, logs) if s is not None]
     scores = {pair: {key: m["test"][key] for key in ("bleu", "chrf", "length_ratio")} for pair, m in found.items()}
+    checks = [] if per_pair else threshold_checks(logs[0])
     return {
         "name": name,
         "models": "a model per pair" if per_pair else "one model",
@@ -42,6 +72,7 @@ def model_row(work, name, reports, per_pair):
         "average_bleu": round(statistics.mean(s["bleu"] for s in scores.values()), 2),
         "average_chrf": round(statistics.mean(s["chrf"] for s in scores.values()), 2),
         "train_wps": round(statistics.mean(speeds), 1) if speeds else None,
+        **({"threshold_checks": checks, "kd_switches": {pair: switches(checks, pair) for pair in found}} if checks else {}),
     }
 
 
@@ -57,6 +88,16 @@ def markdown(rows, pairs, signature):
                      + f" | {row['average_bleu']:.2f} | {row['average_chrf']:.2f} | {speed} |")
     lines += ["", f"sacrebleu {signature}; test_2016_flickr, fairseq's default length limits; averages over the"
               " pairs each model translates."]
+    for row in rows:
+        if "kd_switches" in row:
+            checks = row["threshold_checks"]
+            updates = sorted({c["update"] for c in checks})
+            gaps = {pair: ", ".join(f"{c['student'] - c['teacher']:+.2f}" for c in checks if c["pair"] == pair)
+                    for pair in row["kd_switches"]}
+            lines += ["", f"{row['name']}, the threshold strategy: student − teacher {checks[0]['metric']} on each pair's"
+                      f" validation data at updates {', '.join(map(str, updates))}; "
+                      + "; ".join(f"{pair} {gaps[pair]} (KD {events})" for pair, events in row["kd_switches"].items())
+                      + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -32,6 +32,13 @@ def test_multilingual_recipe(tmp_path):
     assert [set(m["pairs"]) for m in tables["low-resource"]["models"]] == [{"en-cs"}, {"en-cs"}, *2 * [{"en-de", "en-fr", "en-cs"}]]
     assert [m["name"] for m in tables["pivot"]["models"]] == ["pivot-no-kd", "pivot-kd"]
     assert "kd-threshold at update 2: en-fr" in (work / "multilingual-threshold.log").read_text()
+    # the table says, per pair, how the threshold student compared with its teacher and when KD switched
+    threshold = rows["multilingual-threshold"]
+    assert {(c["update"], c["pair"]) for c in threshold["threshold_checks"]} == {
+        (update, pair) for update in (2, 4, 6, 8, 10) for pair in ("en-de", "en-fr", "en-cs")}
+    assert set(threshold["kd_switches"]) == {"en-de", "en-fr", "en-cs"}
+    assert "multilingual-threshold, the threshold strategy: student − teacher bleu" in (
+        work / "results" / "multilingual.md").read_text()
     assert "--teacher-source-lang en" in (work / ".stage-pivot-kd").read_text()
     # STUDENT_UPDATES per pair: three pairs, three times the updates
     assert "--max-update 12 " in (work / ".stage-multilingual-word-kd").read_text()
