@@ -6,8 +6,8 @@ from test_demo import fake_multi30k, run_demo
 
 
 def test_multilingual_recipe(tmp_path):
-    """multilingual.sh on four-way toy data: the three experiments' tables, the threshold comparisons, the
-    pivot teacher reading English, the per-pair exports; a re-run skips every stage."""
+    """multilingual.sh on four-way toy data, its stages at once (PARALLEL=1): the three experiments' tables, the
+    threshold comparisons, the pivot teacher reading English, the per-pair exports; a re-run skips every stage."""
     (tmp_path / "raw").mkdir()
     fake_multi30k(tmp_path / "raw", more_languages=("fr", "cs"))
     # teachers without warm-up learn enough in 15 updates for a non-empty sequence-level KD corpus (loops kept)
@@ -17,8 +17,12 @@ def test_multilingual_recipe(tmp_path):
     assert refused.returncode == 2 and "EXPERIMENTS names 'magic'" in refused.stderr
     refused = run_demo(tmp_path, "multilingual.sh", CONFIG="converged")
     assert refused.returncode == 2 and "CONFIG=converged stops on valid BLEU" in refused.stderr
-    proc = run_demo(tmp_path, "multilingual.sh", **settings)
+    refused = run_demo(tmp_path, "multilingual.sh", PARALLEL="yes")
+    assert refused.returncode == 2 and "PARALLEL must be 0 or 1, got 'yes'" in refused.stderr
+    # every stage as soon as what it needs is there, several at once; the re-run below is sequential
+    proc = run_demo(tmp_path, "multilingual.sh", PARALLEL="1", **settings)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "    [multilingual-no-kd] " in proc.stdout  # a spawned stage's progress says whose it is
     work = tmp_path / "work"
     tables = {name: json.loads((work / "results" / f"{name}.json").read_text())
               for name in ("multilingual", "low-resource", "pivot")}

@@ -119,6 +119,8 @@ if "$SUBWORDS" not in ("spm", "bpe"):
 for name, value in (("DISTILL_UNION", "$DISTILL_UNION"), ("DISTILL_KEEP_LOOPS", "$DISTILL_KEEP_LOOPS")):
     if value not in ("0", "1"):
         errors.append(f"{name} must be 0 or 1, got '{value}'")
+if "${PARALLEL:-0}" not in ("0", "1"):
+    errors.append("PARALLEL must be 0 or 1, got '${PARALLEL:-}'")
 if "$CPU_BF16" not in ("0", "1"):
     errors.append("CPU_BF16 must be 0 or 1, got '$CPU_BF16'")
 elif "$CPU_BF16" == "1" and "--cpu" not in "${DEVICE_FLAGS[*]}".split():
@@ -138,11 +140,12 @@ mkdir -p "$WORK"
 # the log lines a stage shows: fairseq's training progress and summaries, our tools' own messages
 PROGRESS='train_inner|\| (train|valid) \||\| fairseq_kd\.(build_cache|evaluate) \||shard [0-9]+:|^\[|error|BLEU'
 
-# line by line as they come (mawk, Debian's awk, reads a pipe in blocks and would show them late)
-show_progress() {
+# line by line as they come (mawk, Debian's awk, reads a pipe in blocks and would show them late), after
+# PREFIX (the stage's name where stages run at once)
+show_progress() {  # [PREFIX]
     local line
     while IFS= read -r line; do
-        if [[ $line =~ $PROGRESS ]]; then printf '    %s\n' "$line"; fi
+        if [[ $line =~ $PROGRESS ]]; then printf '    %s%s\n' "${1:-}" "$line"; fi
     done
 }
 
@@ -190,13 +193,45 @@ stage() {
     echo "[$name] running, log: $log"
     # appended: a stage stopped earlier runs again after its log (fairseq-train resumes from its
     # checkpoint_last.pt), so that the log keeps the whole learning curve
-    if ! "$@" 2>&1 | tee -a "$log" | show_progress; then
+    if ! "$@" 2>&1 | tee -a "$log" | show_progress "${SPAWNED[$name]+[$name] }"; then
         echo "error: stage '$name' failed; see $log" >&2
         exit 1
     fi
     rm -f "$record.tmp"
     list_stage "$record.tmp" "$@"
     mv "$record.tmp" "$record"
+}
+
+# PARALLEL=1: stages a recipe starts with spawn run at once, as background jobs, each until an await names
+# it. For a GPU, which the recipes' small models leave mostly idle (BENCHMARKS.md: 20 small students at once
+# on an H100 trained 128 updates/s together, 6 at once 97); on a CPU of few cores they share its cores.
+PARALLEL=${PARALLEL:-0}
+declare -A SPAWNED=()
+if [ "$PARALLEL" = 1 ]; then
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # torch's default, a thread per core in every process, oversubscribes
+    set -m  # each job its own process group, so that stopping the recipe stops its training processes too
+    trap 'for pid in "${SPAWNED[@]}"; do kill -- "-$pid" 2> /dev/null || true; done' EXIT
+    trap 'exit 130' INT TERM
+fi
+
+spawn() {  # NAME LOG FUNCTION ARGS...: stage NAME ..., in the background with PARALLEL=1
+    if [ "$PARALLEL" = 1 ]; then
+        SPAWNED[$1]=starting  # seen by the job: its stage prefixes its progress with its name
+        stage "$@" &
+        SPAWNED[$1]=$!
+    else
+        stage "$@"
+    fi
+}
+
+await() {  # NAME...: wait for these stages (nothing to wait for unless spawned); stop if one failed
+    local name
+    for name in "$@"; do
+        if [ -n "${SPAWNED[$name]:-}" ]; then
+            wait "${SPAWNED[$name]}" || exit 1  # the stage has said why
+            unset "SPAWNED[$name]"
+        fi
+    done
 }
 
 # stale_record RECORD FUNCTION ARGS...: how a stage's record differs from its listing with the settings and

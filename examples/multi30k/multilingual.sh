@@ -20,6 +20,8 @@
 #   THRESHOLD_INTERVAL=n        updates between two threshold comparisons (default: a fifth of the threshold
 #                               student's updates)
 #   THRESHOLD_MARGIN=1          BLEU by which the student must beat its teacher for KD to switch off
+#   PARALLEL=1                  on a GPU: each model trains as soon as what it needs is there, many at once
+#                               (the three teachers and the students without KD first, ...)
 #   ...and run.sh's settings: WORK, CONFIG (quick or full), STUDENT_ARCH, KD_ALPHA, KD_TEMPERATURE, KD_TOPK,
 #   VOCAB_SIZE (default 16000: four languages), TEACHER_UPDATES, STUDENT_UPDATES, MAX_TOKENS, LR, CPU_BF16,
 #   DEVICE_FLAGS, ...
@@ -99,21 +101,25 @@ build_pair_cache() {  # DATA_BIN PAIR TEACHER OUT_DIR
         --max-tokens 8000 "${DEVICE_FLAGS[@]}" --out "$4"
 }
 
-# the sequence-level KD corpus: each teacher's translations of its pair's training source, binarized with
-# the joint dictionary beside the original validation and test sets
-distill_pairs() {  # OUT_DIR PAIR:TEACHER...
-    local out=$1 item pair teacher
+# the sequence-level KD corpus of a pair: its teacher's translations of the training source, without the
+# teacher's repetition loops: OUT_DIR/PAIR/train.SRC and .TGT
+distill_pair() {  # OUT_DIR PAIR TEACHER
+    local out=$1/$2 src=${2%-*} tgt=${2#*-}
+    cmd fairseq-generate "$DATA" --user-dir "$ROOT/fairseq_kd" --task translation_multi_simple_epoch \
+        --lang-pairs "$2" "${MULTI_FLAGS[@]}" -s "$src" -t "$tgt" --path "$3" --gen-subset train \
+        --beam "$DISTILL_BEAM" "${DECODE_FLAGS[@]}" "${DEVICE_FLAGS[@]}" --results-path "$out"
+    cmd python "$ROOT/scripts/distilled_corpus.py" --generate-log "$out/generate-train.txt" \
+        --source "$SUBWORD/train.$src" --target "$SUBWORD/train.$tgt" --out-prefix "$out/train" --src "$src" \
+        --tgt "$tgt" "${LOOP_FLAGS[@]}"
+}
+
+# the pairs' corpora binarized with the joint dictionary beside the original validation and test sets:
+# OUT_DIR/data-bin
+binarize_distilled() {  # OUT_DIR PAIR...
+    local out=$1 pair
     shift
     mkdir -p "$out/data-bin"
-    for item in "$@"; do
-        pair=${item%%:*} teacher=${item#*:}
-        cmd fairseq-generate "$DATA" --user-dir "$ROOT/fairseq_kd" --task translation_multi_simple_epoch \
-            --lang-pairs "$pair" "${MULTI_FLAGS[@]}" -s "${pair%-*}" -t "${pair#*-}" --path "$teacher" \
-            --gen-subset train --beam "$DISTILL_BEAM" "${DECODE_FLAGS[@]}" "${DEVICE_FLAGS[@]}" \
-            --results-path "$out/$pair"
-        cmd python "$ROOT/scripts/distilled_corpus.py" --generate-log "$out/$pair/generate-train.txt" \
-            --source "$SUBWORD/train.${pair%-*}" --target "$SUBWORD/train.${pair#*-}" --out-prefix "$out/$pair/train" \
-            --src "${pair%-*}" --tgt "${pair#*-}" "${LOOP_FLAGS[@]}"
+    for pair in "$@"; do
         cmd fairseq-preprocess --source-lang "${pair%-*}" --target-lang "${pair#*-}" --trainpref "$out/$pair/train" \
             --validpref "$SUBWORD/valid" --testpref "$SUBWORD/test" --srcdict "$DATA/dict.en.txt" \
             --tgtdict "$DATA/dict.en.txt" --destdir "$out/data-bin" --workers 2
@@ -138,81 +144,124 @@ pair_table() {  # EXPERIMENT PAIRS MODELS [PER_PAIR_MODELS]
 }
 
 teacher() { echo "$WORK/teacher-$1/checkpoint_last.pt"; }
+checkpoint() { echo "$1=$WORK/$1/checkpoint_last.pt"; }
+want() { [[ " ${EXPERIMENTS[*]} " == *" $1 "* ]]; }
 kd=(--kd-alpha "$KD_ALPHA" --kd-temperature "$KD_TEMPERATURE")
+pairs=$(IFS=,; echo "${PAIRS[*]}")
+caches=() paths=()
+for pair in "${PAIRS[@]}"; do caches+=("$pair:$WORK/cache-$pair") paths+=("$pair:$(teacher "$pair")"); done
 
+# in the order of what each needs (all at once with PARALLEL=1): first the teachers and the students that
+# learn without one
 mkdir -p "$WORK/results"
 stage prepare "$WORK/prepare.log" prepare_multilingual
 for pair in "${PAIRS[@]}"; do
-    stage "teacher-$pair" "$WORK/teacher-$pair.log" train_pair_teacher "$WORK/teacher-$pair" "$DATA" "$pair"
+    spawn "teacher-$pair" "$WORK/teacher-$pair.log" train_pair_teacher "$WORK/teacher-$pair" "$DATA" "$pair"
 done
+if want multilingual; then
+    spawn multilingual-no-kd "$WORK/multilingual-no-kd.log" train_multi_student multilingual-no-kd "$DATA" "$pairs" --kd-alpha 0
+fi
+if want low-resource; then
+    spawn low-teacher "$WORK/low-teacher.log" train_pair_teacher "$WORK/low-teacher" "$LOW_DATA" en-cs
+    spawn low-multilingual-no-kd "$WORK/low-multilingual-no-kd.log" train_multi_student low-multilingual-no-kd \
+        "$LOW_DATA" "$pairs" --kd-alpha 0
+fi
+if want pivot; then
+    spawn pivot-no-kd "$WORK/pivot-no-kd.log" train_multi_student pivot-no-kd "$DATA" cs-de --kd-alpha 0
+fi
+await "${PAIRS[@]/#/teacher-}"
 
-if [[ " ${EXPERIMENTS[*]} " == *" multilingual "* ]]; then
-    caches=() paths=() corpus=()
+# then the teachers' top-k caches and translations, and the students the teachers run for online
+cache_pairs=()
+if want multilingual; then cache_pairs=("${PAIRS[@]}"); elif want low-resource; then cache_pairs=(en-de en-fr); fi
+for pair in "${cache_pairs[@]}"; do
+    spawn "cache-$pair" "$WORK/cache-$pair.log" build_pair_cache "$DATA" "$pair" "$(teacher "$pair")" "$WORK/cache-$pair"
+done
+if want multilingual; then
     for pair in "${PAIRS[@]}"; do
-        stage "cache-$pair" "$WORK/cache-$pair.log" build_pair_cache "$DATA" "$pair" "$(teacher "$pair")" "$WORK/cache-$pair"
-        caches+=("$pair:$WORK/cache-$pair") paths+=("$pair:$(teacher "$pair")") corpus+=("$pair:$(teacher "$pair")")
-        stage "bilingual-word-kd-$pair" "$WORK/bilingual-word-kd-$pair.log" train_multi_student "bilingual-word-kd-$pair" \
-            "$DATA" "$pair" "${kd[@]}" --teacher-topk-caches "$pair:$WORK/cache-$pair" --kd-topk "$KD_TOPK"
+        spawn "distill-$pair" "$WORK/distill-$pair.log" distill_pair "$WORK/distill" "$pair" "$(teacher "$pair")"
     done
-    stage distill "$WORK/distill.log" distill_pairs "$WORK/distill" "${corpus[@]}"
-    pairs=$(IFS=,; echo "${PAIRS[*]}")
-    stage multilingual-no-kd "$WORK/multilingual-no-kd.log" train_multi_student multilingual-no-kd "$DATA" "$pairs" --kd-alpha 0
-    stage multilingual-word-kd "$WORK/multilingual-word-kd.log" train_multi_student multilingual-word-kd "$DATA" "$pairs" \
-        "${kd[@]}" --teacher-topk-caches "$(IFS=,; echo "${caches[*]}")" --kd-topk "$KD_TOPK"
-    stage multilingual-seq-kd "$WORK/multilingual-seq-kd.log" train_multi_student multilingual-seq-kd \
-        "$WORK/distill/data-bin" "$pairs" --kd-alpha 0
-    stage multilingual-threshold "$WORK/multilingual-threshold.log" train_multi_student multilingual-threshold "$DATA" \
+    spawn multilingual-threshold "$WORK/multilingual-threshold.log" train_multi_student multilingual-threshold "$DATA" \
         "$pairs" "${kd[@]}" --teacher-paths "$(IFS=,; echo "${paths[*]}")" --kd-topk "$KD_TOPK" --kd-threshold bleu \
         --kd-threshold-interval "$THRESHOLD_INTERVAL" --kd-threshold-margin "$THRESHOLD_MARGIN"
-    students=(multilingual-no-kd multilingual-word-kd multilingual-seq-kd multilingual-threshold)
+fi
+if want pivot; then
+    spawn pivot-kd "$WORK/pivot-kd.log" train_multi_student pivot-kd "$DATA" cs-de "${kd[@]}" \
+        --teacher-paths "cs-de:$(teacher en-de)" --teacher-source-lang en
+fi
+if want low-resource; then
+    await low-teacher
+    spawn low-cache "$WORK/low-cache.log" build_pair_cache "$LOW_DATA" en-cs "$WORK/low-teacher/checkpoint_last.pt" \
+        "$WORK/low-cache"
+fi
+
+# then the students of the caches and of the teachers' translations
+if want multilingual; then
     for pair in "${PAIRS[@]}"; do
-        stage "export-multilingual-word-kd-$pair" "$WORK/export-multilingual-word-kd-$pair.log" cmd fairseq-kd-export \
+        await "cache-$pair"
+        spawn "bilingual-word-kd-$pair" "$WORK/bilingual-word-kd-$pair.log" train_multi_student "bilingual-word-kd-$pair" \
+            "$DATA" "$pair" "${kd[@]}" --teacher-topk-caches "$pair:$WORK/cache-$pair" --kd-topk "$KD_TOPK"
+    done
+    spawn multilingual-word-kd "$WORK/multilingual-word-kd.log" train_multi_student multilingual-word-kd "$DATA" "$pairs" \
+        "${kd[@]}" --teacher-topk-caches "$(IFS=,; echo "${caches[*]}")" --kd-topk "$KD_TOPK"
+    await "${PAIRS[@]/#/distill-}"
+    stage distill "$WORK/distill.log" binarize_distilled "$WORK/distill" "${PAIRS[@]}"
+    spawn multilingual-seq-kd "$WORK/multilingual-seq-kd.log" train_multi_student multilingual-seq-kd \
+        "$WORK/distill/data-bin" "$pairs" --kd-alpha 0
+fi
+if want low-resource; then
+    await cache-en-de cache-en-fr low-cache
+    spawn low-bilingual-word-kd "$WORK/low-bilingual-word-kd.log" train_multi_student low-bilingual-word-kd "$LOW_DATA" \
+        en-cs "${kd[@]}" --teacher-topk-caches "en-cs:$WORK/low-cache" --kd-topk "$KD_TOPK"
+    spawn low-multilingual-word-kd "$WORK/low-multilingual-word-kd.log" train_multi_student low-multilingual-word-kd \
+        "$LOW_DATA" "$pairs" "${kd[@]}" --kd-topk "$KD_TOPK" \
+        --teacher-topk-caches "en-de:$WORK/cache-en-de,en-fr:$WORK/cache-en-fr,en-cs:$WORK/low-cache"
+fi
+
+# last, each experiment's exports, scores and table once its students are trained
+if want multilingual; then
+    students=(multilingual-no-kd multilingual-word-kd multilingual-seq-kd multilingual-threshold)
+    await "${PAIRS[@]/#/bilingual-word-kd-}" "${students[@]}"
+    for pair in "${PAIRS[@]}"; do
+        spawn "export-multilingual-word-kd-$pair" "$WORK/export-multilingual-word-kd-$pair.log" cmd fairseq-kd-export \
             "$WORK/multilingual-word-kd/checkpoint_last.pt" --data "$DATA" --sentencepiece-model "$SUBWORD/spm.model" \
             --source-lang "${pair%-*}" --target-lang "${pair#*-}" --out "$WORK/multilingual-word-kd-ct2-int8-$pair" --force
+    done
+    for pair in "${PAIRS[@]}"; do
         models=("teacher=$(teacher "$pair")" "bilingual-word-kd=$WORK/bilingual-word-kd-$pair/checkpoint_last.pt")
-        for name in "${students[@]}"; do models+=("$name=$WORK/$name/checkpoint_last.pt"); done
+        for name in "${students[@]}"; do models+=("$(checkpoint "$name")"); done
         models+=("multilingual-word-kd-ct2-int8=$WORK/multilingual-word-kd-ct2-int8-$pair")
-        stage "evaluate-multilingual-$pair" "$WORK/results/multilingual.$pair.log" evaluate_pair multilingual "$DATA" \
+        await "export-multilingual-word-kd-$pair"
+        spawn "evaluate-multilingual-$pair" "$WORK/results/multilingual.$pair.log" evaluate_pair multilingual "$DATA" \
             "$pair" "${models[@]}"
     done
+fi
+if want low-resource; then
+    await low-bilingual-word-kd low-multilingual-no-kd low-multilingual-word-kd
+    for pair in "${PAIRS[@]}"; do
+        models=()
+        if [ "$pair" = en-cs ]; then models=("low-teacher=$WORK/low-teacher/checkpoint_last.pt" "$(checkpoint low-bilingual-word-kd)"); fi
+        models+=("$(checkpoint low-multilingual-no-kd)" "$(checkpoint low-multilingual-word-kd)")
+        spawn "evaluate-low-resource-$pair" "$WORK/results/low-resource.$pair.log" evaluate_pair low-resource "$LOW_DATA" \
+            "$pair" "${models[@]}"
+    done
+fi
+if want pivot; then
+    await pivot-no-kd pivot-kd
+    spawn evaluate-pivot "$WORK/results/pivot.cs-de.log" evaluate_pair pivot "$DATA" cs-de "$(checkpoint pivot-no-kd)" \
+        "$(checkpoint pivot-kd)"
+fi
+if want multilingual; then
+    await "${PAIRS[@]/#/evaluate-multilingual-}"
     pair_table multilingual "${PAIRS[*]}" "teacher bilingual-word-kd ${students[*]} multilingual-word-kd-ct2-int8" \
         "teacher bilingual-word-kd"
 fi
-
-if [[ " ${EXPERIMENTS[*]} " == *" low-resource "* ]]; then
-    stage low-teacher "$WORK/low-teacher.log" train_pair_teacher "$WORK/low-teacher" "$LOW_DATA" en-cs
-    stage low-cache "$WORK/low-cache.log" build_pair_cache "$LOW_DATA" en-cs "$WORK/low-teacher/checkpoint_last.pt" \
-        "$WORK/low-cache"
-    for pair in en-de en-fr; do  # the same files as the multilingual experiment's
-        stage "cache-$pair" "$WORK/cache-$pair.log" build_pair_cache "$DATA" "$pair" "$(teacher "$pair")" "$WORK/cache-$pair"
-    done
-    stage low-bilingual-word-kd "$WORK/low-bilingual-word-kd.log" train_multi_student low-bilingual-word-kd "$LOW_DATA" \
-        en-cs "${kd[@]}" --teacher-topk-caches "en-cs:$WORK/low-cache" --kd-topk "$KD_TOPK"
-    stage low-multilingual-no-kd "$WORK/low-multilingual-no-kd.log" train_multi_student low-multilingual-no-kd "$LOW_DATA" \
-        en-de,en-fr,en-cs --kd-alpha 0
-    stage low-multilingual-word-kd "$WORK/low-multilingual-word-kd.log" train_multi_student low-multilingual-word-kd \
-        "$LOW_DATA" en-de,en-fr,en-cs "${kd[@]}" --kd-topk "$KD_TOPK" \
-        --teacher-topk-caches "en-de:$WORK/cache-en-de,en-fr:$WORK/cache-en-fr,en-cs:$WORK/low-cache"
-    for pair in "${PAIRS[@]}"; do
-        models=()
-        if [ "$pair" = en-cs ]; then
-            models=("low-teacher=$WORK/low-teacher/checkpoint_last.pt"
-                    "low-bilingual-word-kd=$WORK/low-bilingual-word-kd/checkpoint_last.pt")
-        fi
-        models+=("low-multilingual-no-kd=$WORK/low-multilingual-no-kd/checkpoint_last.pt"
-                 "low-multilingual-word-kd=$WORK/low-multilingual-word-kd/checkpoint_last.pt")
-        stage "evaluate-low-resource-$pair" "$WORK/results/low-resource.$pair.log" evaluate_pair low-resource "$LOW_DATA" \
-            "$pair" "${models[@]}"
-    done
+if want low-resource; then
+    await "${PAIRS[@]/#/evaluate-low-resource-}"
     pair_table low-resource "${PAIRS[*]}" "low-teacher low-bilingual-word-kd low-multilingual-no-kd low-multilingual-word-kd"
 fi
-
-if [[ " ${EXPERIMENTS[*]} " == *" pivot "* ]]; then
-    stage pivot-no-kd "$WORK/pivot-no-kd.log" train_multi_student pivot-no-kd "$DATA" cs-de --kd-alpha 0
-    stage pivot-kd "$WORK/pivot-kd.log" train_multi_student pivot-kd "$DATA" cs-de "${kd[@]}" \
-        --teacher-paths "cs-de:$(teacher en-de)" --teacher-source-lang en
-    stage evaluate-pivot "$WORK/results/pivot.cs-de.log" evaluate_pair pivot "$DATA" cs-de \
-        "pivot-no-kd=$WORK/pivot-no-kd/checkpoint_last.pt" "pivot-kd=$WORK/pivot-kd/checkpoint_last.pt"
+if want pivot; then
+    await evaluate-pivot
     pair_table pivot cs-de "pivot-no-kd pivot-kd"
 fi
 for experiment in "${EXPERIMENTS[@]}"; do
