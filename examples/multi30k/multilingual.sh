@@ -21,7 +21,8 @@
 #                               student's updates)
 #   THRESHOLD_MARGIN=1          BLEU by which the student must beat its teacher for KD to switch off
 #   PARALLEL=1                  on a GPU: each model trains as soon as what it needs is there, many at once
-#                               (the three teachers and the students without KD first, ...)
+#                               (the three teachers and the students without KD first, ...); the tables' training
+#                               speeds are then of models sharing the machine, not comparable with each other
 #   ...and run.sh's settings: WORK, CONFIG (quick or full), STUDENT_ARCH, KD_ALPHA, KD_TEMPERATURE, KD_TOPK,
 #   VOCAB_SIZE (default 16000: four languages), TEACHER_UPDATES, STUDENT_UPDATES, MAX_TOKENS, LR, CPU_BF16,
 #   DEVICE_FLAGS, ...
