@@ -35,6 +35,7 @@ LOOP_FLAGS=()  # distilled_corpus.py drops the teacher's repetition loops unless
 if [ "$DISTILL_KEEP_LOOPS" = 1 ]; then LOOP_FLAGS=(--keep-loops); fi
 DISTILL_NBEST=${DISTILL_NBEST:-1}
 DISTILL_SELECT=${DISTILL_SELECT:-first}
+PARALLEL=${PARALLEL:-0}  # spawn, below
 read -r -a DEVICE_FLAGS <<< "${DEVICE_FLAGS---cpu}"
 # the teacher's translations for the sequence-level KD corpus: outputs longer than 1.2 x source + 10 subwords
 # are runaway repetitions that the corpus would drop anyway. fairseq drops a last batch whose size is not a
@@ -119,8 +120,8 @@ if "$SUBWORDS" not in ("spm", "bpe"):
 for name, value in (("DISTILL_UNION", "$DISTILL_UNION"), ("DISTILL_KEEP_LOOPS", "$DISTILL_KEEP_LOOPS")):
     if value not in ("0", "1"):
         errors.append(f"{name} must be 0 or 1, got '{value}'")
-if "${PARALLEL:-0}" not in ("0", "1"):
-    errors.append("PARALLEL must be 0 or 1, got '${PARALLEL:-}'")
+if "$PARALLEL" not in ("0", "1"):
+    errors.append("PARALLEL must be 0 or 1, got '$PARALLEL'")
 if "$CPU_BF16" not in ("0", "1"):
     errors.append("CPU_BF16 must be 0 or 1, got '$CPU_BF16'")
 elif "$CPU_BF16" == "1" and "--cpu" not in "${DEVICE_FLAGS[*]}".split():
@@ -205,7 +206,6 @@ stage() {
 # PARALLEL=1: stages a recipe starts with spawn run at once, as background jobs, each until an await names
 # it. For a GPU, which the recipes' small models leave mostly idle (BENCHMARKS.md: 20 small students at once
 # on an H100 trained 128 updates/s together, 6 at once 97); on a CPU of few cores they share its cores.
-PARALLEL=${PARALLEL:-0}
 declare -A SPAWNED=()
 if [ "$PARALLEL" = 1 ]; then
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # torch's default, a thread per core in every process, oversubscribes
