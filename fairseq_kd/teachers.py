@@ -265,7 +265,9 @@ class PairTeachers:
         if self.cache_k is not None:
             # a batch of pairs without a cache only (weighted 0) has none: zeros stand in
             empty = (*sample["target"].shape, self.cache_k)
-            topk = sample.get(TopKCacheDataset.KEY) or (torch.zeros(empty), torch.zeros(empty, dtype=torch.long))
+            device = sample["target"].device
+            topk = sample.get(TopKCacheDataset.KEY) or (torch.zeros(empty, device=device),
+                                                        torch.zeros(empty, dtype=torch.long, device=device))
             return TeacherOutput(topk=topk, position_weights=position_weights)
         param = next(student.parameters())
         target = sample["target"].to(param.device)

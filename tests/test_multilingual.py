@@ -208,6 +208,7 @@ def test_threshold_switches_kd_per_pair_and_survives_a_resume(ml_data, ml_teache
      "--kd-threshold-margin must be >= 0"),
     (("--teacher-paths", "en-de:{en-de}", "--decoder-langtok", "--encoder-langtok", "tgt"),
      "trained with --encoder-langtok src, this run uses tgt"),
+    (("--teacher-paths", "en-de:{en-de}", "--left-pad-target", "True"), "keep --left-pad-target False"),
 ])
 def test_bad_multilingual_options_are_refused(ml_data, ml_teachers, flags, message):
     flags = [flag.format(**ml_teachers) for flag in flags]

@@ -1,6 +1,7 @@
 """examples/multi30k/multilingual.sh on four-way toy data (its own file, so that pytest-xdist runs it beside
 the demo's)."""
 import json
+import re
 
 from test_demo import fake_multi30k, run_demo
 
@@ -48,6 +49,11 @@ def test_multilingual_recipe(tmp_path):
     assert "--max-update 12 " in (work / ".stage-multilingual-word-kd").read_text()
     assert "--max-update 4 " in (work / ".stage-bilingual-word-kd-en-de").read_text()
     assert "--max-update 4 " in (work / ".stage-pivot-kd").read_text()
+    # ...and each pair drawn as often, the cut en-cs too
+    log = (work / "low-multilingual-no-kd.log").read_text()
+    raw, resampled = ({pair: int(size) for pair, size in re.findall(r"'main:(\w+-\w+)': (?:np\.int64\()?(\d+)", line)}
+                      for line in re.findall(r"\[train\] (?:Raw|Resampled) sizes: .*", log)[:2])
+    assert raw == {"en-de": 300, "en-fr": 300, "en-cs": 100} and resampled == {"en-de": 300, "en-fr": 300, "en-cs": 300}
     assert json.loads((work / "multilingual-word-kd-ct2-int8-en-cs" / "fairseq_kd_export.json").read_text())[
         "language_tokens"] == [["__en__"], ["__cs__"]]
     again = run_demo(tmp_path, "multilingual.sh", **settings)

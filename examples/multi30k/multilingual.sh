@@ -24,12 +24,13 @@
 #                               (the three teachers and the students without KD first, ...); the tables' training
 #                               speeds are then of models sharing the machine, not comparable with each other
 #   ...and run.sh's settings: WORK, CONFIG (quick or full), STUDENT_ARCH, KD_ALPHA, KD_TEMPERATURE, KD_TOPK,
-#   VOCAB_SIZE (default 16000: four languages), TEACHER_UPDATES, STUDENT_UPDATES, MAX_TOKENS, LR, CPU_BF16,
-#   DEVICE_FLAGS, ...
+#   KD_TOPK_STUDENT, VOCAB_SIZE (default 16000: four languages), TEACHER_UPDATES, STUDENT_UPDATES, MAX_TOKENS,
+#   LR, CPU_BF16, DEVICE_FLAGS, ...
 #
 # STUDENT_UPDATES is per language pair: a student of three pairs trains three times as many updates as a
-# bilingual one, so that every student sees each of its pairs' data as often (the three bilingual students
-# together train as long as one multilingual student).
+# bilingual one and draws its batches from each pair equally (--sampling-method uniform), so that every
+# student sees each of its pairs' data as often, the cut en-cs included (the three bilingual students together
+# train as long as one multilingual student).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -49,7 +50,8 @@ fi
 read -r -a EXPERIMENTS <<< "${EXPERIMENTS:-multilingual low-resource pivot}"
 LOW_RESOURCE_SIZE=${LOW_RESOURCE_SIZE:-5000}
 PAIRS=(en-de en-fr en-cs)
-# five comparisons over the threshold student's run, which trains STUDENT_UPDATES per pair
+# the threshold student's run (STUDENT_UPDATES per pair) in five: four comparisons, the last a fifth before
+# the end (fairseq's last update runs no check)
 interval=$(( ${#PAIRS[@]} * STUDENT_UPDATES / 5 ))
 THRESHOLD_INTERVAL=${THRESHOLD_INTERVAL:-$(( interval > 0 ? interval : 1 ))}
 THRESHOLD_MARGIN=${THRESHOLD_MARGIN:-1}
@@ -89,8 +91,8 @@ train_multi_student() {  # NAME DATA_BIN PAIRS EXTRA_FLAGS...
     local name=$1 data=$2 pairs=$3 commas=${3//[^,]/}  # one comma fewer than pairs: the budget is per pair
     shift 3
     cmd fairseq-train "$data" --user-dir "$ROOT/fairseq_kd" --task translation_multi_distillation --lang-pairs "$pairs" \
-        "${MULTI_FLAGS[@]}" "${STUDENT_FLAGS[@]}" --criterion kd_label_smoothed_cross_entropy --label-smoothing 0.1 \
-        "$@" "${OPTIM_FLAGS[@]}" "${BATCH_FLAGS[@]}" --seed "$SEED" \
+        "${MULTI_FLAGS[@]}" --sampling-method uniform "${STUDENT_FLAGS[@]}" --criterion kd_label_smoothed_cross_entropy \
+        --label-smoothing 0.1 "$@" "${OPTIM_FLAGS[@]}" "${BATCH_FLAGS[@]}" --seed "$SEED" \
         --max-update $(( STUDENT_UPDATES * (${#commas} + 1) )) "${DEVICE_FLAGS[@]}" "${LOG_FLAGS[@]}" \
         "${STUDENT_BF16[@]}" --save-dir "$WORK/$name"
 }
@@ -148,6 +150,8 @@ teacher() { echo "$WORK/teacher-$1/checkpoint_last.pt"; }
 checkpoint() { echo "$1=$WORK/$1/checkpoint_last.pt"; }
 want() { [[ " ${EXPERIMENTS[*]} " == *" $1 "* ]]; }
 kd=(--kd-alpha "$KD_ALPHA" --kd-temperature "$KD_TEMPERATURE")
+topk=(--kd-topk "$KD_TOPK")
+if [ "$KD_TOPK_STUDENT" != full ]; then topk+=(--kd-topk-student "$KD_TOPK_STUDENT"); fi
 pairs=$(IFS=,; echo "${PAIRS[*]}")
 caches=() paths=()
 for pair in "${PAIRS[@]}"; do caches+=("$pair:$WORK/cache-$pair") paths+=("$pair:$(teacher "$pair")"); done
@@ -183,7 +187,7 @@ if want multilingual; then
         spawn "distill-$pair" "$WORK/distill-$pair.log" distill_pair "$WORK/distill" "$pair" "$(teacher "$pair")"
     done
     spawn multilingual-threshold "$WORK/multilingual-threshold.log" train_multi_student multilingual-threshold "$DATA" \
-        "$pairs" "${kd[@]}" --teacher-paths "$(IFS=,; echo "${paths[*]}")" --kd-topk "$KD_TOPK" --kd-threshold bleu \
+        "$pairs" "${kd[@]}" --teacher-paths "$(IFS=,; echo "${paths[*]}")" "${topk[@]}" --kd-threshold bleu \
         --kd-threshold-interval "$THRESHOLD_INTERVAL" --kd-threshold-margin "$THRESHOLD_MARGIN"
 fi
 if want pivot; then
@@ -201,10 +205,10 @@ if want multilingual; then
     for pair in "${PAIRS[@]}"; do
         await "cache-$pair"
         spawn "bilingual-word-kd-$pair" "$WORK/bilingual-word-kd-$pair.log" train_multi_student "bilingual-word-kd-$pair" \
-            "$DATA" "$pair" "${kd[@]}" --teacher-topk-caches "$pair:$WORK/cache-$pair" --kd-topk "$KD_TOPK"
+            "$DATA" "$pair" "${kd[@]}" --teacher-topk-caches "$pair:$WORK/cache-$pair" "${topk[@]}"
     done
     spawn multilingual-word-kd "$WORK/multilingual-word-kd.log" train_multi_student multilingual-word-kd "$DATA" "$pairs" \
-        "${kd[@]}" --teacher-topk-caches "$(IFS=,; echo "${caches[*]}")" --kd-topk "$KD_TOPK"
+        "${kd[@]}" --teacher-topk-caches "$(IFS=,; echo "${caches[*]}")" "${topk[@]}"
     await "${PAIRS[@]/#/distill-}"
     stage distill "$WORK/distill.log" binarize_distilled "$WORK/distill" "${PAIRS[@]}"
     spawn multilingual-seq-kd "$WORK/multilingual-seq-kd.log" train_multi_student multilingual-seq-kd \
@@ -213,9 +217,9 @@ fi
 if want low-resource; then
     await cache-en-de cache-en-fr low-cache
     spawn low-bilingual-word-kd "$WORK/low-bilingual-word-kd.log" train_multi_student low-bilingual-word-kd "$LOW_DATA" \
-        en-cs "${kd[@]}" --teacher-topk-caches "en-cs:$WORK/low-cache" --kd-topk "$KD_TOPK"
+        en-cs "${kd[@]}" --teacher-topk-caches "en-cs:$WORK/low-cache" "${topk[@]}"
     spawn low-multilingual-word-kd "$WORK/low-multilingual-word-kd.log" train_multi_student low-multilingual-word-kd \
-        "$LOW_DATA" "$pairs" "${kd[@]}" --kd-topk "$KD_TOPK" \
+        "$LOW_DATA" "$pairs" "${kd[@]}" "${topk[@]}" \
         --teacher-topk-caches "en-de:$WORK/cache-en-de,en-fr:$WORK/cache-en-fr,en-cs:$WORK/low-cache"
 fi
 

@@ -199,6 +199,11 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
                 "translation_multi_distillation needs the languages in a fixed order (their tokens' ids must match"
                 " the teachers'): give --lang-dict langs.txt"
             )
+        if args.decoder_langtok and args.left_pad_target:
+            raise FairseqKDError(
+                "--decoder-langtok with --left-pad-target True: KD skips the language token in each target's first"
+                " column, which left padding fills with pads; keep --left-pad-target False (fairseq's default)"
+            )
         paths = parse_pair_values(args.teacher_paths, "--teacher-paths", self.lang_pairs, str)
         caches = parse_pair_values(args.teacher_topk_caches, "--teacher-topk-caches", self.lang_pairs, str)
         weights = parse_pair_values(args.kd_pair_weights, "--kd-pair-weights", self.lang_pairs, pair_weight)
