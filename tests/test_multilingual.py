@@ -6,9 +6,11 @@ import shutil
 import pytest
 import torch
 from fairseq import checkpoint_utils, options, tasks
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from conftest import PLUGIN, TINY_TRANSFORMER, TRAIN_FLAGS, run
 from fairseq_kd.errors import FairseqKDError
+from fairseq_kd.kd_losses import kd_mi_loss
 from fairseq_kd.teachers import PairTeachers
 
 # every language spells the same words with its own letter; fr in reverse order
@@ -114,6 +116,22 @@ def test_each_row_is_distilled_by_its_own_pairs_teacher(ml_data, ml_teachers):
             other = run_alone(models[1 - pair], sample, row)[:length]
             assert torch.allclose(output.lprobs[row, :length], own, atol=1e-5)
             assert not torch.allclose(output.lprobs[row, :length], other, atol=1e-2)
+
+
+def test_mi_negatives_are_the_distilled_positions_only(ml_data, ml_teachers):
+    """--kd-loss mi contrasts each position with the others of the batch: rows of a pair without a teacher
+    and the language tokens (weighted 0) are nobody's negatives."""
+    task, student = build(ml_data, "--teacher-paths", f"en-de:{ml_teachers['en-de']}", "--kd-loss", "mi",
+                          "--dropout", "0")
+    criterion = task.build_criterion(convert_namespace_to_omegaconf(task.args).criterion)
+    sample = whole_split(task)
+    teacher = task.teachers.predict(sample, student)
+    distilled = sample["target"].ne(task.target_dictionary.pad()) & teacher.position_weights.gt(0)
+    assert 0 < distilled.sum() < sample["target"].ne(task.target_dictionary.pad()).sum() - len(distilled)
+    _, _, log = criterion(student, sample)
+    lprobs = student.get_normalized_probs(student(**sample["net_input"]), log_probs=True)
+    expected = kd_mi_loss(lprobs[distilled], teacher.lprobs[distilled], 1.0, 15).sum()
+    assert log["kd_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_cache_is_keyed_by_pair_and_equals_the_teachers(ml_data, ml_teachers, tmp_path):

@@ -134,8 +134,11 @@ class WordKD:
         values, ids = (None if t is None else t[:, self.prefix:].reshape(target.numel(), -1)
                        for t in teacher.distribution(self.k))
         if self.loss == "mi":
-            # padding positions must not serve as negatives: the loss runs on the real tokens only
+            # only the distilled positions serve as each other's negatives: not padding, nor positions weighted 0
+            # (a language token, a pair without a teacher or with its KD switched off)
             real = target.ne(self.padding_idx)
+            if teacher.position_weights is not None:
+                real &= teacher.position_weights[:, self.prefix:].reshape(-1).to(target.device).gt(0)
             loss = lprobs_student_t.new_zeros(target.shape, dtype=torch.float)
             loss[real] = kd_mi_loss(lprobs_student_t[real], values[real], temperature, self.negatives,
                                     None if ids is None else ids[real])
