@@ -213,7 +213,8 @@ class Teachers:
 
 class PairTeachers:
     """The teachers of a multilingual student (``translation_multi_distillation``): per language pair a
-    teacher, or a top-k cache, and how much the pair is distilled. Every batch row carries the index of
+    teacher, or a top-k cache (with the threshold strategy both: the cache gives the targets, the teacher
+    only scores validation data), and how much the pair is distilled. Every batch row carries the index of
     its pair in ``sample[PAIR_KEY]``; ``predict`` runs each pair's teacher on that pair's rows only (a pivot
     teacher on the same sentences in its own source language, ``sample[TEACHER_INPUT_KEY]``) and gives each
     target position its pair's weight: ``pair_weights`` times ``enabled`` (the threshold strategy switches

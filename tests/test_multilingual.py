@@ -134,14 +134,21 @@ def test_mi_negatives_are_the_distilled_positions_only(ml_data, ml_teachers):
     assert log["kd_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_cache_is_keyed_by_pair_and_equals_the_teachers(ml_data, ml_teachers, tmp_path):
+@pytest.fixture(scope="module")
+def ml_caches(ml_data, ml_teachers, tmp_path_factory):
+    """Top-4 caches of the validation data, one per teacher in ``ml_teachers``."""
+    caches = {pair: tmp_path_factory.mktemp("caches") / pair for pair in ml_teachers}
     for pair, teacher in ml_teachers.items():
         run("fairseq-kd-build-cache", ml_data, "--user-dir", PLUGIN, "--task", "translation_multi_simple_epoch",
             "--lang-pairs", pair, "--lang-dict", ml_data / "langs.txt", *LANGTOK_FLAGS, "--teacher-path", teacher,
-            "--topk", 4, "--splits", "valid", "--out", tmp_path / pair, "--cpu")
+            "--topk", 4, "--splits", "valid", "--out", caches[pair], "--cpu")
+    return caches
+
+
+def test_cache_is_keyed_by_pair_and_equals_the_teachers(ml_data, ml_teachers, ml_caches):
     online, student = build(ml_data, "--teacher-paths", f"en-de:{ml_teachers['en-de']},en-fr:{ml_teachers['en-fr']}",
                             "--kd-topk", 4)
-    cached, _ = build(ml_data, "--teacher-topk-caches", f"en-de:{tmp_path / 'en-de'},en-fr:{tmp_path / 'en-fr'}",
+    cached, _ = build(ml_data, "--teacher-topk-caches", f"en-de:{ml_caches['en-de']},en-fr:{ml_caches['en-fr']}",
                       "--kd-topk", 4)
     sample = whole_split(online)
     sample_cached = whole_split(cached)
@@ -153,7 +160,26 @@ def test_cache_is_keyed_by_pair_and_equals_the_teachers(ml_data, ml_teachers, tm
     assert torch.equal(ids[distilled], cached_ids[distilled])
     assert torch.allclose(values[distilled], cached_values[distilled], atol=2e-3)  # stored as float16
     with pytest.raises(FairseqKDError, match="the cache holds the en-fr teacher's top-k; build one for en-de"):
-        build(ml_data, "--teacher-topk-caches", f"en-de:{tmp_path / 'en-fr'}", "--kd-topk", 4)[0].load_dataset("valid")
+        build(ml_data, "--teacher-topk-caches", f"en-de:{ml_caches['en-fr']}", "--kd-topk", 4)[0].load_dataset("valid")
+
+
+def test_threshold_with_caches_scores_with_the_teachers_and_distils_from_the_caches(ml_data, ml_teachers, ml_caches):
+    paths = f"en-de:{ml_teachers['en-de']},en-fr:{ml_teachers['en-fr']}"
+    threshold = ("--kd-threshold", "loss", "--kd-topk", 4)
+    task, student = build(ml_data, "--teacher-paths", paths, "--teacher-topk-caches",
+                          f"en-de:{ml_caches['en-de']},en-fr:{ml_caches['en-fr']}", *threshold)
+    cached, _ = build(ml_data, "--teacher-topk-caches", f"en-de:{ml_caches['en-de']},en-fr:{ml_caches['en-fr']}",
+                      "--kd-topk", 4)
+    sample = whole_split(task)
+    output = task.teachers.predict(sample, student)
+    assert output.lprobs is None and torch.equal(output.topk[1], cached.teachers.predict(whole_split(cached), student).topk[1])
+    task.threshold.maybe_check(student, 1000)  # each teacher scores its pair's validation data
+    assert set(task.threshold.teacher_scores) == set(task.threshold.student_scores) == {"en-de", "en-fr"}
+    with pytest.raises(FairseqKDError, match="en-de:.* was built from another teacher than --teacher-paths en-de:"):
+        build(ml_data, "--teacher-paths", paths, "--teacher-topk-caches",
+              f"en-de:{ml_caches['en-fr']},en-fr:{ml_caches['en-fr']}", *threshold)
+    with pytest.raises(FairseqKDError, match="give a teacher and its cache for the same pairs"):
+        build(ml_data, "--teacher-paths", paths, "--teacher-topk-caches", f"en-de:{ml_caches['en-de']}", *threshold)
 
 
 def test_pivot_teacher_reads_the_same_sentence_in_its_own_language(ml_data, ml_teachers, tmp_path):
@@ -221,7 +247,9 @@ def test_threshold_switches_kd_per_pair_and_survives_a_resume(ml_data, ml_teache
     (("--teacher-paths", "en-de:{en-de}", "--kd-threshold", "bleu", "--disable-validation"), "needs validation data"),
     (("--teacher-paths", "en-de:{en-fr}",), "it translates en->fr"),
     (("--teacher-topk-caches", "en-de:X", "--teacher-source-lang", "en"), "give them with --teacher-paths"),
-    (("--teacher-paths", "en-de:{en-de}", "--teacher-topk-caches", "en-fr:X"), "not both"),
+    (("--teacher-paths", "en-de:{en-de}", "--teacher-topk-caches", "en-de:X", "--teacher-source-lang", "en",
+      "--kd-threshold", "loss"), "without --teacher-topk-caches"),
+    (("--teacher-paths", "en-de:{en-de}", "--teacher-topk-caches", "en-fr:X"), "not both .both only with --kd-threshold"),
     (("--teacher-paths", "en-de:{en-de}", "--kd-threshold", "loss", "--kd-threshold-margin", "-1"),
      "--kd-threshold-margin must be >= 0"),
     (("--teacher-paths", "en-de:{en-de}", "--decoder-langtok", "--encoder-langtok", "tgt"),

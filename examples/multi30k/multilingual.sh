@@ -176,7 +176,7 @@ if want pivot; then
 fi
 await "${PAIRS[@]/#/teacher-}"
 
-# then the teachers' top-k caches and translations, and the students the teachers run for online
+# then the teachers' top-k caches and translations, and the student the teacher runs for online
 cache_pairs=()
 if want multilingual; then cache_pairs=("${PAIRS[@]}"); elif want low-resource; then cache_pairs=(en-de en-fr); fi
 for pair in "${cache_pairs[@]}"; do
@@ -186,9 +186,6 @@ if want multilingual; then
     for pair in "${PAIRS[@]}"; do
         spawn "distill-$pair" "$WORK/distill-$pair.log" distill_pair "$WORK/distill" "$pair" "$(teacher "$pair")"
     done
-    spawn multilingual-threshold "$WORK/multilingual-threshold.log" train_multi_student multilingual-threshold "$DATA" \
-        "$pairs" "${kd[@]}" --teacher-paths "$(IFS=,; echo "${paths[*]}")" "${topk[@]}" --kd-threshold bleu \
-        --kd-threshold-interval "$THRESHOLD_INTERVAL" --kd-threshold-margin "$THRESHOLD_MARGIN"
 fi
 if want pivot; then
     spawn pivot-kd "$WORK/pivot-kd.log" train_multi_student pivot-kd "$DATA" cs-de "${kd[@]}" \
@@ -209,6 +206,11 @@ if want multilingual; then
     done
     spawn multilingual-word-kd "$WORK/multilingual-word-kd.log" train_multi_student multilingual-word-kd "$DATA" "$pairs" \
         "${kd[@]}" --teacher-topk-caches "$(IFS=,; echo "${caches[*]}")" "${topk[@]}"
+    # the same targets as the word-KD student (the caches); the teachers only score the validation data
+    spawn multilingual-threshold "$WORK/multilingual-threshold.log" train_multi_student multilingual-threshold "$DATA" \
+        "$pairs" "${kd[@]}" --teacher-topk-caches "$(IFS=,; echo "${caches[*]}")" "${topk[@]}" \
+        --teacher-paths "$(IFS=,; echo "${paths[*]}")" --kd-threshold bleu \
+        --kd-threshold-interval "$THRESHOLD_INTERVAL" --kd-threshold-margin "$THRESHOLD_MARGIN"
     await "${PAIRS[@]/#/distill-}"
     stage distill "$WORK/distill.log" binarize_distilled "$WORK/distill" "${PAIRS[@]}"
     spawn multilingual-seq-kd "$WORK/multilingual-seq-kd.log" train_multi_student multilingual-seq-kd \

@@ -26,6 +26,7 @@ from fairseq.sequence_generator import SequenceGenerator
 from fairseq.tasks import register_task
 from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
 
+from fairseq_kd.checkpoints import sha256
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.tasks.distillation import DistillationTaskMixin
 from fairseq_kd.tasks.translation_distillation import check_save_dir
@@ -141,7 +142,9 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
                                  " options and dictionary. A pair without a teacher is trained without KD")
         parser.add_argument("--teacher-topk-caches", metavar="PAIR:DIR,...",
                             help="instead of --teacher-paths: per pair a fairseq-kd-build-cache directory built"
-                                 " from its teacher on that pair's data (pass the caches' k as --kd-topk)")
+                                 " from its teacher on that pair's data (pass the caches' k as --kd-topk). With"
+                                 " --kd-threshold give both: the caches give the KD targets, the teachers only"
+                                 " score the validation data")
         parser.add_argument("--teacher-source-lang", metavar="LANG",
                             help="cross-lingual (pivot) KD: the teachers translate from LANG and read, for a pair"
                                  " with another source language, the same sentences in LANG: SPLIT.LANG-TGT.LANG"
@@ -187,12 +190,15 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
         self.threshold = ThresholdControl(self, args) if training and args.kd_threshold != "none" else None
 
     def load_teachers(self, args):
-        if args.teacher_paths and args.teacher_topk_caches:
-            raise FairseqKDError("give either --teacher-paths or --teacher-topk-caches, not both")
-        if args.teacher_source_lang and not args.teacher_paths:
+        if args.teacher_paths and args.teacher_topk_caches and args.kd_threshold == "none":
+            raise FairseqKDError(
+                "give either --teacher-paths or --teacher-topk-caches, not both (both only with --kd-threshold: the"
+                " teachers score the validation data, the caches give the KD targets)"
+            )
+        if args.teacher_source_lang and (not args.teacher_paths or args.teacher_topk_caches):
             raise FairseqKDError(
                 "--teacher-source-lang runs the teachers on the same sentences in their own language: give them with"
-                " --teacher-paths"
+                " --teacher-paths, without --teacher-topk-caches"
             )
         if not args.lang_dict and not args.langs:
             raise FairseqKDError(
@@ -213,6 +219,8 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
             raise FairseqKDError(
                 f"--kd-pair-weights: {','.join(untaught)} has no teacher in --teacher-paths/--teacher-topk-caches"
             )
+        if paths and caches:
+            check_caches_of_teachers(caches, paths)
         check_save_dir(args.save_dir, ":".join(paths.values()))
         self.cache_dirs = {self.pair_index[pair]: directory for pair, directory in caches.items()}
         cache_k = {read_manifest(directory)["k"] for directory in caches.values()}
@@ -319,16 +327,34 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
         return next(d for d in dataset.datasets if d.pair_index == index)
 
 
+def check_caches_of_teachers(caches, paths):
+    """--kd-threshold with both --teacher-paths and --teacher-topk-caches: the same pairs, each cache built
+    from that pair's teacher (the checkpoint hash its manifest records)."""
+    if set(caches) != set(paths):
+        raise FairseqKDError(
+            f"--teacher-topk-caches names {','.join(sorted(caches))} and --teacher-paths {','.join(sorted(paths))}:"
+            " with --kd-threshold give a teacher and its cache for the same pairs"
+        )
+    for pair, directory in caches.items():
+        built_from = [teacher["sha256"] for teacher in read_manifest(directory).get("teachers", [])]
+        if built_from != [sha256(paths[pair])]:
+            raise FairseqKDError(
+                f"--teacher-topk-caches {pair}:{directory} was built from another teacher than --teacher-paths"
+                f" {pair}:{paths[pair]}; give the teacher the cache was built from, or rebuild the cache from it"
+            )
+
+
 class ThresholdControl:
     """--kd-threshold: per pair, the teacher's score on the pair's validation data (measured once) against the
     student's, every --kd-threshold-interval updates; KD on for a pair unless the student is ahead by the
     margin. Its state (scores, switches) is saved in the checkpoints and restored on resume."""
 
     def __init__(self, task, args):
-        if not task.teachers or task.teachers.cache_k is not None:
+        if not task.teachers.teachers:
             raise FairseqKDError(
                 "--kd-threshold compares the student with each pair's teacher, which it runs on validation data:"
-                " give --teacher-paths (a top-k cache cannot decode)"
+                " give --teacher-paths (a top-k cache cannot decode; with --teacher-topk-caches too, the caches"
+                " give the KD targets)"
             )
         if args.disable_validation:
             raise FairseqKDError(f"--kd-threshold {args.kd_threshold} needs validation data: drop --disable-validation")
