@@ -1,7 +1,8 @@
 """One table of a multilingual experiment from its fairseq-kd-eval reports, one per language pair.
 
     python scripts/multilingual_table.py --work WORK --experiment multilingual --pairs en-de en-fr en-cs \
-        --models teacher bilingual-word-kd multilingual-word-kd --per-pair teacher bilingual-word-kd
+        --models teacher bilingual-word-kd multilingual-word-kd --per-pair teacher bilingual-word-kd \
+        --compare multilingual-word-kd:bilingual-word-kd
 
 Reads ``WORK/results/EXPERIMENT.PAIR.json`` for each pair (the models evaluated on that pair's test set) and
 writes ``WORK/results/EXPERIMENT.md`` and ``.json``: test BLEU and length ratio per pair, the average BLEU and
@@ -9,7 +10,9 @@ chrF over the pairs a model translates, its parameters, and its training speed (
 the mean of fairseq's per-epoch ``wps`` in ``WORK/NAME.log``). A ``--per-pair`` name is a bilingual model per
 pair (``WORK/NAME-PAIR.log``): its parameters are added up over the pairs. A student trained with
 ``--kd-threshold`` also gets its comparisons with the teachers from its log, and per pair the updates at
-which KD switched off or back on.
+which KD switched off or back on. ``--compare A:B`` adds how model A differs from model B: test BLEU per
+pair and on average, chrF on average, over the pairs both translate, and A's training speed as a multiple
+of B's.
 """
 import argparse
 import json
@@ -76,7 +79,20 @@ def model_row(work, name, reports, per_pair):
     }
 
 
-def markdown(rows, pairs, signature):
+def comparison(rows, first, second):
+    """How row ``first`` differs from row ``second`` over the pairs both translate."""
+    a, b = rows[first], rows[second]
+    pairs = [pair for pair in a["pairs"] if pair in b["pairs"]]
+    if not pairs:
+        raise SystemExit(f"error: --compare {first}:{second}: the two models translate no pair in common")
+    bleu = {pair: round(a["pairs"][pair]["bleu"] - b["pairs"][pair]["bleu"], 2) for pair in pairs}
+    chrf = statistics.mean(a["pairs"][pair]["chrf"] - b["pairs"][pair]["chrf"] for pair in pairs)
+    speed = a["train_wps"] / b["train_wps"] if a["train_wps"] and b["train_wps"] else None
+    return {"model": first, "against": second, "bleu": bleu, "average_bleu": round(statistics.mean(bleu.values()), 2),
+            "average_chrf": round(chrf, 2), "speed_ratio": round(speed, 3) if speed else None}
+
+
+def markdown(rows, pairs, signature, comparisons):
     header = ["model", "params", *[f"{pair} BLEU (length ratio)" for pair in pairs], "average BLEU", "average chrF",
               "train tokens/s"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
@@ -88,6 +104,11 @@ def markdown(rows, pairs, signature):
                      + f" | {row['average_bleu']:.2f} | {row['average_chrf']:.2f} | {speed} |")
     lines += ["", f"sacrebleu {signature}; test_2016_flickr, fairseq's default length limits; averages over the"
               " pairs each model translates."]
+    for c in comparisons:
+        per_pair = ", ".join(f"{pair} {value:+.2f}" for pair, value in c["bleu"].items())
+        speed = f"; training tokens/s {c['speed_ratio']:.2f}×" if c["speed_ratio"] else ""
+        lines += ["", f"{c['model']} − {c['against']}: test BLEU {per_pair}; average {c['average_bleu']:+.2f} BLEU,"
+                  f" {c['average_chrf']:+.2f} chrF{speed}."]
     for row in rows:
         if "kd_switches" in row:
             checks = row["threshold_checks"]
@@ -108,19 +129,27 @@ def main():
     parser.add_argument("--pairs", nargs="+", required=True)
     parser.add_argument("--models", nargs="+", required=True)
     parser.add_argument("--per-pair", nargs="*", default=[], help="models that are a bilingual model per pair")
+    parser.add_argument("--compare", nargs="*", default=[], metavar="A:B",
+                        help="model A against model B (both in --models): their differences over their common pairs")
     args = parser.parse_args()
+    pairs_to_compare = [tuple(item.split(":")) for item in args.compare]
+    for item, names in zip(args.compare, pairs_to_compare):
+        if len(names) != 2 or not set(names) <= set(args.models):
+            raise SystemExit(f"error: --compare {item}: give A:B, two of --models")
     prefix = os.path.join(args.work, "results", args.experiment)
     reports = {}
     for pair in args.pairs:
         with open(f"{prefix}.{pair}.json") as f:
             reports[pair] = json.load(f)
     rows = [model_row(args.work, name, reports, name in args.per_pair) for name in args.models]
+    by_name = {row["name"]: row for row in rows}
+    comparisons = [comparison(by_name, first, second) for first, second in pairs_to_compare]
     signature = next(iter(reports.values()))["models"][0]["test"]["bleu_signature"]
     with open(prefix + ".json", "w") as f:
-        json.dump({"experiment": args.experiment, "pairs": args.pairs, "bleu_signature": signature, "models": rows}, f,
-                  indent=1)
+        json.dump({"experiment": args.experiment, "pairs": args.pairs, "bleu_signature": signature, "models": rows,
+                   "comparisons": comparisons}, f, indent=1)
     with open(prefix + ".md", "w") as f:
-        f.write(markdown(rows, args.pairs, signature))
+        f.write(markdown(rows, args.pairs, signature, comparisons))
 
 
 if __name__ == "__main__":

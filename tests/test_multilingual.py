@@ -173,8 +173,15 @@ def test_threshold_with_caches_scores_with_the_teachers_and_distils_from_the_cac
     sample = whole_split(task)
     output = task.teachers.predict(sample, student)
     assert output.lprobs is None and torch.equal(output.topk[1], cached.teachers.predict(whole_split(cached), student).topk[1])
-    task.threshold.maybe_check(student, 1000)  # each teacher scores its pair's validation data
-    assert set(task.threshold.teacher_scores) == set(task.threshold.student_scores) == {"en-de", "en-fr"}
+    # each teacher scores its pair's validation data, as without the caches
+    online, _ = build(ml_data, "--teacher-paths", paths, *threshold)
+    for threshold_task in (task, online):
+        threshold_task.threshold.maybe_check(student, 1000)
+    assert task.threshold.teacher_scores == pytest.approx(online.threshold.teacher_scores, rel=1e-5)
+    assert task.threshold.teacher_scores["en-de"] != task.threshold.teacher_scores["en-fr"]
+    with pytest.raises(FairseqKDError, match="--teacher-paths: no such file"):
+        build(ml_data, "--teacher-paths", f"en-de:{ml_caches['en-de']}/missing.pt,en-fr:{ml_teachers['en-fr']}",
+              "--teacher-topk-caches", f"en-de:{ml_caches['en-de']},en-fr:{ml_caches['en-fr']}", *threshold)
     with pytest.raises(FairseqKDError, match="en-de:.* was built from another teacher than --teacher-paths en-de:"):
         build(ml_data, "--teacher-paths", paths, "--teacher-topk-caches",
               f"en-de:{ml_caches['en-fr']},en-fr:{ml_caches['en-fr']}", *threshold)
@@ -238,6 +245,8 @@ def test_threshold_switches_kd_per_pair_and_survives_a_resume(ml_data, ml_teache
     resumed = train_student(ml_data, tmp_path / "student", *flags, "--max-epoch", "2")
     first = next(line for line in resumed.splitlines() if "train_inner" in line)
     assert "kd_on_en-de=1" in first and "kd_on_en-fr=0" in first  # before any new comparison
+    with pytest.raises(FairseqKDError, match="trained with other distillation settings .--kd-threshold-margin 0.5 -> 2"):
+        build(ml_data, *flags[:-1], "2", "--save-dir", tmp_path / "student")
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -44,6 +44,22 @@ def test_multilingual_recipe(tmp_path):
     assert set(threshold["kd_switches"]) == {"en-de", "en-fr", "en-cs"}
     assert "multilingual-threshold, the threshold strategy: student − teacher bleu" in (
         work / "results" / "multilingual.md").read_text()
+    # it distils from the word-KD student's caches; its teachers only score
+    stage = (work / ".stage-multilingual-threshold").read_text()
+    assert "--teacher-topk-caches en-de:" in stage and "--teacher-paths en-de:" in stage
+    # each experiment's comparisons, over the pairs both models translate
+    comparisons = {(c["model"], c["against"]): c for table in tables.values() for c in table["comparisons"]}
+    assert set(comparisons) == {
+        ("multilingual-word-kd", "bilingual-word-kd"), ("multilingual-word-kd", "multilingual-no-kd"),
+        ("multilingual-seq-kd", "multilingual-no-kd"), ("multilingual-threshold", "multilingual-word-kd"),
+        ("low-multilingual-word-kd", "low-bilingual-word-kd"), ("low-multilingual-word-kd", "low-multilingual-no-kd"),
+        ("pivot-kd", "pivot-no-kd")}
+    low = comparisons["low-multilingual-word-kd", "low-bilingual-word-kd"]
+    low_rows = {m["name"]: m for m in tables["low-resource"]["models"]}
+    assert list(low["bleu"]) == ["en-cs"] and low["average_bleu"] == round(
+        low_rows["low-multilingual-word-kd"]["pairs"]["en-cs"]["bleu"] - low_rows["low-bilingual-word-kd"]["pairs"]["en-cs"]["bleu"], 2)
+    speed = comparisons["multilingual-word-kd", "multilingual-no-kd"]["speed_ratio"]
+    assert speed == round(rows["multilingual-word-kd"]["train_wps"] / rows["multilingual-no-kd"]["train_wps"], 3)
     assert "--teacher-source-lang en" in (work / ".stage-pivot-kd").read_text()
     # STUDENT_UPDATES per pair: three pairs, three times the updates
     assert "--max-update 12 " in (work / ".stage-multilingual-word-kd").read_text()

@@ -141,9 +141,10 @@ evaluate_pair() {  # EXPERIMENT DATA_BIN PAIR NAME=MODEL...
 }
 
 # one table per experiment from its pairs' reports: test BLEU per pair and their average, chrF, length
-# ratio, parameters, training speed
-pair_table() {  # EXPERIMENT PAIRS MODELS [PER_PAIR_MODELS]
-    python "$ROOT/scripts/multilingual_table.py" --work "$WORK" --experiment "$1" --pairs $2 --models $3 --per-pair ${4:-}
+# ratio, parameters, training speed, and the comparisons the experiment is for (A:B, A against B)
+pair_table() {  # EXPERIMENT PAIRS MODELS PER_PAIR_MODELS COMPARISONS
+    python "$ROOT/scripts/multilingual_table.py" --work "$WORK" --experiment "$1" --pairs $2 --models $3 --per-pair $4 \
+        --compare $5
 }
 
 teacher() { echo "$WORK/teacher-$1/checkpoint_last.pt"; }
@@ -261,15 +262,17 @@ fi
 if want multilingual; then
     await "${PAIRS[@]/#/evaluate-multilingual-}"
     pair_table multilingual "${PAIRS[*]}" "teacher bilingual-word-kd ${students[*]} multilingual-word-kd-ct2-int8" \
-        "teacher bilingual-word-kd"
+        "teacher bilingual-word-kd" "multilingual-word-kd:bilingual-word-kd multilingual-word-kd:multilingual-no-kd
+        multilingual-seq-kd:multilingual-no-kd multilingual-threshold:multilingual-word-kd"
 fi
 if want low-resource; then
     await "${PAIRS[@]/#/evaluate-low-resource-}"
-    pair_table low-resource "${PAIRS[*]}" "low-teacher low-bilingual-word-kd low-multilingual-no-kd low-multilingual-word-kd"
+    pair_table low-resource "${PAIRS[*]}" "low-teacher low-bilingual-word-kd low-multilingual-no-kd low-multilingual-word-kd" \
+        "" "low-multilingual-word-kd:low-bilingual-word-kd low-multilingual-word-kd:low-multilingual-no-kd"
 fi
 if want pivot; then
     await evaluate-pivot
-    pair_table pivot cs-de "pivot-no-kd pivot-kd"
+    pair_table pivot cs-de "pivot-no-kd pivot-kd" "" pivot-kd:pivot-no-kd
 fi
 for experiment in "${EXPERIMENTS[@]}"; do
     echo "[$experiment table] $WORK/results/$experiment.md, .json"

@@ -26,7 +26,7 @@ from fairseq.sequence_generator import SequenceGenerator
 from fairseq.tasks import register_task
 from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
 
-from fairseq_kd.checkpoints import sha256
+from fairseq_kd.checkpoints import check_resumed_settings, sha256
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.tasks.distillation import DistillationTaskMixin
 from fairseq_kd.tasks.translation_distillation import check_save_dir
@@ -36,6 +36,9 @@ from fairseq_kd.topk_cache import TopKCache, TopKCacheDataset, collate_topk, rea
 logger = logging.getLogger(__name__)
 
 THRESHOLD_METRICS = ("none", "bleu", "loss")
+# the options a resumed run must keep
+RESUMED_OPTIONS = ("kd_pair_weights", "kd_threshold", "kd_threshold_margin", "kd_threshold_interval",
+                   "kd_threshold_post_process", "teacher_source_lang")
 
 
 def parse_pair_values(text, option, lang_pairs, parse):
@@ -188,6 +191,10 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
         self.teachers = (self.load_teachers(args) if training else
                          PairTeachers({}, None, torch.zeros(len(self.lang_pairs)), len(self.target_dictionary), False))
         self.threshold = ThresholdControl(self, args) if training and args.kd_threshold != "none" else None
+        if training:  # a resumed run keeps its per-pair KD control (the criterion checks its own options)
+            check_resumed_settings({"task": {name: getattr(args, name) for name in RESUMED_OPTIONS}}, args.save_dir,
+                                   args.restore_file, args.reset_optimizer,
+                                   getattr(args, "kd_allow_changed_settings", False))
 
     def load_teachers(self, args):
         if args.teacher_paths and args.teacher_topk_caches and args.kd_threshold == "none":
@@ -219,8 +226,6 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
             raise FairseqKDError(
                 f"--kd-pair-weights: {','.join(untaught)} has no teacher in --teacher-paths/--teacher-topk-caches"
             )
-        if paths and caches:
-            check_caches_of_teachers(caches, paths)
         check_save_dir(args.save_dir, ":".join(paths.values()))
         self.cache_dirs = {self.pair_index[pair]: directory for pair, directory in caches.items()}
         cache_k = {read_manifest(directory)["k"] for directory in caches.values()}
@@ -232,6 +237,8 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
             langs = (args.teacher_source_lang or src, tgt)
             models[self.pair_index[pair]] = Teachers([load_teacher(path, self, "--teacher-paths", langs, multilingual=True)],
                                                      torch.ones(1))
+        if paths and caches:  # the threshold strategy's: after loading, which says what is wrong with a path
+            check_caches_of_teachers(caches, paths)
         pair_weights = torch.tensor([weights.get(pair, 1.0) if pair in taught else 0.0 for pair in self.lang_pairs])
         return PairTeachers(models, cache_k.pop() if cache_k else None, pair_weights, len(self.target_dictionary),
                             skip_language_token=bool(args.decoder_langtok))
@@ -400,6 +407,8 @@ class ThresholdControl:
             if pair not in self.teacher_scores:
                 teacher = self.task.teachers.teachers[i].models[0].to(device=param.device, dtype=param.dtype)
                 self.teacher_scores[pair] = self.score(teacher, pair, teacher=True)
+                if self.task.teachers.cache_k is not None:  # it has done its only job: off the accelerator
+                    teacher.cpu()
             self.student_scores[pair] = self.score(student, pair)
             student_ahead = self.student_scores[pair] - self.teacher_scores[pair]
             if self.metric == "loss":
