@@ -161,8 +161,14 @@ for pair in "${PAIRS[@]}"; do caches+=("$pair:$WORK/cache-$pair") paths+=("$pair
 # learn without one
 mkdir -p "$WORK/results"
 stage prepare "$WORK/prepare.log" prepare_multilingual
+# the teachers the experiments need: every pair's (multilingual), en-de and en-fr beside the cut en-cs's
+# (low-resource), en-de reading English (pivot)
+teachers=()
 for pair in "${PAIRS[@]}"; do
-    spawn "teacher-$pair" "$WORK/teacher-$pair.log" train_pair_teacher "$WORK/teacher-$pair" "$DATA" "$pair"
+    if want multilingual || { want low-resource && [ "$pair" != en-cs ]; } || { want pivot && [ "$pair" = en-de ]; }; then
+        teachers+=("$pair")
+        spawn "teacher-$pair" "$WORK/teacher-$pair.log" train_pair_teacher "$WORK/teacher-$pair" "$DATA" "$pair"
+    fi
 done
 if want multilingual; then
     spawn multilingual-no-kd "$WORK/multilingual-no-kd.log" train_multi_student multilingual-no-kd "$DATA" "$pairs" --kd-alpha 0
@@ -175,7 +181,7 @@ fi
 if want pivot; then
     spawn pivot-no-kd "$WORK/pivot-no-kd.log" train_multi_student pivot-no-kd "$DATA" cs-de --kd-alpha 0
 fi
-await "${PAIRS[@]/#/teacher-}"
+await "${teachers[@]/#/teacher-}"
 
 # then the teachers' top-k caches and translations, and the student the teacher runs for online
 cache_pairs=()
