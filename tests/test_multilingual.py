@@ -246,7 +246,8 @@ def test_threshold_switches_kd_per_pair_and_survives_a_resume(ml_data, ml_teache
     first = next(line for line in resumed.splitlines() if "train_inner" in line)
     assert "kd_on_en-de=1" in first and "kd_on_en-fr=0" in first  # before any new comparison
     with pytest.raises(FairseqKDError, match="trained with other distillation settings .--kd-threshold-margin 0.5 -> 2"):
-        build(ml_data, *flags[:-1], "2", "--save-dir", tmp_path / "student")
+        task, _ = build(ml_data, *flags[:-1], "2", "--save-dir", tmp_path / "student")
+        task.build_criterion(convert_namespace_to_omegaconf(task.args).criterion)
 
 
 @pytest.mark.parametrize("flags, message", [

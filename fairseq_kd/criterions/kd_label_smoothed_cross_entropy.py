@@ -212,8 +212,8 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         if cfg.kd_schedule_updates:
             settings["kd_schedule_updates"] = cfg.kd_schedule_updates
         current = {"criterion": settings}
-        if isinstance(self.task, DistillationTaskMixin) and isinstance(self.teachers, Teachers):  # a mixture's weighting
-            current["task"] = {"teacher_weighting": self.teachers.weighting}
+        if isinstance(self.task, DistillationTaskMixin):
+            current["task"] = self.task.resumed_settings()
         saved = check_resumed_settings(current, cfg.save_dir, cfg.restore_file, cfg.reset_optimizer,
                                        cfg.kd_allow_changed_settings)
         if saved is None or cfg.kd_schedule_updates:

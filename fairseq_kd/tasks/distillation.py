@@ -45,6 +45,11 @@ class DistillationTaskMixin:
         """The task's options: its dataclass config, or an argparse-based task's ``args``."""
         return self.args if self.cfg is None else self.cfg
 
+    def resumed_settings(self):
+        """The task's options that a resumed run must keep ({name: value}), which the criterion checks with
+        its own (``checkpoints.check_resumed_settings``)."""
+        return {}
+
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
         mutual = isinstance(model, TransformerMutualModel)

@@ -80,6 +80,9 @@ class TranslationDistillationTask(DistillationTaskMixin, TranslationTask):
         self.teachers = Teachers.load(cfg.teacher_path, cfg.teacher_weights, cfg.teacher_weighting, self,
                                       cfg.teacher_topk_cache)
 
+    def resumed_settings(self):
+        return {"teacher_weighting": self.teachers.weighting}  # a mixture's weighting
+
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         super().load_dataset(split, epoch, combine, **kwargs)
         self.datasets[split] = self.teachers.wrap_dataset(split, self.datasets[split], self.tgt_dict,

@@ -26,7 +26,7 @@ from fairseq.sequence_generator import SequenceGenerator
 from fairseq.tasks import register_task
 from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
 
-from fairseq_kd.checkpoints import check_resumed_settings, sha256
+from fairseq_kd.checkpoints import sha256
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.tasks.distillation import DistillationTaskMixin
 from fairseq_kd.tasks.translation_distillation import check_save_dir
@@ -191,10 +191,9 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
         self.teachers = (self.load_teachers(args) if training else
                          PairTeachers({}, None, torch.zeros(len(self.lang_pairs)), len(self.target_dictionary), False))
         self.threshold = ThresholdControl(self, args) if training and args.kd_threshold != "none" else None
-        if training:  # a resumed run keeps its per-pair KD control (the criterion checks its own options)
-            check_resumed_settings({"task": {name: getattr(args, name) for name in RESUMED_OPTIONS}}, args.save_dir,
-                                   args.restore_file, args.reset_optimizer,
-                                   getattr(args, "kd_allow_changed_settings", False))
+
+    def resumed_settings(self):
+        return {name: getattr(self.args, name) for name in RESUMED_OPTIONS}  # its per-pair KD control
 
     def load_teachers(self, args):
         if args.teacher_paths and args.teacher_topk_caches and args.kd_threshold == "none":
