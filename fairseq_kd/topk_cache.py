@@ -84,6 +84,7 @@ def read_manifest(directory):
             and all(isinstance(entry["sentences"], int) and isinstance(entry["data_sha256"], str)
                     and len(entry["content_sha256"]) == entry["num_shards"] > 0
                     for entry in manifest["splits"].values())
+            and all(isinstance(teacher["sha256"], str) for teacher in manifest["teachers"])
         )
     except (KeyError, TypeError, AttributeError):
         well_formed = False

@@ -85,11 +85,12 @@ def comparison(rows, first, second):
     pairs = [pair for pair in a["pairs"] if pair in b["pairs"]]
     if not pairs:
         raise SystemExit(f"error: --compare {first}:{second}: the two models translate no pair in common")
-    bleu = {pair: round(a["pairs"][pair]["bleu"] - b["pairs"][pair]["bleu"], 2) for pair in pairs}
+    bleu = {pair: a["pairs"][pair]["bleu"] - b["pairs"][pair]["bleu"] for pair in pairs}
     chrf = statistics.mean(a["pairs"][pair]["chrf"] - b["pairs"][pair]["chrf"] for pair in pairs)
     speed = a["train_wps"] / b["train_wps"] if a["train_wps"] and b["train_wps"] else None
-    return {"model": first, "against": second, "bleu": bleu, "average_bleu": round(statistics.mean(bleu.values()), 2),
-            "average_chrf": round(chrf, 2), "speed_ratio": round(speed, 3) if speed else None}
+    return {"model": first, "against": second, "bleu": {pair: round(diff, 2) for pair, diff in bleu.items()},
+            "average_bleu": round(statistics.mean(bleu.values()), 2), "average_chrf": round(chrf, 2),
+            "speed_ratio": round(speed, 3) if speed else None}
 
 
 def markdown(rows, pairs, signature, comparisons):
@@ -107,7 +108,7 @@ def markdown(rows, pairs, signature, comparisons):
     for c in comparisons:
         per_pair = ", ".join(f"{pair} {value:+.2f}" for pair, value in c["bleu"].items())
         speed = f"; training tokens/s {c['speed_ratio']:.2f}×" if c["speed_ratio"] else ""
-        lines += ["", f"{c['model']} − {c['against']}: test BLEU {per_pair}; average {c['average_bleu']:+.2f} BLEU,"
+        lines += ["", f"{c['model']} − {c['against']}: test BLEU {per_pair}; over these pairs {c['average_bleu']:+.2f} BLEU,"
                   f" {c['average_chrf']:+.2f} chrF{speed}."]
     for row in rows:
         if "kd_switches" in row:

@@ -75,6 +75,9 @@ def test_a_resume_refuses_other_kd_settings_and_keeps_its_schedule_end(data_bin,
         build(data_bin, *resume[:-4], "--kd-alpha-final", 0.3, "--save-dir", tmp_path, "--max-update", 8)
     with pytest.raises(FairseqKDError, match=r"--kd-hidden-weight 0.0 -> 1.0"):
         build(data_bin, *resume, "--kd-hidden-weight", 1, "--max-update", 8)
+    with pytest.raises(FairseqKDError, match=r"\(--teacher-weighting fixed -> confidence\)"):  # the task's, too
+        build(data_bin, "--teacher-path", f"{teacher}:{teacher}", "--teacher-weighting", "confidence", *kd[4:],
+              "--save-dir", tmp_path, "--max-update", 8)
     _, _, criterion = build(data_bin, *resume, "--max-update", 8)
     assert criterion.alpha.updates == 4  # the schedule ends where the first run's ended
     _, _, allowed = build(data_bin, *resume[:-4], "--kd-alpha-final", 0.3, "--save-dir", tmp_path,

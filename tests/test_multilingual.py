@@ -245,6 +245,16 @@ def test_threshold_switches_kd_per_pair_and_survives_a_resume(ml_data, ml_teache
     resumed = train_student(ml_data, tmp_path / "student", *flags, "--max-epoch", "2")
     first = next(line for line in resumed.splitlines() if "train_inner" in line)
     assert "kd_on_en-de=1" in first and "kd_on_en-fr=0" in first  # before any new comparison
+    # restored scores are compared with only if measured the same way, with the same teachers
+    saved = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "student" / "checkpoint_last.pt"))[
+        "extra_state"]["TranslationMultiDistillationTask"]["threshold"]
+    other_teacher = ("--teacher-paths", f"en-de:{ml_teachers['en-de']},en-fr:{ml_teachers['en-fr']}", *flags[2:])
+    other_metric = (*flags[:3], "bleu", *flags[4:])
+    for changed, restored in ((flags, saved["teacher_scores"]), (other_teacher, {}), (other_metric, {})):
+        task, _ = build(ml_data, *changed)
+        task.threshold.load_state_dict(saved)
+        assert task.threshold.teacher_scores == restored and task.threshold.switches == saved["switches"]
+    assert set(saved["teacher_scores"]) == {"en-de", "en-fr"}
     with pytest.raises(FairseqKDError, match="trained with other distillation settings .--kd-threshold-margin 0.5 -> 2"):
         task, _ = build(ml_data, *flags[:-1], "2", "--save-dir", tmp_path / "student")
         task.build_criterion(convert_namespace_to_omegaconf(task.args).criterion)

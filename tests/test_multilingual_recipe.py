@@ -20,11 +20,16 @@ def test_multilingual_recipe(tmp_path):
     assert refused.returncode == 2 and "CONFIG=converged stops on valid BLEU" in refused.stderr
     refused = run_demo(tmp_path, "multilingual.sh", PARALLEL="yes")
     assert refused.returncode == 2 and "PARALLEL must be 0 or 1, got 'yes'" in refused.stderr
+    # one experiment trains only the teachers it needs, and the others reuse what it trained
+    pivot = run_demo(tmp_path, "multilingual.sh", EXPERIMENTS="pivot", **settings)
+    assert pivot.returncode == 0, pivot.stdout[-3000:] + pivot.stderr[-3000:]
+    work = tmp_path / "work"
+    assert [path.name for path in work.glob(".stage-teacher-*")] == [".stage-teacher-en-de"]
     # every stage as soon as what it needs is there, several at once; the re-run below is sequential
     proc = run_demo(tmp_path, "multilingual.sh", PARALLEL="1", **settings)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[pivot-kd] finished earlier, skipping" in proc.stdout and "[teacher-en-fr] running" in proc.stdout
     assert "    [multilingual-no-kd] " in proc.stdout  # a spawned stage's progress says whose it is
-    work = tmp_path / "work"
     tables = {name: json.loads((work / "results" / f"{name}.json").read_text())
               for name in ("multilingual", "low-resource", "pivot")}
     assert [m["name"] for m in tables["multilingual"]["models"]] == [
@@ -58,7 +63,12 @@ def test_multilingual_recipe(tmp_path):
     low_rows = {m["name"]: m for m in tables["low-resource"]["models"]}
     assert list(low["bleu"]) == ["en-cs"] and low["average_bleu"] == round(
         low_rows["low-multilingual-word-kd"]["pairs"]["en-cs"]["bleu"] - low_rows["low-bilingual-word-kd"]["pairs"]["en-cs"]["bleu"], 2)
-    speed = comparisons["multilingual-word-kd", "multilingual-no-kd"]["speed_ratio"]
+    word_kd = comparisons["multilingual-word-kd", "multilingual-no-kd"]
+    for key, score in (("average_bleu", "bleu"), ("average_chrf", "chrf")):
+        differences = [rows["multilingual-word-kd"]["pairs"][pair][score] - rows["multilingual-no-kd"]["pairs"][pair][score]
+                       for pair in ("en-de", "en-fr", "en-cs")]
+        assert abs(word_kd[key] - sum(differences) / 3) <= 0.005 + 1e-9
+    speed = word_kd["speed_ratio"]
     assert speed == round(rows["multilingual-word-kd"]["train_wps"] / rows["multilingual-no-kd"]["train_wps"], 3)
     assert "--teacher-source-lang en" in (work / ".stage-pivot-kd").read_text()
     # STUDENT_UPDATES per pair: three pairs, three times the updates

@@ -205,7 +205,8 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     def resumed_schedule_end(self, cfg):
         """The update at which the alpha/T schedules end. A resumed run keeps the end it started with, so
         that a larger --max-update extends training at the final values instead of stretching the
-        schedules backwards; any other changed --kd-* option is refused (checkpoints.check_resumed_settings)."""
+        schedules backwards; any other changed --kd-* option, or one of the task's resumed_settings(), is refused
+        (checkpoints.check_resumed_settings)."""
         settings = {name: getattr(cfg, name) for name in cfg if name.startswith("kd_")
                     and name not in ("kd_allow_changed_settings", "kd_schedule_updates")}
         settings["label_smoothing"] = cfg.label_smoothing

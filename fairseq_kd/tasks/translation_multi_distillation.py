@@ -187,7 +187,7 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
         self.data_manager = PairTaggingDataManager(args, self.lang_pairs, langs, dicts, self.sampling_method,
                                                    self.tag_pair_dataset)
         # a translating (not training) run, e.g. fairseq-generate of a student checkpoint, needs no teachers
-        self.cache_dirs = {}
+        self.cache_dirs, self.teacher_paths = {}, {}
         self.teachers = (self.load_teachers(args) if training else
                          PairTeachers({}, None, torch.zeros(len(self.lang_pairs)), len(self.target_dictionary), False))
         self.threshold = ThresholdControl(self, args) if training and args.kd_threshold != "none" else None
@@ -219,6 +219,11 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
         paths = parse_pair_values(args.teacher_paths, "--teacher-paths", self.lang_pairs, str)
         caches = parse_pair_values(args.teacher_topk_caches, "--teacher-topk-caches", self.lang_pairs, str)
         weights = parse_pair_values(args.kd_pair_weights, "--kd-pair-weights", self.lang_pairs, pair_weight)
+        if paths and caches and set(caches) != set(paths):
+            raise FairseqKDError(
+                f"--teacher-topk-caches names {','.join(sorted(caches))} and --teacher-paths {','.join(sorted(paths))}:"
+                " with --kd-threshold give a teacher and its cache for the same pairs"
+            )
         taught = paths or caches
         untaught = [pair for pair in weights if pair not in taught]
         if untaught:
@@ -226,6 +231,7 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
                 f"--kd-pair-weights: {','.join(untaught)} has no teacher in --teacher-paths/--teacher-topk-caches"
             )
         check_save_dir(args.save_dir, ":".join(paths.values()))
+        self.teacher_paths = paths
         self.cache_dirs = {self.pair_index[pair]: directory for pair, directory in caches.items()}
         cache_k = {read_manifest(directory)["k"] for directory in caches.values()}
         if len(cache_k) > 1:
@@ -237,7 +243,7 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
             models[self.pair_index[pair]] = Teachers([load_teacher(path, self, "--teacher-paths", langs, multilingual=True)],
                                                      torch.ones(1))
         if paths and caches:  # the threshold strategy's: after loading, which says what is wrong with a path
-            check_caches_of_teachers(caches, paths)
+            check_caches_built_from_teachers(caches, paths)
         pair_weights = torch.tensor([weights.get(pair, 1.0) if pair in taught else 0.0 for pair in self.lang_pairs])
         return PairTeachers(models, cache_k.pop() if cache_k else None, pair_weights, len(self.target_dictionary),
                             skip_language_token=bool(args.decoder_langtok))
@@ -333,16 +339,11 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
         return next(d for d in dataset.datasets if d.pair_index == index)
 
 
-def check_caches_of_teachers(caches, paths):
-    """--kd-threshold with both --teacher-paths and --teacher-topk-caches: the same pairs, each cache built
+def check_caches_built_from_teachers(caches, paths):
+    """--kd-threshold with both --teacher-paths and --teacher-topk-caches (the same pairs): each cache built
     from that pair's teacher (the checkpoint hash its manifest records)."""
-    if set(caches) != set(paths):
-        raise FairseqKDError(
-            f"--teacher-topk-caches names {','.join(sorted(caches))} and --teacher-paths {','.join(sorted(paths))}:"
-            " with --kd-threshold give a teacher and its cache for the same pairs"
-        )
     for pair, directory in caches.items():
-        built_from = [teacher["sha256"] for teacher in read_manifest(directory).get("teachers", [])]
+        built_from = [teacher["sha256"] for teacher in read_manifest(directory)["teachers"]]
         if built_from != [sha256(paths[pair])]:
             raise FairseqKDError(
                 f"--teacher-topk-caches {pair}:{directory} was built from another teacher than --teacher-paths"
@@ -353,7 +354,8 @@ def check_caches_of_teachers(caches, paths):
 class ThresholdControl:
     """--kd-threshold: per pair, the teacher's score on the pair's validation data (measured once) against the
     student's, every --kd-threshold-interval updates; KD on for a pair unless the student is ahead by the
-    margin. Its state (scores, switches) is saved in the checkpoints and restored on resume."""
+    margin. Its state (scores, switches) is saved in the checkpoints and restored on resume; scores measured
+    otherwise (another metric, post-processing, validation split or teacher) are measured again."""
 
     def __init__(self, task, args):
         if not task.teachers.teachers:
@@ -380,14 +382,23 @@ class ThresholdControl:
                     f" the threshold strategy compares student and teacher on; binarize a {self.split} set per pair"
                 )
         self.teacher_scores, self.student_scores, self.switches, self.last_check = {}, {}, [], 0
+        self.measured_with = {
+            "metric": self.metric, "split": self.split,
+            "post_process": self.post_process if self.metric == "bleu" else None,
+            "teachers": {pair: sha256(task.teacher_paths[pair]) for pair in self.pairs.values()},
+        }
 
     def state_dict(self):
         return {"teacher_scores": self.teacher_scores, "student_scores": self.student_scores,
-                "switches": self.switches, "last_check": self.last_check,
+                "measured_with": self.measured_with, "switches": self.switches, "last_check": self.last_check,
                 "enabled": {pair: bool(self.task.teachers.enabled[i]) for i, pair in self.pairs.items()}}
 
     def load_state_dict(self, state):
-        self.teacher_scores, self.student_scores = dict(state["teacher_scores"]), dict(state["student_scores"])
+        if state.get("measured_with") == self.measured_with:
+            self.teacher_scores, self.student_scores = dict(state["teacher_scores"]), dict(state["student_scores"])
+        else:  # comparing with them would be meaningless (e.g. a BLEU against a loss)
+            logger.warning("kd-threshold: the saved scores were measured with other settings or teachers; measuring"
+                           " them again at the next check")
         self.switches, self.last_check = list(state["switches"]), state["last_check"]
         for i, pair in self.pairs.items():
             self.task.teachers.enabled[i] = state["enabled"].get(pair, True)
