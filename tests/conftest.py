@@ -19,9 +19,12 @@ TINY_TRANSFORMER = (
     "--encoder-layers 1 --decoder-layers 1 --encoder-embed-dim 32 --decoder-embed-dim 32 "
     "--encoder-ffn-embed-dim 64 --decoder-ffn-embed-dim 64 --encoder-attention-heads 2 --decoder-attention-heads 2"
 ).split()
+# --data-buffer-size 0: no batch-prefetching daemon thread. A run that stops mid-epoch leaves it collating
+# batches, and Python ends such a thread inside torch's C++ code at exit, which aborted one run of the suite
+# after training had finished ("terminate called without an active exception").
 TRAIN_FLAGS = (
     "--optimizer adam --lr 0.005 --max-tokens 300 --cpu --seed 1 --no-progress-bar --log-format simple "
-    "--log-interval 1 --no-epoch-checkpoints --num-workers 0"
+    "--log-interval 1 --no-epoch-checkpoints --num-workers 0 --data-buffer-size 0"
 ).split()
 
 

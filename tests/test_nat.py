@@ -12,7 +12,7 @@ from conftest import PLUGIN, REPO, TINY_TRANSFORMER, binarize, run
 
 NAT_FLAGS = ["--user-dir", PLUGIN, "--task", "translation_lev", "--criterion", "nat_loss", *TINY_TRANSFORMER,
              "--optimizer", "adam", "--lr", "0.005", "--max-tokens", "300", "--cpu", "--seed", "1",
-             "--log-format", "simple", "--no-epoch-checkpoints"]
+             "--log-format", "simple", "--no-epoch-checkpoints", "--data-buffer-size", "0"]  # see TRAIN_FLAGS
 
 
 @pytest.fixture(scope="module")
