@@ -218,10 +218,6 @@ if want multilingual; then
         "$pairs" "${kd[@]}" --teacher-topk-caches "$(IFS=,; echo "${caches[*]}")" "${topk[@]}" \
         --teacher-paths "$(IFS=,; echo "${paths[*]}")" --kd-threshold bleu \
         --kd-threshold-interval "$THRESHOLD_INTERVAL" --kd-threshold-margin "$THRESHOLD_MARGIN"
-    await "${PAIRS[@]/#/distill-}"
-    stage distill "$WORK/distill.log" binarize_distilled "$WORK/distill" "${PAIRS[@]}"
-    spawn multilingual-seq-kd "$WORK/multilingual-seq-kd.log" train_multi_student multilingual-seq-kd \
-        "$WORK/distill/data-bin" "$pairs" --kd-alpha 0
 fi
 if want low-resource; then
     await cache-en-de cache-en-fr low-cache
@@ -230,6 +226,14 @@ if want low-resource; then
     spawn low-multilingual-word-kd "$WORK/low-multilingual-word-kd.log" train_multi_student low-multilingual-word-kd \
         "$LOW_DATA" "$pairs" "${kd[@]}" "${topk[@]}" \
         --teacher-topk-caches "en-de:$WORK/cache-en-de,en-fr:$WORK/cache-en-fr,en-cs:$WORK/low-cache"
+fi
+# the sequence-level KD student after the low-resource students, which (PARALLEL=1) need not wait for the
+# teachers' translations
+if want multilingual; then
+    await "${PAIRS[@]/#/distill-}"
+    stage distill "$WORK/distill.log" binarize_distilled "$WORK/distill" "${PAIRS[@]}"
+    spawn multilingual-seq-kd "$WORK/multilingual-seq-kd.log" train_multi_student multilingual-seq-kd \
+        "$WORK/distill/data-bin" "$pairs" --kd-alpha 0
 fi
 
 # last, each experiment's exports, scores and table once its students are trained
