@@ -100,6 +100,11 @@ class Teachers:
     def __bool__(self):
         return bool(self.models) or self.cache_dir is not None
 
+    @property
+    def layer_teacher(self):
+        """The one teacher run online whose layers a student can learn (intermediate-layer KD), or None."""
+        return self.models[0] if len(self.models) == 1 else None
+
     def wrap_dataset(self, split, dataset, target_dictionary, left_pad_target):
         """With a cache, ``dataset`` whose batches carry the split's cached top-k; else ``dataset``."""
         if self.cache_dir is None:
@@ -220,12 +225,14 @@ class PairTeachers:
     target position its pair's weight: ``pair_weights`` times ``enabled`` (the threshold strategy switches
     it), 0 on the target language token that the decoder is given as its first output.
 
-    It answers the criterion like ``Teachers``: ``predict``, ``cache_k``, ``models``, ``weighting``."""
+    It answers the criterion like ``Teachers``: ``predict``, ``cache_k``, ``models``, ``weighting``,
+    ``layer_teacher``."""
 
     PAIR_KEY = "pair"
     TEACHER_INPUT_KEY = "teacher_net_input"
     weighting = "fixed"
     weights = None
+    layer_teacher = None  # a teacher per pair, not one teacher's layers
 
     def __init__(self, teachers: Dict[int, Teachers], cache_k, pair_weights, vocab_size, skip_language_token):
         self.teachers = teachers
@@ -255,11 +262,6 @@ class PairTeachers:
         next(iter(self.teachers.values())).init_student(model, selection)
 
     def predict(self, sample, student, weights=None, capture_layers=False, capture_attention=False):
-        if capture_layers:
-            raise FairseqKDError(
-                "--kd-hidden-weight/--kd-relation-weight/--kd-attn-weight distil one teacher's layers, and a"
-                " multilingual student has a teacher per language pair: drop those options"
-            )
         if not self:
             return None
         position_weights = self.position_weights(sample)

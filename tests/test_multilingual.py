@@ -83,6 +83,14 @@ def whole_split(task, split="valid"):
     return dataset.collater([dataset[i] for i in range(len(dataset))])
 
 
+class Wrapper(torch.nn.Module):
+    """A module around another, which it keeps as ``module``, as fairseq's distributed wrappers do."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
 def run_alone(model, sample, row, net_input="net_input"):
     """``model``'s log-probabilities for one row of ``sample``, run on that row alone."""
     source = sample[net_input]["src_tokens"][row]
@@ -173,12 +181,24 @@ def test_threshold_with_caches_scores_with_the_teachers_and_distils_from_the_cac
     sample = whole_split(task)
     output = task.teachers.predict(sample, student)
     assert output.lprobs is None and torch.equal(output.topk[1], cached.teachers.predict(whole_split(cached), student).topk[1])
-    # each teacher scores its pair's validation data, as without the caches
+    # each teacher scores its pair's validation data, as without the caches; the student as the trainer hands it
+    # over, inside fairseq's distributed wrappers (DDP inside a proxy, each keeping the next as ``module``)
     online, _ = build(ml_data, "--teacher-paths", paths, *threshold)
-    for threshold_task in (task, online):
-        threshold_task.threshold.maybe_check(student, 1000)
+    task.threshold.maybe_check(Wrapper(Wrapper(student)), 1000)
+    online.threshold.maybe_check(student, 1000)
     assert task.threshold.teacher_scores == pytest.approx(online.threshold.teacher_scores, rel=1e-5)
+    assert task.threshold.student_scores == pytest.approx(online.threshold.student_scores, rel=1e-5)
     assert task.threshold.teacher_scores["en-de"] != task.threshold.teacher_scores["en-fr"]
+    # the loss is per predicted token: the decoder is given the language token, as the bleu metric's prefix
+    dataset = online.pair_dataset("valid", "en-de")
+    sample = dataset.collater([dataset[i] for i in range(len(dataset))])
+    teacher = online.teachers.teachers[online.pair_index["en-de"]].models[0]
+    with torch.no_grad():
+        lprobs = teacher.get_normalized_probs(teacher(**sample["net_input"]), log_probs=True)
+    predicted = sample["target"].ne(online.target_dictionary.pad())
+    predicted[:, 0] = False
+    nll = -lprobs.gather(-1, sample["target"].unsqueeze(-1)).squeeze(-1)[predicted].mean()
+    assert online.threshold.teacher_scores["en-de"] == pytest.approx(nll.item(), rel=1e-4)
     with pytest.raises(FairseqKDError, match="--teacher-paths: no such file"):
         build(ml_data, "--teacher-paths", f"en-de:{ml_caches['en-de']}/missing.pt,en-fr:{ml_teachers['en-fr']}",
               "--teacher-topk-caches", f"en-de:{ml_caches['en-de']},en-fr:{ml_caches['en-fr']}", *threshold)
@@ -217,6 +237,23 @@ def test_pivot_teacher_reads_the_same_sentence_in_its_own_language(ml_data, ml_t
     with pytest.raises(FairseqKDError, match="has no valid data in en"):
         build(shuffled, "--teacher-paths", f"cs-de:{ml_teachers['en-de']}", "--teacher-source-lang", "en",
               lang_pairs="cs-de")[0].load_dataset("valid")
+    # the student's and the pivot pair's data binarized the other way round (de-cs, de-en), as fairseq reads them
+    reversed_data = tmp_path / "reversed"
+    shutil.copytree(ml_data, reversed_data)
+    for pair, backwards in (("cs-de", "de-cs"), ("en-de", "de-en")):
+        for path in reversed_data.glob(f"*.{pair}.*"):
+            path.rename(path.with_name(path.name.replace(f".{pair}.", f".{backwards}.")))
+    task, _ = build(reversed_data, "--teacher-paths", f"cs-de:{ml_teachers['en-de']}", "--teacher-source-lang", "en",
+                    lang_pairs="cs-de")
+    assert torch.equal(whole_split(task)["teacher_net_input"]["src_tokens"], sample["teacher_net_input"]["src_tokens"])
+    # a training set fairseq combines from parts (train, train1): the pivot lines of train1 are not read
+    for suffix in (".bin", ".idx"):
+        for lang in ("cs", "de"):
+            shutil.copy(ml_data / f"train.cs-de.{lang}{suffix}", shuffled / f"train1.cs-de.{lang}{suffix}")
+    task, _ = build(shuffled, "--teacher-paths", f"cs-de:{ml_teachers['en-de']}", "--teacher-source-lang", "en",
+                    lang_pairs="cs-de")
+    with pytest.raises(FairseqKDError, match="the cs-de train data has 1200 pairs, .*train.cs-de.de 600; .*.no train1"):
+        task.load_dataset("train", combine=True)
 
 
 def train_student(data, save_dir, *flags):
@@ -254,6 +291,8 @@ def test_threshold_switches_kd_per_pair_and_survives_a_resume(ml_data, ml_teache
         task, _ = build(ml_data, *changed)
         task.threshold.load_state_dict(saved)
         assert task.threshold.teacher_scores == restored and task.threshold.switches == saved["switches"]
+        # the switches the scores decided go with them: KD on for en-fr until the next comparison
+        assert bool(task.teachers.enabled[task.pair_index["en-fr"]]) == (changed is not flags)
     assert set(saved["teacher_scores"]) == {"en-de", "en-fr"}
     with pytest.raises(FairseqKDError, match="trained with other distillation settings .--kd-threshold-margin 0.5 -> 2"):
         task, _ = build(ml_data, *flags[:-1], "2", "--save-dir", tmp_path / "student")
@@ -275,11 +314,15 @@ def test_threshold_switches_kd_per_pair_and_survives_a_resume(ml_data, ml_teache
     (("--teacher-paths", "en-de:{en-de}", "--decoder-langtok", "--encoder-langtok", "tgt"),
      "trained with --encoder-langtok src, this run uses tgt"),
     (("--teacher-paths", "en-de:{en-de}", "--left-pad-target", "True"), "keep --left-pad-target False"),
+    (("--teacher-paths", "en-de:{en-de}", "--extra-lang-pairs", '{{"mined": "en-de"}}'),
+     "drop --extra-data/--extra-lang-pairs and name every pair in --lang-pairs"),
+    (("--teacher-paths", "en-de:{en-de}", "--kd-hidden-weight", "1"), "a multilingual student has a teacher per language pair"),
 ])
 def test_bad_multilingual_options_are_refused(ml_data, ml_teachers, flags, message):
     flags = [flag.format(**ml_teachers) for flag in flags]
     with pytest.raises(FairseqKDError, match=message):
-        build(ml_data, *flags)
+        task, _ = build(ml_data, *flags)
+        task.build_criterion(convert_namespace_to_omegaconf(task.args).criterion)
 
 
 def test_languages_without_a_fixed_order_are_refused(ml_data, ml_teachers):
@@ -290,9 +333,16 @@ def test_languages_without_a_fixed_order_are_refused(ml_data, ml_teachers):
 def test_threshold_without_a_pairs_validation_data_is_refused(ml_data, ml_teachers, tmp_path):
     data = tmp_path / "bin"
     shutil.copytree(ml_data, data, ignore=shutil.ignore_patterns("valid.en-fr.*"))
-    with pytest.raises(FairseqKDError, match=r"has no valid data for en-fr \(valid.en-fr.en.idx\).* binarize a valid set"):
+    with pytest.raises(FairseqKDError, match=r"has no valid data for en-fr \(valid.en-fr.en\).* binarize a valid set"):
         build(data, "--teacher-paths", f"en-de:{ml_teachers['en-de']},en-fr:{ml_teachers['en-fr']}",
               "--kd-threshold", "bleu")
+    # binarized the other way round (fr-en), as fairseq reads it
+    for path in ml_data.glob("valid.en-fr.*"):
+        shutil.copy(path, data / path.name.replace(".en-fr.", ".fr-en."))
+    task, student = build(data, "--teacher-paths", f"en-de:{ml_teachers['en-de']},en-fr:{ml_teachers['en-fr']}",
+                          "--kd-threshold", "loss")
+    task.threshold.maybe_check(student, 1000)
+    assert set(task.threshold.student_scores) == {"en-de", "en-fr"}
 
 
 def test_teachers_with_other_language_tokens_are_refused(ml_data, ml_teachers, tmp_path):

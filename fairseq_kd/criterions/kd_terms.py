@@ -169,13 +169,14 @@ class LayerKD(torch.nn.Module):
         self.active = any(self.weights.values())
         if not self.active:
             return
-        if len(teachers.models) != 1 or student.layers is None:
+        teacher = teachers.layer_teacher
+        if teacher is None or student.layers is None:
             raise FairseqKDError(
                 "--kd-hidden-weight/--kd-relation-weight/--kd-attn-weight distil the layers of one teacher run"
                 f" online into a Transformer student: give exactly one --teacher-path checkpoint (got"
-                f" {len(teachers.models)}; a --teacher-topk-cache holds no hidden states)"
+                f" {len(teachers.models)}; a --teacher-topk-cache holds no hidden states, and a multilingual student"
+                " has a teacher per language pair)"
             )
-        teacher = teachers.models[0]
         teacher_widths = layer_widths(teacher, "teacher")
         self.pairs = parse_layer_map(cfg.kd_hidden_map, student.layers, layer_counts(teacher, "teacher"))
         if self.weights["kd_attn_loss"] > 0:

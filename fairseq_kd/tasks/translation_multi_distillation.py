@@ -183,6 +183,11 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
             )
         if args.cpu_bf16 and not args.cpu:
             raise FairseqKDError("--cpu-bf16 autocasts CPU computations; add --cpu, or on a GPU use fairseq's --bf16 or --amp")
+        if args.extra_data or args.extra_lang_pairs:
+            raise FairseqKDError(
+                "translation_multi_distillation trains the pairs of --lang-pairs, each with its own teacher or none:"
+                " drop --extra-data/--extra-lang-pairs and name every pair in --lang-pairs"
+            )
         self.pair_index = {pair: i for i, pair in enumerate(self.lang_pairs)}
         self.data_manager = PairTaggingDataManager(args, self.lang_pairs, langs, dicts, self.sampling_method,
                                                    self.tag_pair_dataset)
@@ -275,24 +280,34 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
             cache = TopKCache(directory, params["split"], dataset, self.target_dictionary)
         return PairTaggedDataset(dataset, index, teacher_source, cache)
 
+    def split_prefix(self, split, a, b, lang, path):
+        """``path/SPLIT.A-B.`` or ``path/SPLIT.B-A.``, whichever holds LANG's side (fairseq reads a pair's data
+        binarized either way round), or None."""
+        for x, y in ((a, b), (b, a)):
+            if self.data_manager.split_exists(split, x, y, lang, path, self.args.dataset_impl):
+                return os.path.join(path, f"{split}.{x}-{y}.")
+        return None
+
     def pivot_source(self, params, dataset):
         """The teacher's source sentences for a pivot pair: SPLIT.{LANG-TGT,TGT-LANG}.LANG, checked to be the
         same sentences line by line through the target side, which both directories must hold equal."""
         split, src, tgt, path = params["split"], params["src"], params["tgt"], params["data_path"]
         lang = self.args.teacher_source_lang
-        directions = [(lang, tgt), (tgt, lang)]
-        prefixes = [os.path.join(path, f"{split}.{a}-{b}.") for a, b in directions]
-        prefix = next((p for p, (a, b) in zip(prefixes, directions)
-                       if self.data_manager.split_exists(split, a, b, lang, path, self.args.dataset_impl)), None)
+        prefix = self.split_prefix(split, lang, tgt, lang, path)
         if prefix is None:
             raise FairseqKDError(
                 f"--teacher-source-lang {lang}: the {src}-{tgt} teacher reads {lang}, but {path} has no {split} data in"
-                f" {lang} ({prefixes[0]}{lang}.bin or {prefixes[1]}{lang}.bin); binarize the same sentences in {lang}"
+                f" {lang} ({split}.{lang}-{tgt}.{lang} or {split}.{tgt}-{lang}.{lang}); binarize the same sentences in {lang}"
             )
         dictionary = self.source_dictionary
         source = data_utils.load_indexed_dataset(prefix + lang, dictionary, self.args.dataset_impl)
-        ours = data_utils.load_indexed_dataset(os.path.join(path, f"{split}.{src}-{tgt}.{tgt}"), dictionary,
-                                               self.args.dataset_impl)
+        ours_prefix = self.split_prefix(split, src, tgt, tgt, path)
+        ours = data_utils.load_indexed_dataset(ours_prefix + tgt, dictionary, self.args.dataset_impl)
+        if len(ours) != len(dataset):  # fairseq appended SPLIT1, SPLIT2, ...: their pivot lines are not read here
+            raise FairseqKDError(
+                f"--teacher-source-lang {lang}: the {src}-{tgt} {split} data has {len(dataset)} pairs, {ours_prefix}{tgt}"
+                f" {len(ours)}; pivot KD aligns one binarized file per split: binarize {split} as one (no {split}1, ...)"
+            )
         theirs = data_utils.load_indexed_dataset(prefix + tgt, dictionary, self.args.dataset_impl)
         if len(theirs) < len(ours):
             raise FairseqKDError(
@@ -355,7 +370,8 @@ class ThresholdControl:
     """--kd-threshold: per pair, the teacher's score on the pair's validation data (measured once) against the
     student's, every --kd-threshold-interval updates; KD on for a pair unless the student is ahead by the
     margin. Its state (scores, switches) is saved in the checkpoints and restored on resume; scores measured
-    otherwise (another metric, post-processing, validation split or teacher) are measured again."""
+    otherwise (another metric, post-processing, validation split or teacher) are measured again, KD on until
+    then."""
 
     def __init__(self, task, args):
         if not task.teachers.teachers:
@@ -376,9 +392,9 @@ class ThresholdControl:
         data = utils.split_paths(args.data)[0]
         for pair in self.pairs.values():
             src, tgt = pair.split("-")
-            if not os.path.isfile(os.path.join(data, f"{self.split}.{pair}.{src}.idx")):
+            if task.split_prefix(self.split, src, tgt, src, data) is None:
                 raise FairseqKDError(
-                    f"--kd-threshold: {data} has no {self.split} data for {pair} ({self.split}.{pair}.{src}.idx), which"
+                    f"--kd-threshold: {data} has no {self.split} data for {pair} ({self.split}.{pair}.{src}), which"
                     f" the threshold strategy compares student and teacher on; binarize a {self.split} set per pair"
                 )
         self.teacher_scores, self.student_scores, self.switches, self.last_check = {}, {}, [], 0
@@ -394,12 +410,14 @@ class ThresholdControl:
                 "enabled": {pair: bool(self.task.teachers.enabled[i]) for i, pair in self.pairs.items()}}
 
     def load_state_dict(self, state):
-        if state.get("measured_with") == self.measured_with:
-            self.teacher_scores, self.student_scores = dict(state["teacher_scores"]), dict(state["student_scores"])
-        else:  # comparing with them would be meaningless (e.g. a BLEU against a loss)
-            logger.warning("kd-threshold: the saved scores were measured with other settings or teachers; measuring"
-                           " them again at the next check")
         self.switches, self.last_check = list(state["switches"]), state["last_check"]
+        if state.get("measured_with") != self.measured_with:
+            # comparing with them would be meaningless (e.g. a BLEU against a loss); so would the switches
+            # they decided: KD on for every pair until then
+            logger.warning("kd-threshold: the saved scores were measured with other settings or teachers; measuring"
+                           " them again at the next check, KD on until then")
+            return
+        self.teacher_scores, self.student_scores = dict(state["teacher_scores"]), dict(state["student_scores"])
         for i, pair in self.pairs.items():
             self.task.teachers.enabled[i] = state["enabled"].get(pair, True)
 
@@ -411,7 +429,9 @@ class ThresholdControl:
         if update_num == 0 or update_num % self.interval or update_num == self.last_check:
             return
         self.last_check = update_num
-        student = getattr(model, "module", model)  # DDP
+        student = model
+        while hasattr(student, "module"):  # fairseq's distributed wrappers, each around the next
+            student = student.module
         param = next(student.parameters())
         for i, pair in self.pairs.items():
             if pair not in self.teacher_scores:
@@ -454,6 +474,8 @@ class ThresholdControl:
                 lprobs = model.get_normalized_probs(model(**net_input), log_probs=True)
                 target = sample["target"]
                 real = target.ne(dictionary.pad())
+                if language_token is not None:  # given to the decoder (the bleu metric's prefix), not predicted
+                    real[:, 0] = False
                 nll -= lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)[real].sum().item()
                 tokens += real.sum().item()
                 continue
