@@ -142,6 +142,33 @@ def test_mi_negatives_are_the_distilled_positions_only(ml_data, ml_teachers):
     assert log["kd_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def select_rows(sample, rows):
+    """The rows of a collated batch where ``rows`` (a boolean mask) is True."""
+    if isinstance(sample, dict):
+        return {key: select_rows(value, rows) for key, value in sample.items()}
+    return sample[rows] if torch.is_tensor(sample) and sample.dim() and len(sample) == len(rows) else sample
+
+
+def test_a_pairs_weight_scales_its_alpha_and_a_pair_without_a_teacher_keeps_its_cross_entropy(ml_data, ml_teachers):
+    """Per position (1 - alpha) CE + alpha (w KD + (1 - w) CE): the rows of a pair of weight w train as with
+    alpha times w, those of a pair without a teacher as without KD."""
+    teacher = ("--teacher-paths", f"en-de:{ml_teachers['en-de']}")
+    weighted, student = build(ml_data, *teacher, "--kd-pair-weights", "en-de:0.5", "--kd-alpha", 0.8)
+    scaled, _ = build(ml_data, *teacher, "--kd-alpha", 0.4)
+    plain, _ = build(ml_data, "--kd-alpha", 0)
+    student.eval()
+    sample = whole_split(weighted)
+    en_de = sample[PairTeachers.PAIR_KEY].eq(weighted.pair_index["en-de"])
+
+    def loss(task, rows):
+        criterion = task.build_criterion(convert_namespace_to_omegaconf(task.args).criterion)
+        return criterion(student, select_rows(sample, rows))[0].item()
+
+    assert 0 < en_de.sum() < len(en_de)
+    assert loss(weighted, en_de | ~en_de) == pytest.approx(loss(scaled, en_de) + loss(plain, ~en_de), rel=1e-5)
+    assert loss(weighted, en_de) != pytest.approx(loss(plain, en_de), rel=1e-3)  # KD does change the en-de rows
+
+
 @pytest.fixture(scope="module")
 def ml_caches(ml_data, ml_teachers, tmp_path_factory):
     """Top-4 caches of the validation data, one per teacher in ``ml_teachers``."""
