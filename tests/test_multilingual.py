@@ -171,12 +171,12 @@ def test_a_pairs_weight_scales_its_alpha_and_a_pair_without_a_teacher_keeps_its_
 
 @pytest.fixture(scope="module")
 def ml_caches(ml_data, ml_teachers, tmp_path_factory):
-    """Top-4 caches of the validation data, one per teacher in ``ml_teachers``."""
+    """Top-4 caches of the training and validation data, one per teacher in ``ml_teachers``."""
     caches = {pair: tmp_path_factory.mktemp("caches") / pair for pair in ml_teachers}
     for pair, teacher in ml_teachers.items():
         run("fairseq-kd-build-cache", ml_data, "--user-dir", PLUGIN, "--task", "translation_multi_simple_epoch",
             "--lang-pairs", pair, "--lang-dict", ml_data / "langs.txt", *LANGTOK_FLAGS, "--teacher-path", teacher,
-            "--topk", 4, "--splits", "valid", "--out", caches[pair], "--cpu")
+            "--topk", 4, "--splits", "train,valid", "--out", caches[pair], "--cpu")
     return caches
 
 
@@ -196,6 +196,26 @@ def test_cache_is_keyed_by_pair_and_equals_the_teachers(ml_data, ml_teachers, ml
     assert torch.allclose(values[distilled], cached_values[distilled], atol=2e-3)  # stored as float16
     with pytest.raises(FairseqKDError, match="the cache holds the en-fr teacher's top-k; build one for en-de"):
         build(ml_data, "--teacher-topk-caches", f"en-de:{ml_caches['en-fr']}", "--kd-topk", 4)[0].load_dataset("valid")
+
+
+def test_resampled_training_rows_keep_their_pairs_teacher_and_cache_entry(ml_data, ml_teachers, ml_caches):
+    """Training batches come through fairseq's resampling (--sampling-method uniform: each pair's rows drawn
+    again, indices remapped): each row still carries its pair's tag and its own cached top-k."""
+    paths = f"en-de:{ml_teachers['en-de']},en-fr:{ml_teachers['en-fr']}"
+    resampled = ("--kd-topk", 4, "--sampling-method", "uniform")
+    online, student = build(ml_data, "--teacher-paths", paths, *resampled)
+    cached, _ = build(ml_data, "--teacher-topk-caches", f"en-de:{ml_caches['en-de']},en-fr:{ml_caches['en-fr']}", *resampled)
+    sample, sample_cached = whole_split(online, "train"), whole_split(cached, "train")
+    assert torch.equal(sample["id"], sample_cached["id"]) and torch.equal(sample["pair"], sample_cached["pair"])
+    dictionary = online.target_dictionary
+    assert [dictionary[t] for t in sample["target"][:, 0].tolist()] == [
+        f"__{online.lang_pairs[p].split('-')[1]}__" for p in sample["pair"].tolist()]
+    values, ids = online.teachers.predict(sample, student).distribution(4)
+    cached_values, cached_ids = cached.teachers.predict(sample_cached, student).distribution(4)
+    distilled = online.teachers.position_weights(sample).gt(0) & sample["target"].ne(1)
+    assert distilled.any(1).sum() > 600  # rows of both taught pairs
+    assert torch.equal(ids[distilled], cached_ids[distilled])
+    assert torch.allclose(values[distilled], cached_values[distilled], atol=2e-3)
 
 
 def test_threshold_with_caches_scores_with_the_teachers_and_distils_from_the_caches(ml_data, ml_teachers, ml_caches):
