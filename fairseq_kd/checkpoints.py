@@ -109,12 +109,18 @@ def trained_language_pair(task_cfg):
     data = getattr(task_cfg, "data", None)
     if None not in recorded or not data or not os.path.isdir(utils.split_paths(data)[0]):
         return recorded
+    pairs = data_language_pairs(utils.split_paths(data)[0])
+    return pairs[0] if len(pairs) == 1 else recorded
+
+
+def data_language_pairs(directory):
+    """The ``(source, target)`` pairs of a data-bin, from its file names (SPLIT.SRC-TGT.LANG.bin)."""
     pairs = set()
-    for name in os.listdir(utils.split_paths(data)[0]):
-        parts = name.split(".")  # SPLIT.SRC-TGT.LANG.bin
+    for name in os.listdir(directory):
+        parts = name.split(".")
         if len(parts) == 4 and parts[3] == "bin" and parts[1].count("-") == 1:
             pairs.add(tuple(parts[1].split("-")))
-    return next(iter(pairs)) if len(pairs) == 1 else recorded
+    return sorted(pairs)
 
 
 def check_language_pair(label, recorded, langs):
@@ -122,7 +128,7 @@ def check_language_pair(label, recorded, langs):
     if None not in recorded and None not in langs and tuple(recorded) != tuple(langs):
         raise FairseqKDError(
             f"{label}: it translates {recorded[0]}->{recorded[1]}, but the data is {langs[0]}->{langs[1]}; give a"
-            f" teacher for {langs[0]}->{langs[1]} (or -s {recorded[0]} -t {recorded[1]})"
+            f" model of {langs[0]}->{langs[1]} (or -s {recorded[0]} -t {recorded[1]})"
         )
 
 

@@ -47,7 +47,7 @@ from fairseq.data import data_utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from sacrebleu.metrics import BLEU, CHRF, TER
 
-from fairseq_kd.checkpoints import sha256
+from fairseq_kd.checkpoints import check_language_pair, data_language_pairs, sha256
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.inference import (
     CTranslate2Translator,
@@ -192,6 +192,15 @@ def check_arguments(args):
 
 def setup_task(args, splits):
     """A ``translation`` task with the splits loaded."""
+    if bool(args.source_lang) != bool(args.target_lang):
+        raise FairseqKDError("give both --source-lang and --target-lang, or neither (a data-bin of one pair)")
+    directory = utils.split_paths(args.data)[0]
+    pairs = data_language_pairs(directory) if not args.source_lang and os.path.isdir(directory) else []
+    if len(pairs) > 1:  # fairseq would take whichever the directory lists first
+        raise FairseqKDError(
+            f"{args.data} holds several language pairs ({', '.join('-'.join(p) for p in pairs)}); name one with"
+            " --source-lang and --target-lang"
+        )
     fairseq_args = [args.data, "--task", "translation"]
     for option, value in (("--source-lang", args.source_lang), ("--target-lang", args.target_lang)):
         if value:
@@ -218,7 +227,8 @@ def setup_task(args, splits):
 def load_references(args, task, split, path):
     dataset = task.dataset(split)
     if path is None:
-        return [task.tgt_dict.string(dataset[i]["target"], args.post_process) for i in range(len(dataset))]
+        # as fairseq-generate writes them: an <unk> escaped, so that a hypothesis's <unk> cannot match it
+        return [task.tgt_dict.string(dataset[i]["target"], args.post_process, escape_unk=True) for i in range(len(dataset))]
     try:
         with open(path, encoding="utf-8") as f:
             references = [line.rstrip("\n") for line in f]
@@ -241,10 +251,13 @@ def source_pieces(task, split):
 def build_translator(args, path, task, decoding, use_cuda):
     """The backend for ``path``: an exported directory runs in CTranslate2, a checkpoint in fairseq."""
     device = "cuda" if use_cuda else "cpu"
+    langs = (task.cfg.source_lang, task.cfg.target_lang)
     if os.path.isdir(path):
+        manifest = read_export_manifest(path)
+        check_language_pair(f"export {path}", (manifest["source_lang"], manifest["target_lang"]), langs)
         check_export_vocabulary(path, task.src_dict, task.tgt_dict)
         return CTranslate2Translator(path, decoding, threads=args.threads, device=device)
-    return FairseqTranslator(path, args.data, decoding, device=device, langs=(task.cfg.source_lang, task.cfg.target_lang))
+    return FairseqTranslator(path, args.data, decoding, device=device, langs=langs)
 
 
 def model_size(path, translator):

@@ -64,11 +64,13 @@ def get_parser():
 
 
 def check_output(args):
-    """Refuse before any work: an existing --out without --force, or an --out that is one of the inputs."""
-    out = os.path.abspath(args.out)
+    """Refuse before any work: an existing --out without --force, or an --out that is or holds one of the
+    inputs or the working directory (--force replaces it)."""
+    out = os.path.realpath(args.out)
     inputs = [args.checkpoint, args.data, args.sentencepiece_model or args.bpe_codes]
-    if any(os.path.abspath(path) == out for path in inputs):
-        raise FairseqKDError(f"--out {args.out} is one of the inputs; choose a new directory")
+    for path in [path for path in inputs if path] + [os.getcwd()]:
+        if os.path.commonpath([os.path.realpath(path), out]) == out:
+            raise FairseqKDError(f"--out {args.out} is or holds {path}, which --force would delete; choose a new directory")
     if os.path.exists(out):
         if not os.path.isdir(out):
             raise FairseqKDError(f"--out {args.out} is a file; choose a directory name")
@@ -179,8 +181,8 @@ def export(args):
         converter = FairseqConverter(clean, dictionary_dir, source_lang=langs[0], target_lang=langs[1])
         try:
             converter.convert(staged, vmap=vmap, quantization=args.quantization)
-        except (ValueError, NotImplementedError) as e:
-            raise FairseqKDError(f"CTranslate2 cannot convert {args.checkpoint}: {e}") from None
+        except (ValueError, NotImplementedError, RuntimeError) as e:  # RuntimeError: weights unlike the config
+            raise FairseqKDError(f"CTranslate2 cannot convert {args.checkpoint}: {str(e).splitlines()[0]}") from None
         shutil.copyfile(subwords.path, os.path.join(staged, os.path.basename(subwords.path)))
         params, embedding_params, _ = count_parameters(state["model"])
         manifest = {

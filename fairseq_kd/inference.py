@@ -26,6 +26,7 @@ from fairseq.tasks.translation_lev import TranslationLevenshteinConfig, Translat
 from fairseq_kd.checkpoints import (
     MULTILINGUAL_TASKS,
     check_checkpoint_dictionaries,
+    check_language_pair,
     inference_state,
     is_non_autoregressive,
     language_tokens,
@@ -211,6 +212,7 @@ def checked_dictionaries(checkpoint, task_cfg, state, data, langs=None):
                 " with --source-lang and --target-lang"
             )
     langs = langs or language_pair(state["args"], data)
+    check_language_pair(label, trained_language_pair(task_cfg), langs)
     tokens = language_tokens(label, task_cfg, langs, data)
     dictionaries = load_dictionaries(data, *langs)
     for dictionary in dictionaries if tokens else []:
@@ -246,7 +248,10 @@ class CTranslate2Translator:
         self.use_vmap = self.manifest["vmap"] if use_vmap is None else use_vmap
         if self.use_vmap and not self.manifest["vmap"]:
             raise FairseqKDError(f"{model_dir} was exported without a vocabulary map; export it with --vmap")
-        self.translator = ctranslate2.Translator(model_dir, device=device, intra_threads=threads, inter_threads=1)
+        try:
+            self.translator = ctranslate2.Translator(model_dir, device=device, intra_threads=threads, inter_threads=1)
+        except (RuntimeError, ValueError) as e:  # e.g. a missing or truncated model.bin
+            raise FairseqKDError(f"CTranslate2 cannot load {model_dir} ({str(e).splitlines()[0]}); export the model again") from None
 
     def translate(self, batch):
         # a multilingual model's (exports of bilingual models record none)
@@ -268,7 +273,8 @@ def read_export_manifest(model_dir):
     try:
         with open(path) as f:
             manifest = json.load(f)
-        missing = [key for key in ("subwords", "max_target_positions", "vmap", "sha256", "quantization")
+        missing = [key for key in ("subwords", "max_target_positions", "vmap", "sha256", "quantization", "source_lang",
+                                   "target_lang", "params", "embedding_params", "peer")
                    if key not in manifest] + [f"subwords.{key}" for key in ("kind", "file")
                                               if key not in manifest.get("subwords", {})]
     except (ValueError, TypeError, AttributeError) as e:

@@ -4,7 +4,8 @@
     fairseq-kd-translate checkpoint_best.pt --data data-bin --sentencepiece-model spm.model < raw.en
 
 MODEL is a directory written by fairseq-kd-export (CTranslate2; the subword model comes with it) or a
-fairseq checkpoint with the data-bin it was trained on and its subword model. Both decode with
+fairseq checkpoint with the data-bin it was trained on and its subword model (a multilingual checkpoint of
+several pairs: the pair to translate with -s and -t). Both decode with
 fairseq-generate's rules and defaults (beam 5, at most 200 output pieces, length penalty 1; see
 ``fairseq_kd.inference``), in batches of sentences of similar length; empty lines stay empty. Progress
 goes to stderr.
@@ -40,6 +41,8 @@ def get_parser():
     subwords.add_argument("--sentencepiece-model", help="checkpoint only: the sentencepiece model of the data")
     subwords.add_argument("--bpe-codes", help="checkpoint only: the subword-nmt BPE codes of the data")
     parser.add_argument("--peer", choices=("a", "b"), default="a", help="checkpoint only: peer of a transformer_mutual model")
+    parser.add_argument("-s", "--source-lang", help="checkpoint only: the source language (a multilingual model's pair)")
+    parser.add_argument("-t", "--target-lang", help="checkpoint only: the target language (see --source-lang)")
     parser.add_argument("--input", default="-", help="raw text file, one sentence per line (default: stdin)")
     parser.add_argument("--output", default="-", help="where the translations go (default: stdout)")
     parser.add_argument("--beam", type=int, default=5, help="beam size (default: 5)")
@@ -57,12 +60,13 @@ def get_parser():
 def load(args, options):
     """``(translator, subwords)`` for MODEL."""
     checkpoint_only = [flag for flag, value in (("--data", args.data), ("--sentencepiece-model", args.sentencepiece_model),
-                                                ("--bpe-codes", args.bpe_codes)) if value]
+                                                ("--bpe-codes", args.bpe_codes), ("--source-lang", args.source_lang),
+                                                ("--target-lang", args.target_lang)) if value]
     if os.path.isdir(args.model):
         if checkpoint_only:
             raise FairseqKDError(
                 f"{' and '.join(checkpoint_only)} apply to a fairseq checkpoint; {args.model} is an exported"
-                " directory, which carries its own dictionaries and subword model: drop them"
+                " directory, which carries its own dictionaries, subword model and language pair: drop them"
             )
         translator = CTranslate2Translator(args.model, options, threads=args.threads, device=args.device,
                                            use_vmap=False if args.no_vmap else None)
@@ -79,19 +83,29 @@ def load(args, options):
     subwords = Subwords("sentencepiece", args.sentencepiece_model) if args.sentencepiece_model \
         else Subwords("bpe", args.bpe_codes)
     torch.set_num_threads(args.threads)
-    return FairseqTranslator(args.model, args.data, options, peer=args.peer, device=args.device), subwords
+    if bool(args.source_lang) != bool(args.target_lang):
+        raise FairseqKDError("give both --source-lang and --target-lang, or neither (a model of one pair)")
+    langs = (args.source_lang, args.target_lang) if args.source_lang else None
+    return FairseqTranslator(args.model, args.data, options, peer=args.peer, device=args.device, langs=langs), subwords
 
 
 def read_lines(path):
+    """The input's lines, split at line feeds only: str.splitlines also splits at form feeds, U+2028 and
+    others, which raw text can hold inside a line, and every later translation would land a line off."""
     try:
         if path == "-":
-            return sys.stdin.buffer.read().decode("utf-8").splitlines()
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines()
+            text = sys.stdin.buffer.read().decode("utf-8")
+        else:
+            with open(path, encoding="utf-8", newline="") as f:
+                text = f.read()
     except FileNotFoundError:
         raise FairseqKDError(f"--input: no such file {path!r}") from None
     except UnicodeDecodeError as e:
         raise FairseqKDError(f"--input {path}: not UTF-8 text ({e}); convert it to UTF-8") from None
+    lines = text.split("\n")
+    if lines[-1] == "":  # the last line's line feed
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def main(argv=None):

@@ -3,13 +3,17 @@ inputs give one clear error."""
 import json
 import multiprocessing
 import os
+import shutil
+from types import SimpleNamespace
 
 import pytest
+import torch
+from fairseq.data import Dictionary
 
 from conftest import binarize, run, write_parallel
 from test_cli import train_student
 from fairseq_kd.errors import FairseqKDError
-from fairseq_kd.evaluate import run_in_child
+from fairseq_kd.evaluate import load_references, run_in_child
 from test_export import export
 
 
@@ -109,6 +113,7 @@ def test_empty_split(tmp_path):
     (("--reference", "{tmp}/nope.de"), "--reference {tmp}/nope.de: cannot read it"),
     (("--max-len-b", "0"), "--max-len-b >= 1"),
     (("--split", "test,valid", "--reference", "{tmp}/a.de"), "--reference names 1 files for 2 splits"),
+    (("--source-lang", "src"), "give both --source-lang and --target-lang"),
 ])
 def test_bad_settings_are_refused_before_decoding(data_bin, teacher, tmp_path, extra, message):
     extra = [e.format(tmp=tmp_path) for e in extra]
@@ -126,6 +131,34 @@ def test_export_with_another_vocabulary_and_duplicate_names(report, teacher, tmp
     assert "Traceback" not in proc.stderr
     proc = evaluate(other, f"a={teacher}", f"a={teacher}", out=tmp_path / "eval", expect_ok=False)
     assert proc.returncode != 0 and "each model needs its own name" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_model_of_another_language_pair_is_refused(report, data_bin, teacher, tmp_path):
+    """The same vocabulary both ways round: only the recorded languages tell an src->tgt model from tgt->src."""
+    tmp, _ = report
+    for model in (f"export={tmp / 'teacher-ct2'}", f"checkpoint={teacher}"):
+        proc = evaluate(data_bin, model, out=tmp_path / "eval", expect_ok=False,
+                        extra=("--source-lang", "tgt", "--target-lang", "src"))
+        assert proc.returncode != 0 and "it translates src->tgt, but the data is tgt->src" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_a_data_bin_of_several_pairs_needs_the_pair_named(data_bin, teacher, tmp_path):
+    data = tmp_path / "bin"
+    shutil.copytree(data_bin, data)
+    for path in data_bin.glob("test.src-tgt.*"):
+        shutil.copy(path, data / path.name.replace("src-tgt", "tgt-src"))
+    proc = evaluate(data, f"teacher={teacher}", out=tmp_path / "eval", expect_ok=False)
+    assert proc.returncode != 0 and "holds several language pairs (src-tgt, tgt-src); name one" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_default_references_escape_unk_as_fairseq_generate_writes_them():
+    dictionary = Dictionary()
+    word = dictionary.add_symbol("t1")
+    task = SimpleNamespace(tgt_dict=dictionary, dataset=lambda split: [
+        {"target": torch.tensor([word, dictionary.unk(), dictionary.eos()])}])
+    assert load_references(SimpleNamespace(post_process=None), task, "test", None) == ["t1 <<unk>>"]
 
 
 class ExitsWhenRead:

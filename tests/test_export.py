@@ -4,6 +4,7 @@ stock fairseq-generate does; the vocabulary map; each refusal in one line."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -111,8 +112,9 @@ def test_int8_vocabulary_map_and_empty_lines(data_bin, teacher, codes, tmp_path)
     assert all(len(line.split("\t")[1].split()) <= 3 for line in vmap[1:]) and len(vmap) > 10
     # s3 is translated t3: the map must offer t3 for s3
     assert "t3" in next(line for line in vmap if line.startswith("s3\t")).split("\t")[1].split()
-    text = "s1 s2 s3\n\ns4 s5\n"
-    with_map = translate(tmp_path / "ct2", text).stdout.splitlines()  # the console script, from stdin
+    # lines end at line feeds only: a form feed or U+2028 inside a line keeps it one line
+    text = "s1 s2\u2028s3\n\ns4\x0cs5\n"
+    with_map = translate(tmp_path / "ct2", text).stdout.split("\n")[:-1]  # the console script, from stdin
     (tmp_path / "text.src").write_text(text)
     without = translate_here(tmp_path / "ct2", tmp_path / "text.src", tmp_path, "--no-vmap")
     assert len(with_map) == len(without) == 3 and with_map[1] == without[1] == ""
@@ -160,7 +162,8 @@ def edited_checkpoints(teacher, tmp_path_factory):
     ("missing checkpoint", "no such file"),
     ("missing codes", "--bpe-codes: no such file"),
     ("missing dictionary", "no dict.tgt.txt"),
-    ("output is an input", "is one of the inputs"),
+    ("output is an input", "is or holds"),
+    ("output holds an input", "which --force would delete"),
     ("output exists", "exists; choose another directory or pass --force"),
 ])
 def test_export_refusals(data_bin, teacher, codes, edited_checkpoints, tmp_path, case, message):
@@ -181,10 +184,16 @@ def test_export_refusals(data_bin, teacher, codes, edited_checkpoints, tmp_path,
                 (data / f.name).symlink_to(f)
     elif case == "output is an input":
         out, extra = teacher, ["--force"]
+    elif case == "output holds an input":
+        checkpoint = tmp_path / "checkpoints" / "teacher.pt"
+        checkpoint.parent.mkdir()
+        shutil.copy(teacher, checkpoint)
+        out, extra = checkpoint.parent, ["--force"]
     elif case == "output exists":
         out.mkdir()
     with pytest.raises(FairseqKDError, match=re.escape(message)):
         export_main([str(checkpoint), "--data", str(data), "--bpe-codes", str(subwords), "--out", str(out), *extra])
+    assert os.path.isfile(checkpoint) or case == "missing checkpoint"
 
 
 def test_export_refusals_on_the_command_line(data_bin, teacher, codes, tmp_path):
@@ -221,8 +230,15 @@ def exported_teacher(data_bin, teacher, codes, tmp_path_factory):
     (["{ct2}", "--input", "{tmp}/nope.txt"], "--input: no such file"),
     (["{ct2}", "--input", "{tmp}/latin1.txt", "--output", "{tmp}/latin1.txt"], "is an input"),
     (["{tmp}/half-export"], "lacks max_target_positions, vmap"),
+    (["{tmp}/truncated"], "CTranslate2 cannot load"),
+    (["{ct2}", "-s", "src", "-t", "tgt"], "language pair: drop them"),
+    (["{teacher}", "--data", "{data}", "--bpe-codes", "{codes}", "-s", "src"], "give both --source-lang and --target-lang"),
+    (["{teacher}", "--data", "{data}", "--bpe-codes", "{codes}", "-s", "tgt", "-t", "src"], "it translates src->tgt"),
 ])
 def test_translate_refusals(data_bin, teacher, codes, exported_teacher, tmp_path, args, message):
+    shutil.copytree(exported_teacher, tmp_path / "truncated")
+    model = tmp_path / "truncated" / "model.bin"
+    model.write_bytes(model.read_bytes()[:1000])
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     (tmp_path / "half-export").mkdir()
     (tmp_path / "half-export" / "fairseq_kd_export.json").write_text('{"subwords": {"kind": "bpe"}}')
