@@ -28,6 +28,7 @@ sentences/s and generated target tokens/s (end of sentence included); torch and 
 (GPU, fairseq models).
 """
 import argparse
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -354,7 +355,7 @@ def run_in_child(context, name, target_args):
                 reason = f"killed by signal {-child.exitcode}" if child.exitcode < 0 else f"exit code {child.exitcode}"
                 raise FairseqKDError(
                     f"evaluating {name}: its process ended without a result ({reason}; signal 9 is usually the"
-                    " out-of-memory killer); the models before it are saved"
+                    " out-of-memory killer)"
                 )
     child.join()
     if isinstance(result, Exception):
@@ -466,9 +467,9 @@ def write_report(report, outputs, out_prefix):
     print(table, end="")
 
 
-# settings that must agree for reports to share a table: those of decoding, and of timing when timed
-COMPARABLE = ("splits", "sentences", "beam", "max_len_a", "max_len_b", "lenpen", "iter_decode_max_iter",
-              "iter_decode_with_beam", "post_process", "batch_sizes")
+# settings that must agree for reports to share a table: the data, those of decoding, and of timing when timed
+COMPARABLE = ("language_pair", "references", "splits", "sentences", "beam", "max_len_a", "max_len_b", "lenpen",
+              "iter_decode_max_iter", "iter_decode_with_beam", "post_process", "batch_sizes")
 COMPARABLE_SPEED = ("threads", "speed_sentences", "repeats")
 
 
@@ -524,9 +525,28 @@ def main(argv=None):
     # each model in a fresh process forked from a server that has imported fairseq once: no import per model
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["fairseq_kd.evaluate"])
-    models, outputs = [], {}
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    report = {
+        "machine": machine_description(device),
+        "settings": {"data": args.data, "language_pair": [task.cfg.source_lang, task.cfg.target_lang],
+                     "references": {s: hashlib.sha256("\n".join(r).encode("utf-8")).hexdigest() for s, r in references.items()},
+                     "splits": splits, "sentences": {s: len(r) for s, r in references.items()},
+                     "beam": args.beam, "max_len_a": args.max_len_a, "max_len_b": args.max_len_b, "lenpen": args.lenpen,
+                     "iter_decode_max_iter": args.iter_decode_max_iter, "iter_decode_with_beam": args.iter_decode_with_beam,
+                     "threads": args.threads, "batch_sizes": batch_sizes,
+                     "speed_sentences": min(args.speed_sentences, len(references[splits[0]])),
+                     "repeats": args.repeats, "post_process": args.post_process},
+        "models": [],
+    }
+    models, outputs = report["models"], {}
     for name, path in named:
-        record, translations = run_in_child(context, name, (args, name, path, batch_sizes, decoding, references))
+        try:
+            record, translations = run_in_child(context, name, (args, name, path, batch_sizes, decoding, references))
+        except FairseqKDError as e:
+            if not models:
+                raise
+            write_report(report, outputs, args.out_prefix)  # what was measured stays, in a report of its own
+            raise FairseqKDError(f"{e} (the report of the models before it: {args.out_prefix}.json)") from None
         record["translations"] = {}
         for split, lines in translations.items():
             record["translations"][split] = f"{args.out_prefix}.{name}.{split}.txt"
@@ -534,17 +554,6 @@ def main(argv=None):
                 f.writelines(line + "\n" for line in lines)
         models.append(record)
         outputs[name] = translations[splits[0]]
-    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    report = {
-        "machine": machine_description(device),
-        "settings": {"data": args.data, "splits": splits, "sentences": {s: len(r) for s, r in references.items()},
-                     "beam": args.beam, "max_len_a": args.max_len_a, "max_len_b": args.max_len_b, "lenpen": args.lenpen,
-                     "iter_decode_max_iter": args.iter_decode_max_iter, "iter_decode_with_beam": args.iter_decode_with_beam,
-                     "threads": args.threads, "batch_sizes": batch_sizes,
-                     "speed_sentences": min(args.speed_sentences, len(references[splits[0]])),
-                     "repeats": args.repeats, "post_process": args.post_process},
-        "models": models,
-    }
     write_report(report, outputs, args.out_prefix)
     logger.info(f"wrote {args.out_prefix}.json, .md{'' if args.no_speed else ', .png'} and the translations,"
                 f" {args.out_prefix}.NAME.SPLIT.txt")

@@ -86,6 +86,24 @@ def test_reports_of_separate_runs_merge_into_one_table(report, data_bin, teacher
     proc = run("fairseq-kd-eval", "--merge", tmp_path / "teacher.json", tmp / "eval.json", "--out-prefix",
                tmp_path / "mixed", expect_ok=False)
     assert proc.returncode != 0 and "was evaluated with other settings" in proc.stderr and "Traceback" not in proc.stderr
+    # the same sentences scored against other references: not one table
+    references = []
+    for split, n in merged["settings"]["sentences"].items():
+        references.append(tmp_path / f"other.{split}")
+        references[-1].write_text("t1\n" * n)
+    evaluate(data_bin, f"other={teacher}", out=tmp_path / "other", extra=(*quick, "--reference", ",".join(map(str, references))))
+    proc = run("fairseq-kd-eval", "--merge", tmp_path / "teacher.json", tmp_path / "other.json", "--out-prefix",
+               tmp_path / "mixed", expect_ok=False)
+    assert proc.returncode != 0 and "other settings than" in proc.stderr and "(references)" in proc.stderr
+
+
+def test_a_failing_model_leaves_the_report_of_those_before_it(data_bin, teacher, tmp_path):
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    proc = evaluate(data_bin, f"teacher={teacher}", f"broken={tmp_path / 'broken.pt'}", out=tmp_path / "eval",
+                    expect_ok=False, extra=("--no-speed",))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"the report of the models before it: {tmp_path / 'eval'}.json" in proc.stderr
+    assert [m["name"] for m in json.loads((tmp_path / "eval.json").read_text())["models"]] == ["teacher"]
 
 
 def test_missing_checkpoint(data_bin, tmp_path):
