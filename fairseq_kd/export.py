@@ -8,7 +8,7 @@ The checkpoint is first reduced to a plain ``transformer`` model of the ``transl
 and weights only, so conversion never loads teachers, KD options or optimizer state; CTranslate2's fairseq
 converter then turns it into ``model.bin``. The directory also holds the subword model and
 ``fairseq_kd_export.json`` (source checkpoint and its sha256, languages, quantization, subwords,
-post-processing, the model's position limit). ``--vmap`` adds a vocabulary map (CTranslate2's ``vmap``):
+post-processing, the model's source and target position limits). ``--vmap`` adds a vocabulary map (CTranslate2's ``vmap``):
 for each source piece the target pieces that co-occur with it most in the training data (Dice
 coefficient of sentence counts), plus the most frequent target pieces, so that decoding computes the
 output layer over a batch's candidates only.
@@ -200,6 +200,7 @@ def export(args):
             "language_symbols": tokens.symbols if tokens else [],
             "subwords": {"kind": kind, "file": os.path.basename(subwords.path)},
             "post_process": Subwords.KINDS[kind],
+            "max_source_positions": int(model_args.max_source_positions),
             "max_target_positions": int(model_args.max_target_positions),
             "vmap": vmap is not None,
             "vmap_per_token": args.vmap_per_token if vmap else None,

@@ -147,6 +147,9 @@ class FairseqTranslator:
         self.device = device
         self.options = options
         self.max_positions = self.model.max_decoder_positions()
+        # source pieces it reads: its positions less the end of sentence, language token and NAT's <s>
+        self.source_limit = (self.model.encoder.max_positions() - 1 - len(language_token_pieces(self.language_tokens)[0])
+                             - (1 if self.non_autoregressive else 0))
         self.left_pad_source = getattr(args, "left_pad_source", True)
         self.refinement_steps = []  # non-autoregressive: the iterations each sentence took
 
@@ -245,6 +248,9 @@ class CTranslate2Translator:
         ctranslate2 = import_ctranslate2()
         self.options = options
         self.max_positions = self.manifest["max_target_positions"]
+        # source pieces it reads (exports older than the record: not known)
+        positions = self.manifest.get("max_source_positions")
+        self.source_limit = positions - 1 - len(self.manifest.get("language_tokens", ([], []))[0]) if positions else None
         self.use_vmap = self.manifest["vmap"] if use_vmap is None else use_vmap
         if self.use_vmap and not self.manifest["vmap"]:
             raise FairseqKDError(f"{model_dir} was exported without a vocabulary map; export it with --vmap")
@@ -337,10 +343,18 @@ def export_subwords(model_dir):
     return Subwords(manifest["subwords"]["kind"], os.path.join(model_dir, manifest["subwords"]["file"]))
 
 
-def translate_all(translator, sources, batch_size, on_batch=None):
+def translate_all(translator, sources, batch_size, on_batch=None, line_numbers=None):
     """Translate every piece list of ``sources`` in batches of up to ``batch_size`` sentences of similar
     length (sorted, so little padding), and return the outputs in the order of ``sources``.
-    ``on_batch(done)`` is called after each batch."""
+    ``on_batch(done)`` is called after each batch. A source longer than the model reads is refused, as
+    fairseq-generate refuses it, by its line number (``line_numbers``; default: its place in ``sources``)."""
+    for i, pieces in enumerate(sources):
+        if translator.source_limit is not None and len(pieces) > translator.source_limit:
+            line = line_numbers[i] if line_numbers else i + 1
+            raise FairseqKDError(
+                f"line {line} has {len(pieces)} subword pieces; the model reads at most {translator.source_limit}:"
+                " split the line"
+            )
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     outputs = [None] * len(sources)
     for start in range(0, len(order), batch_size):

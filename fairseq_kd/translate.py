@@ -133,7 +133,7 @@ def main(argv=None):
                   file=sys.stderr)
             last_report = now
 
-    outputs = translate_all(translator, [sources[i] for i in todo], args.batch_size, report)
+    outputs = translate_all(translator, [sources[i] for i in todo], args.batch_size, report, [i + 1 for i in todo])
     translations = [""] * len(lines)
     for i, pieces in zip(todo, outputs):
         translations[i] = subwords.decode(pieces)

@@ -247,5 +247,13 @@ def test_translate_refusals(data_bin, teacher, codes, exported_teacher, tmp_path
         translate_main([a.format(**values) for a in args])
 
 
+def test_a_line_longer_than_the_model_reads_is_refused_by_its_number(data_bin, teacher, codes, exported_teacher, tmp_path):
+    """As fairseq-generate refuses it, in both backends (CTranslate2 would fail with its own error)."""
+    (tmp_path / "long.src").write_text("s1\n\n" + "s2 " * 1100 + "\n")
+    for model in ([exported_teacher], [teacher, "--data", data_bin, "--bpe-codes", codes]):
+        with pytest.raises(FairseqKDError, match="line 3 has 1100 subword pieces; the model reads at most 1023"):
+            translate_main([*map(str, model), "--input", str(tmp_path / "long.src"), "--output", str(tmp_path / "out")])
+
+
 def test_translate_refusal_on_the_command_line(exported_teacher):
     one_error(translate(exported_teacher, "s1\n", "--beam", "0", expect_ok=False), "--beam must be >= 1")
