@@ -7,7 +7,8 @@
 Reads ``WORK/results/EXPERIMENT.PAIR.json`` for each pair (the models evaluated on that pair's test set) and
 writes ``WORK/results/EXPERIMENT.md`` and ``.json``: test BLEU and length ratio per pair, the average BLEU and
 chrF over the pairs a model translates, its parameters, and its training speed (target tokens per second:
-the mean of fairseq's per-epoch ``wps`` in ``WORK/NAME.log``). A ``--per-pair`` name is a bilingual model per
+the median of fairseq's ``wps`` over the log intervals of ``WORK/NAME.log``, which a paused run, an epoch's
+validation or a last short epoch moves little). A ``--per-pair`` name is a bilingual model per
 pair (``WORK/NAME-PAIR.log``): its parameters are added up over the pairs. A student trained with
 ``--kd-threshold`` also gets its comparisons with the teachers from its log, and per pair the updates at
 which KD switched off or back on. ``--compare A:B`` adds how model A differs from model B: test BLEU per
@@ -21,14 +22,22 @@ import re
 import statistics
 
 
-def training_speed(log):
-    """Mean of fairseq's per-epoch training wps in a training log (None without one)."""
+def current_run(log):
+    """The lines of a training log from its last fresh start on: the recipe appends a resumed run to its log,
+    and a run started again from scratch too."""
     if not os.path.isfile(log):
-        return None
+        return []
     with open(log, errors="replace") as f:
-        values = [float(m.group(1)) for line in f if "| train | epoch" in line
-                  for m in [re.search(r"\| wps ([0-9.]+)", line)] if m]
-    return statistics.mean(values) if values else None
+        lines = f.readlines()
+    starts = [i for i, line in enumerate(lines) if "No existing checkpoint found" in line]
+    return lines[starts[-1]:] if starts else lines
+
+
+def training_speed(log):
+    """Median of fairseq's training wps over the log intervals of a training log (None without any)."""
+    values = [float(m.group(1)) for line in current_run(log) if "| train_inner |" in line
+              for m in [re.search(r"wps=([0-9.]+(?:e[+-]?[0-9]+)?)", line)] if m]
+    return statistics.median(values) if values else None
 
 
 THRESHOLD_CHECK = re.compile(r"kd-threshold at update (\d+): (\S+) student (\S+) ([-0-9.]+), teacher ([-0-9.]+): KD (on|off)")
@@ -37,14 +46,11 @@ THRESHOLD_CHECK = re.compile(r"kd-threshold at update (\d+): (\S+) student (\S+)
 def threshold_checks(log):
     """The --kd-threshold comparisons in a training log, by update and pair. A resumed run appends to its log
     and repeats the updates after its last checkpoint: the later line of an update counts."""
-    if not os.path.isfile(log):
-        return []
     checks = {}
-    with open(log, errors="replace") as f:
-        for match in filter(None, map(THRESHOLD_CHECK.search, f)):
-            update, pair, metric, student, teacher, kd = match.groups()
-            checks[int(update), pair] = {"update": int(update), "pair": pair, "metric": metric,
-                                         "student": float(student), "teacher": float(teacher), "kd": kd}
+    for match in filter(None, map(THRESHOLD_CHECK.search, current_run(log))):
+        update, pair, metric, student, teacher, kd = match.groups()
+        checks[int(update), pair] = {"update": int(update), "pair": pair, "metric": metric,
+                                     "student": float(student), "teacher": float(teacher), "kd": kd}
     return [checks[key] for key in sorted(checks)]
 
 
@@ -93,7 +99,7 @@ def comparison(rows, first, second):
             "speed_ratio": round(speed, 3) if speed else None}
 
 
-def markdown(rows, pairs, signature, comparisons):
+def markdown(rows, pairs, signature, comparisons, trained_at_once):
     header = ["model", "params", *[f"{pair} BLEU (length ratio)" for pair in pairs], "average BLEU", "average chrF",
               "train tokens/s"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
@@ -104,7 +110,8 @@ def markdown(rows, pairs, signature, comparisons):
         lines.append(f"| {row['name']} ({row['models']}) | {row['params'] / 1e6:.2f} M | " + " | ".join(cells)
                      + f" | {row['average_bleu']:.2f} | {row['average_chrf']:.2f} | {speed} |")
     lines += ["", f"sacrebleu {signature}; test_2016_flickr, fairseq's default length limits; averages over the"
-              " pairs each model translates."]
+              " pairs each model translates." + (" The models trained at once on one machine: their training speeds"
+                                                 " are not comparable." if trained_at_once else "")]
     for c in comparisons:
         per_pair = ", ".join(f"{pair} {value:+.2f}" for pair, value in c["bleu"].items())
         speed = f"; training tokens/s {c['speed_ratio']:.2f}×" if c["speed_ratio"] else ""
@@ -132,6 +139,8 @@ def main():
     parser.add_argument("--per-pair", nargs="*", default=[], help="models that are a bilingual model per pair")
     parser.add_argument("--compare", nargs="*", default=[], metavar="A:B",
                         help="model A against model B (both in --models): their differences over their common pairs")
+    parser.add_argument("--trained-at-once", action="store_true",
+                        help="the models trained at the same time on one machine: say that their speeds do not compare")
     args = parser.parse_args()
     pairs_to_compare = [tuple(item.split(":")) for item in args.compare]
     for item, names in zip(args.compare, pairs_to_compare):
@@ -147,10 +156,10 @@ def main():
     comparisons = [comparison(by_name, first, second) for first, second in pairs_to_compare]
     signature = next(iter(reports.values()))["models"][0]["test"]["bleu_signature"]
     with open(prefix + ".json", "w") as f:
-        json.dump({"experiment": args.experiment, "pairs": args.pairs, "bleu_signature": signature, "models": rows,
-                   "comparisons": comparisons}, f, indent=1)
+        json.dump({"experiment": args.experiment, "pairs": args.pairs, "bleu_signature": signature,
+                   "trained_at_once": args.trained_at_once, "models": rows, "comparisons": comparisons}, f, indent=1)
     with open(prefix + ".md", "w") as f:
-        f.write(markdown(rows, args.pairs, signature, comparisons))
+        f.write(markdown(rows, args.pairs, signature, comparisons, args.trained_at_once))
 
 
 if __name__ == "__main__":

@@ -110,3 +110,18 @@ def test_valid_curve_has_a_column_per_multiple_and_per_last_update(tmp_path):
     empty = log("empty", [])
     refused = subprocess.run([sys.executable, REPO / "scripts" / "valid_curve.py", empty], capture_output=True, text=True)
     assert refused.returncode == 1 and "has no validation lines" in refused.stderr
+
+
+def test_training_speed_is_the_median_interval_of_the_last_fresh_run(tmp_path):
+    """A run started again from scratch appends to its log: only its lines count; a paused interval and a
+    GPU's speed in fairseq's exponent notation are read as they are."""
+    inner = "2026-11-27 16:00:00 | INFO | train_inner | epoch 001:     50 / 408 loss=6.1, wps={}, ups=1.4\n"
+    log = tmp_path / "student.log"
+    log.write_text("INFO | fairseq.trainer | No existing checkpoint found /w/checkpoint_last.pt\n"
+                   + inner.format(9999.0) * 5
+                   + "INFO | fairseq.trainer | No existing checkpoint found /w/checkpoint_last.pt\n"
+                   + "".join(inner.format(wps) for wps in (4000.0, 12.5, 4200.0, "1.2e+06", 4100.0))
+                   + "2026-11-27 16:09:00 | INFO | train | epoch 001 | loss 5.9 | wps 3000.0 | ups 1.1\n")
+    table = load_script("multilingual_table")
+    assert table.training_speed(log) == 4100.0
+    assert table.training_speed(tmp_path / "missing.log") is None

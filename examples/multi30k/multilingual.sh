@@ -65,6 +65,10 @@ done
 if ! [[ $THRESHOLD_MARGIN =~ ^[0-9]+(\.[0-9]+)?$ ]]; then
     echo "error: THRESHOLD_MARGIN must be a number >= 0, got '$THRESHOLD_MARGIN'" >&2; exit 2
 fi
+if [ "$DISTILL_NBEST" != 1 ] || [ "$DISTILL_SELECT" != first ] || [ "$DISTILL_UNION" != 0 ]; then
+    echo "error: multilingual.sh builds its sequence-level KD corpora from each teacher's best translation alone:" \
+        "drop DISTILL_NBEST, DISTILL_SELECT and DISTILL_UNION (run.sh and levers.sh use them)" >&2; exit 2
+fi
 
 DATA=$WORK/data/data-bin
 LOW_DATA=$WORK/data/data-bin-low-resource
@@ -143,8 +147,10 @@ evaluate_pair() {  # EXPERIMENT DATA_BIN PAIR NAME=MODEL...
 # one table per experiment from its pairs' reports: test BLEU per pair and their average, chrF, length
 # ratio, parameters, training speed, and the comparisons the experiment is for (A:B, A against B)
 pair_table() {  # EXPERIMENT PAIRS MODELS PER_PAIR_MODELS COMPARISONS
+    local at_once=()
+    if [ "$PARALLEL" = 1 ]; then at_once=(--trained-at-once); fi
     python "$ROOT/scripts/multilingual_table.py" --work "$WORK" --experiment "$1" --pairs $2 --models $3 --per-pair $4 \
-        --compare $5
+        --compare $5 "${at_once[@]}"
 }
 
 teacher() { echo "$WORK/teacher-$1/checkpoint_last.pt"; }
