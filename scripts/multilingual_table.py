@@ -8,7 +8,7 @@ Reads ``WORK/results/EXPERIMENT.PAIR.json`` for each pair (the models evaluated 
 writes ``WORK/results/EXPERIMENT.md`` and ``.json``: test BLEU and length ratio per pair, the average BLEU and
 chrF over the pairs a model translates, its parameters, and its training speed (target tokens per second:
 the median of fairseq's ``wps`` over the log intervals of ``WORK/NAME.log``, which a paused run, an epoch's
-validation or a last short epoch moves little). A ``--per-pair`` name is a bilingual model per
+validation or a last short epoch moves little; over its epochs for a run shorter than one interval). A ``--per-pair`` name is a bilingual model per
 pair (``WORK/NAME-PAIR.log``): its parameters are added up over the pairs. A student trained with
 ``--kd-threshold`` also gets its comparisons with the teachers from its log, and per pair the updates at
 which KD switched off or back on. ``--compare A:B`` adds how model A differs from model B: test BLEU per
@@ -34,10 +34,15 @@ def current_run(log):
 
 
 def training_speed(log):
-    """Median of fairseq's training wps over the log intervals of a training log (None without any)."""
-    values = [float(m.group(1)) for line in current_run(log) if "| train_inner |" in line
-              for m in [re.search(r"wps=([0-9.]+(?:e[+-]?[0-9]+)?)", line)] if m]
-    return statistics.median(values) if values else None
+    """Median of fairseq's training wps over the log intervals of a training log; for a run shorter than one
+    interval, over its epochs (None without either)."""
+    lines = current_run(log)
+    number = r"([0-9.]+(?:e[+-]?[0-9]+)?)"
+    for kind, pattern in (("| train_inner |", f"wps={number}"), ("| train | epoch", rf"\| wps {number}")):
+        values = [float(m.group(1)) for line in lines if kind in line for m in [re.search(pattern, line)] if m]
+        if values:
+            return statistics.median(values)
+    return None
 
 
 THRESHOLD_CHECK = re.compile(r"kd-threshold at update (\d+): (\S+) student (\S+) ([-0-9.]+), teacher ([-0-9.]+): KD (on|off)")

@@ -125,3 +125,6 @@ def test_training_speed_is_the_median_interval_of_the_last_fresh_run(tmp_path):
     table = load_script("multilingual_table")
     assert table.training_speed(log) == 4100.0
     assert table.training_speed(tmp_path / "missing.log") is None
+    short = tmp_path / "short.log"  # fewer updates than one log interval: its epochs
+    short.write_text("".join(f"INFO | train | epoch 00{i} | loss 5.9 | wps {wps} | ups 1.1\n" for i, wps in enumerate((10.0, 30.0, 20.0))))
+    assert table.training_speed(short) == 20.0
