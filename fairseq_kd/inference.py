@@ -172,9 +172,9 @@ class FairseqTranslator:
             prefix = (torch.full((len(batch), 1), self.tgt_dict.index(target_token[0]), device=self.device)
                       if target_token else None)
             hypotheses = self.generator.generate([self.model], sample, prefix_tokens=prefix)
-        special = {self.tgt_dict.eos(), self.tgt_dict.pad(), self.tgt_dict.bos()}  # NAT outputs start with <s>
-        return [[self.tgt_dict[i] for i in hypos[0]["tokens"].tolist()[len(target_token):] if i not in special]
-                for hypos in hypotheses]
+        # NAT outputs start with <s>; the target language token goes wherever it is, as fairseq-generate strips it
+        special = {self.tgt_dict.eos(), self.tgt_dict.pad(), self.tgt_dict.bos(), *map(self.tgt_dict.index, target_token)}
+        return [[self.tgt_dict[i] for i in hypos[0]["tokens"].tolist() if i not in special] for hypos in hypotheses]
 
 
 def language_token_pieces(tokens):
@@ -269,7 +269,8 @@ class CTranslate2Translator:
             min_decoding_length=1, max_input_length=0, use_vmap=self.use_vmap,
             target_prefix=[target_token] * len(batch) if target_token else None,
         )
-        return [result.hypotheses[0][len(target_token):] for result in results]
+        # the given first token, and wherever else it is (fairseq-generate strips it from its output)
+        return [[piece for piece in result.hypotheses[0] if piece not in target_token] for result in results]
 
 
 def read_export_manifest(model_dir):

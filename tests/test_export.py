@@ -7,15 +7,18 @@ import re
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+from fairseq.data import Dictionary
 
 import fairseq_kd  # noqa: F401  (torch.load of fairseq checkpoints below relies on its allowlist)
 from conftest import BIN, PLUGIN, run
 from fairseq_kd.checkpoints import count_parameters
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.export import main as export_main
+from fairseq_kd.inference import CTranslate2Translator, DecodingOptions, FairseqTranslator
 from fairseq_kd.translate import main as translate_main
 from test_cli import train_student
 
@@ -119,6 +122,27 @@ def test_int8_vocabulary_map_and_empty_lines(data_bin, teacher, codes, tmp_path)
     without = translate_here(tmp_path / "ct2", tmp_path / "text.src", tmp_path, "--no-vmap")
     assert len(with_map) == len(without) == 3 and with_map[1] == without[1] == ""
     assert with_map[0].startswith("t") and without[0].startswith("t")
+
+
+def test_the_target_language_token_is_stripped_wherever_it_is():
+    """Both backends drop a multilingual model's target language token from its output as fairseq-generate
+    does (its generator's symbols_to_strip_from_output): the given first token, and one in mid-sentence."""
+    ct2 = object.__new__(CTranslate2Translator)
+    ct2.manifest, ct2.options, ct2.max_positions, ct2.use_vmap = {"language_tokens": [["__en__"], ["__de__"]]}, DecodingOptions(), 50, False
+    ct2.translator = SimpleNamespace(translate_batch=lambda batch, **options: [
+        SimpleNamespace(hypotheses=[["__de__", "a", "__de__", "b"]]) for _ in batch])
+    assert ct2.translate([["x"]]) == [["a", "b"]]
+    dictionary = Dictionary()
+    de, a, b = (dictionary.add_symbol(symbol) for symbol in ("__de__", "a", "b"))
+    dictionary.add_symbol("x")
+    dictionary.add_symbol("__en__")
+    fairseq = object.__new__(FairseqTranslator)
+    fairseq.language_tokens = SimpleNamespace(source="__en__", target="__de__")
+    fairseq.src_dict = fairseq.tgt_dict = dictionary
+    fairseq.non_autoregressive, fairseq.left_pad_source, fairseq.device, fairseq.model = False, True, "cpu", None
+    fairseq.generator = SimpleNamespace(generate=lambda models, sample, prefix_tokens: [
+        [{"tokens": torch.tensor([de, a, de, b, dictionary.eos()])}]])
+    assert fairseq.translate([["x"]]) == [["a", "b"]]
 
 
 def test_tied_embeddings_counted_once_however_saved():
