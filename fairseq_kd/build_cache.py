@@ -82,12 +82,13 @@ def differences(recorded, settings):
 def build_shard(task, teachers, settings, directory, shard_id, num_shards, max_tokens, device, dtype, log_format,
                 force):
     """Write one shard of the cache of ``settings["split"]`` from ``teachers``. A complete shard built with
-    the same ``settings`` is kept; one built otherwise is rebuilt with ``force``, else refused."""
+    the same ``settings`` is kept, and one built otherwise refused, unless ``force`` rebuilds it (a damaged
+    shard, which training refuses, included)."""
     split = settings["split"]
     prefix = shard_prefix(directory, split, shard_id, num_shards)
     if os.path.isfile(prefix + ".json"):
         changed = differences(read_json(prefix + ".json"), settings)
-        if not changed:
+        if not changed and not force:
             logger.info(f"{prefix}: complete, skipping")
             return
         if not force:
@@ -194,7 +195,8 @@ def get_parser():
     group.add_argument("--splits", default="train,valid", help="comma-separated splits to cache")
     group.add_argument("--out", required=True, help="cache directory (created if missing)")
     group.add_argument("--force", action="store_true",
-                       help="rebuild shards of --out that were built with other data, teachers or settings")
+                       help="rebuild the shards of --out, also those built with other data, teachers or settings"
+                            " (refused without it) and damaged ones")
     return parser
 
 

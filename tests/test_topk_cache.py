@@ -212,3 +212,12 @@ def test_damaged_caches_are_refused(data_bin, teacher, cache, tmp_path, damage, 
     task, _ = load_teachers(data_bin, teacher, "valid")
     with pytest.raises(FairseqKDError, match=message):
         TopKCache(str(copy), "valid", task.dataset("valid"), task.target_dictionary)
+
+
+def test_force_rebuilds_a_damaged_shard(data_bin, teacher, cache, tmp_path):
+    """As the refusal advises: the shard's settings still match, so only --force builds it again."""
+    copy = damaged_copy(cache, tmp_path, lambda c: (c / "valid.shard0-of-1.lprobs.bin").write_bytes(bytes(16)))
+    build_cache(data_bin, teacher, copy, "--splits", "valid", "--force")
+    task, _ = load_teachers(data_bin, teacher, "valid")
+    TopKCache(str(copy), "valid", task.dataset("valid"), task.target_dictionary)
+    assert (copy / "valid.shard0-of-1.lprobs.bin").read_bytes() == (cache / "valid.shard0-of-1.lprobs.bin").read_bytes()
