@@ -138,8 +138,8 @@ def build_shard(task, teachers, settings, directory, shard_id, num_shards, max_t
 
 
 def write_manifest(task, teachers, teacher_files, splits, k, directory, num_shards, dtype):
-    """Write ``manifest.json`` once all shards of all splits exist, each built with this build's settings;
-    return whether it was written."""
+    """Write ``manifest.json`` once all shards of all splits exist, each built with this build's settings,
+    keeping the splits an earlier build with the same settings listed; return whether it was written."""
     entries = {}
     for split in splits:
         shard_files = [shard_prefix(directory, split, i, num_shards) + ".json" for i in range(num_shards)]
@@ -164,20 +164,24 @@ def write_manifest(task, teachers, teacher_files, splits, k, directory, num_shar
             "data_sha256": split_fingerprint(dataset),
             "content_sha256": [shard["content_sha256"] for shard in shards],
         }
-    write_json(
-        os.path.join(directory, MANIFEST),
-        {
-            "format_version": FORMAT_VERSION,
-            "k": k,
-            "target_dictionary_sha256": dictionary_fingerprint(task.target_dictionary),
-            "teachers": teacher_files,
-            "teacher_weights": teachers.weights.tolist(),
-            "teacher_weighting": teachers.weighting,
-            # a multilingual student's cache: the language pair it holds the teacher of
-            "lang_pair": task.lang_pairs[0] if isinstance(task, TranslationMultiSimpleEpochTask) else None,
-            "splits": entries,
-        },
-    )
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "k": k,
+        "target_dictionary_sha256": dictionary_fingerprint(task.target_dictionary),
+        "teachers": teacher_files,
+        "teacher_weights": teachers.weights.tolist(),
+        "teacher_weighting": teachers.weighting,
+        # a multilingual student's cache: the language pair it holds the teacher of
+        "lang_pair": task.lang_pairs[0] if isinstance(task, TranslationMultiSimpleEpochTask) else None,
+    }
+    path = os.path.join(directory, MANIFEST)
+    try:
+        earlier = read_json(path) if os.path.isfile(path) else {}
+    except ValueError:  # damaged: written anew
+        earlier = {}
+    if isinstance(earlier, dict) and all(earlier.get(key) == value for key, value in manifest.items()):
+        entries = {**earlier.get("splits", {}), **entries}  # e.g. --splits test after train,valid
+    write_json(path, {**manifest, "splits": entries})
     return True
 
 

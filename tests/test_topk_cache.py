@@ -214,6 +214,14 @@ def test_damaged_caches_are_refused(data_bin, teacher, cache, tmp_path, damage, 
         TopKCache(str(copy), "valid", task.dataset("valid"), task.target_dictionary)
 
 
+def test_a_build_of_another_split_keeps_the_splits_built_before(data_bin, teacher, cache, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    splits = set(json.loads((copy / "manifest.json").read_text())["splits"])
+    build_cache(data_bin, teacher, copy, "--splits", "test")
+    assert set(json.loads((copy / "manifest.json").read_text())["splits"]) == splits | {"test"}
+
+
 def test_force_rebuilds_a_damaged_shard(data_bin, teacher, cache, tmp_path):
     """As the refusal advises: the shard's settings still match, so only --force builds it again."""
     copy = damaged_copy(cache, tmp_path, lambda c: (c / "valid.shard0-of-1.lprobs.bin").write_bytes(bytes(16)))
