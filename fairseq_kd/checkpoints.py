@@ -136,11 +136,11 @@ def check_resumed_settings(current, save_dir, restore_file, reset_optimizer, all
     """When ``fairseq-train`` is about to resume (``--restore-file``, by default SAVE_DIR/checkpoint_last.pt,
     without ``--reset-optimizer``), compare the options ``current`` ({config section: {name: value}}) with
     those the checkpoint was trained with: a difference is refused in one line, or with ``allow_changes``
-    logged. Returns the checkpoint's config, or None for a fresh run."""
+    logged. Returns the checkpoint, ``(config, state)``, or None for a fresh run."""
     path = os.path.join(save_dir, restore_file) if restore_file == "checkpoint_last.pt" else restore_file
     if reset_optimizer or not os.path.isfile(path):
         return None
-    cfg, _ = read_checkpoint(path, "--restore-file")
+    cfg, state = read_checkpoint(path, "--restore-file")
     changed = [f"--{name.replace('_', '-')} {saved_option(cfg, section, name)} -> {value}"
                for section, options in current.items() for name, value in options.items()
                if str(saved_option(cfg, section, name)) != str(value)]
@@ -152,7 +152,7 @@ def check_resumed_settings(current, save_dir, restore_file, reset_optimizer, all
         )
     for change in changed:
         logger.warning(f"resuming {path} with a changed setting (--kd-allow-changed-settings): {change}")
-    return cfg
+    return cfg, state
 
 
 def saved_option(cfg, section, name):

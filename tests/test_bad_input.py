@@ -80,6 +80,9 @@ def test_a_resume_refuses_other_kd_settings_and_keeps_its_schedule_end(data_bin,
               "--save-dir", tmp_path, "--max-update", 8)
     _, _, criterion = build(data_bin, *resume, "--max-update", 8)
     assert criterion.alpha.updates == 4  # the schedule ends where the first run's ended
+    train_student(data_bin, tmp_path, *kd, "--max-update", "6")  # resumed once: its checkpoints say 6 updates...
+    _, _, criterion = build(data_bin, *resume, "--max-update", 8)
+    assert criterion.alpha.updates == 4  # ...and a second resume still ends where the first run did
     _, _, allowed = build(data_bin, *resume[:-4], "--kd-alpha-final", 0.3, "--save-dir", tmp_path,
                           "--kd-allow-changed-settings")
     assert allowed.alpha.final == 0.3

@@ -171,6 +171,8 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         self.teachers = task.teachers if distillation else Teachers([])
         student = task.student if distillation else Student(mutual=False)
         updates = self.resumed_schedule_end(cfg)
+        if distillation:  # kept in its checkpoints, so that every later resume keeps this end
+            task.kd_schedule_end = updates
         self.alpha = Schedule("alpha", cfg.kd_alpha_schedule, cfg.kd_alpha, cfg.kd_alpha_final, updates,
                               lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
         self.temperature = Schedule("temperature", cfg.kd_temperature_schedule, cfg.kd_temperature,
@@ -203,9 +205,10 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             self.teacher_weight_logits = torch.nn.Parameter(self.teachers.weights.clamp_min(1e-4).log())
 
     def resumed_schedule_end(self, cfg):
-        """The update at which the alpha/T schedules end. A resumed run keeps the end it started with, so
-        that a larger --max-update extends training at the final values instead of stretching the
-        schedules backwards; any other changed --kd-* option, or one of the task's resumed_settings(), is refused
+        """The update at which the alpha/T schedules end. A resumed run keeps the end its first run started
+        with (a distillation task keeps it in the checkpoints), so that a larger --max-update extends training
+        at the final values instead of stretching the schedules backwards, however often it is resumed; any
+        other changed --kd-* option, or one of the task's resumed_settings(), is refused
         (checkpoints.check_resumed_settings)."""
         settings = {name: getattr(cfg, name) for name in cfg if name.startswith("kd_")
                     and name not in ("kd_allow_changed_settings", "kd_schedule_updates")}
@@ -219,7 +222,9 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
                                        cfg.kd_allow_changed_settings)
         if saved is None or cfg.kd_schedule_updates:
             return cfg.kd_schedule_updates or cfg.max_update
-        return saved.criterion.get("kd_schedule_updates") or saved.optimization.max_update
+        saved_cfg, state = saved
+        kept = type(self.task).saved_kd_schedule_end(state) if isinstance(self.task, DistillationTaskMixin) else None
+        return kept or saved_cfg.criterion.get("kd_schedule_updates") or saved_cfg.optimization.max_update
 
     def forward(self, model, sample, reduce=True):
         mixture_weights = torch.softmax(self.teacher_weight_logits.detach().float(), 0) if self.learned_mixture else None

@@ -2,7 +2,9 @@
 
 - ``teachers``: the ``Teachers`` it owns (empty without --teacher-path/--teacher-topk-cache);
 - ``student``: a ``Student`` describing the model ``build_model`` built (None before);
-- ``num_updates``: the update count of the latest training step, which the criterion's schedules follow.
+- ``num_updates``: the update count of the latest training step, which the criterion's schedules follow;
+- ``kd_schedule_end``: the update at which they end, which the criterion sets and the task keeps in its
+  checkpoints (``saved_kd_schedule_end``): every resume of a run keeps its first run's end.
 
 Its checkpoints also hold fairseq-train's early-stopping count (--patience), which fairseq keeps only in
 memory: a resumed run stops where the uninterrupted one would have.
@@ -39,6 +41,7 @@ class DistillationTaskMixin:
     teachers: Teachers
     student: Optional[Student] = None
     num_updates: int = 0
+    kd_schedule_end: Optional[int] = None
 
     @property
     def options(self):
@@ -84,11 +87,18 @@ class DistillationTaskMixin:
 
     def get_checkpoint_dict(self):
         """What fairseq saves for the task in each checkpoint (``extra_state[task class name]``)."""
+        state = {}
+        if self.kd_schedule_end is not None:
+            state["kd_schedule_end"] = self.kd_schedule_end
         early_stopping = fairseq_train_early_stopping()
-        if early_stopping is None or not hasattr(early_stopping, "best"):
-            return {}
-        return {type(self).__name__: {"early_stopping": {"best": early_stopping.best,
-                                                         "num_runs": early_stopping.num_runs}}}
+        if early_stopping is not None and hasattr(early_stopping, "best"):
+            state["early_stopping"] = {"best": early_stopping.best, "num_runs": early_stopping.num_runs}
+        return {type(self).__name__: state} if state else {}
+
+    @classmethod
+    def saved_kd_schedule_end(cls, checkpoint):
+        """The ``kd_schedule_end`` a checkpoint (its state dict) kept, or None."""
+        return (checkpoint.get("extra_state") or {}).get(cls.__name__, {}).get("kd_schedule_end")
 
     def set_checkpoint_dict(self, state):
         """Restores a resumed run's early-stopping count, but only where fairseq restored the best score
