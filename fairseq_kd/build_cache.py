@@ -251,6 +251,11 @@ def main(argv=None):
                 " name binarized splits (train, valid, test, ...)"
             ) from None
         dataset = split_dataset(task, split)
+        if len(dataset) < num_shards:  # an empty shard could not be read (memory-mapping an empty file fails)
+            raise FairseqKDError(
+                f"--num-shards {num_shards} is more than the {len(dataset)} sentences of '{split}'; use at most"
+                f" {len(dataset)} shards, or cache that split on its own"
+            )
         longest = max(dataset.num_tokens_vec(np.arange(len(dataset))), default=0)
         if longest > max_tokens:
             raise FairseqKDError(

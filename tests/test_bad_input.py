@@ -102,6 +102,7 @@ def build_cache(data_bin, teacher, out, *extra):
     (("--splits", "valid,nosuch"), "has no split 'nosuch'"),
     (("--splits", "valid,"), "--splits must name distinct splits"),
     (("--splits", "valid", "--max-tokens", "3"), "--max-tokens 3 is smaller than the longest sentence pair"),
+    (("--splits", "valid", "--num-shards", "1000", "--shard-id", "0"), "--num-shards 1000 is more than the"),
     (("--out-is-a-file",), "cannot create the cache directory there"),
 ])
 def test_impossible_cache_builds_are_refused_before_any_shard(data_bin, teacher, tmp_path, extra, message):
