@@ -5,7 +5,9 @@
 
 MODEL is a directory written by fairseq-kd-export (CTranslate2; the subword model comes with it) or a
 fairseq checkpoint with the data-bin it was trained on and its subword model (a multilingual checkpoint of
-several pairs: the pair to translate with -s and -t). Both decode with
+several pairs: the pair to translate with -s and -t). With ``--subwords`` the input and the output are the
+model's subword pieces instead of raw text, as fairseq-generate's ``H-`` lines: a sequence-level KD corpus
+from the subword training source (``scripts/distilled_corpus.py --hypotheses``). Both decode with
 fairseq-generate's rules and defaults (beam 5, at most 200 output pieces, length penalty 1; see
 ``fairseq_kd.inference``), in batches of sentences of similar length; empty lines stay empty. Progress
 goes to stderr.
@@ -45,6 +47,9 @@ def get_parser():
     parser.add_argument("-t", "--target-lang", help="checkpoint only: the target language (see --source-lang)")
     parser.add_argument("--input", default="-", help="raw text file, one sentence per line (default: stdin)")
     parser.add_argument("--output", default="-", help="where the translations go (default: stdout)")
+    parser.add_argument("--subwords", action="store_true",
+                        help="read and write subword pieces (space-separated, as the data-bin's text was) instead "
+                             "of raw text; a checkpoint then needs no subword model")
     parser.add_argument("--beam", type=int, default=5, help="beam size (default: 5)")
     parser.add_argument("--max-len-a", type=float, default=0.0,
                         help="at most a * source pieces + b output pieces, as fairseq-generate (default: 0)")
@@ -73,15 +78,18 @@ def load(args, options):
         return translator, export_subwords(args.model)
     if not os.path.isfile(args.model):
         raise FairseqKDError(f"no such file or directory {args.model!r}; give an exported directory or a checkpoint")
-    if not args.data or not (args.sentencepiece_model or args.bpe_codes):
+    if not args.data or not (args.sentencepiece_model or args.bpe_codes or args.subwords):
         raise FairseqKDError(
-            f"{args.model} is a checkpoint: give --data (its data-bin) and --sentencepiece-model or --bpe-codes,"
-            " or translate with a directory written by fairseq-kd-export"
+            f"{args.model} is a checkpoint: give --data (its data-bin) and --sentencepiece-model or --bpe-codes"
+            " (or --subwords), or translate with a directory written by fairseq-kd-export"
         )
     if args.no_vmap:
         raise FairseqKDError("--no-vmap applies to an exported directory; a checkpoint has no vocabulary map")
-    subwords = Subwords("sentencepiece", args.sentencepiece_model) if args.sentencepiece_model \
-        else Subwords("bpe", args.bpe_codes)
+    subwords = None
+    if args.sentencepiece_model:
+        subwords = Subwords("sentencepiece", args.sentencepiece_model)
+    elif args.bpe_codes:
+        subwords = Subwords("bpe", args.bpe_codes)
     torch.set_num_threads(args.threads)
     if bool(args.source_lang) != bool(args.target_lang):
         raise FairseqKDError("give both --source-lang and --target-lang, or neither (a model of one pair)")
@@ -121,7 +129,7 @@ def main(argv=None):
         raise FairseqKDError(f"--output {args.output} is an input; choose another file")
     translator, subwords = load(args, options)
     lines = read_lines(args.input)
-    sources = [subwords.encode(line) for line in lines]
+    sources = [line.split() if args.subwords else subwords.encode(line) for line in lines]
     todo = [i for i, pieces in enumerate(sources) if pieces]  # empty lines stay empty
     start = last_report = time.perf_counter()
 
@@ -136,7 +144,7 @@ def main(argv=None):
     outputs = translate_all(translator, [sources[i] for i in todo], args.batch_size, report, [i + 1 for i in todo])
     translations = [""] * len(lines)
     for i, pieces in zip(todo, outputs):
-        translations[i] = subwords.decode(pieces)
+        translations[i] = " ".join(pieces) if args.subwords else subwords.decode(pieces)
     text = "".join(line + "\n" for line in translations)
     if args.output == "-":
         sys.stdout.write(text)

@@ -5,7 +5,9 @@
         --src en --tgt de [--union] [--max-length-ratio 3]
 
 Reads the teacher's subword hypotheses (``H-`` lines of ``fairseq-generate --gen-subset train`` without
-``--post-process``) in corpus order and writes ``OUT_PREFIX.SRC`` / ``OUT_PREFIX.TGT``. From an n-best list
+``--post-process``; or with ``--hypotheses``, a file of one hypothesis per line in corpus order, as
+``fairseq-kd-translate --subwords`` writes it) in corpus order and writes ``OUT_PREFIX.SRC`` /
+``OUT_PREFIX.TGT``. From an n-best list
 (``fairseq-generate --nbest N``) ``--select`` keeps per sentence the teacher's best hypothesis (``first``)
 or the one closest to the reference by sentence BLEU (``bestbleu``: Kim & Rush's Seq-Inter, Bergamot's
 bestbleu) or chrF (``bestchrf``), scored on subword pieces. Degenerate outputs
@@ -54,7 +56,9 @@ def keep(source, hypothesis, max_length_ratio, keep_loops):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--generate-log", required=True)
+    teacher = parser.add_mutually_exclusive_group(required=True)
+    teacher.add_argument("--generate-log", help="fairseq-generate's output over the training source")
+    teacher.add_argument("--hypotheses", help="the teacher's best hypothesis of each source line, in subword pieces")
     parser.add_argument("--source", required=True, help="subword source text, one sentence per line")
     parser.add_argument("--target", required=True, help="subword original targets (used with --union)")
     parser.add_argument("--out-prefix", required=True)
@@ -76,8 +80,18 @@ def main():
         targets = [line.rstrip("\n") for line in f]
     if len(sources) != len(targets):
         parser.error(f"{args.source} has {len(sources)} lines but {args.target} has {len(targets)}")
-    hypotheses = [select(nbest, target, args.select)
-                  for nbest, target in zip(nbest_in_corpus_order(args.generate_log, len(sources), kind="H"), targets)]
+    if args.hypotheses:
+        if args.select != "first":
+            sys.exit(f"fairseq_kd: error: --select {args.select} chooses from an n-best list, which --hypotheses"
+                     " does not hold: give fairseq-generate's --generate-log (with --nbest)")
+        with open(args.hypotheses, encoding="utf-8") as f:
+            hypotheses = [line.rstrip("\n") for line in f]
+        if len(hypotheses) != len(sources):
+            sys.exit(f"fairseq_kd: error: {args.hypotheses} has {len(hypotheses)} lines but {args.source} has"
+                     f" {len(sources)}: translate the whole --source, one line for each line")
+    else:
+        hypotheses = [select(nbest, target, args.select) for nbest, target
+                      in zip(nbest_in_corpus_order(args.generate_log, len(sources), kind="H"), targets)]
 
     pairs = [(s, h) for s, h in zip(sources, hypotheses) if keep(s, h, args.max_length_ratio, args.keep_loops)]
     dropped = len(sources) - len(pairs)

@@ -9,6 +9,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from conftest import PLUGIN, TINY_TRANSFORMER
 from fairseq_kd.errors import FairseqKDError
+from fairseq_kd.tasks import distillation
 from fairseq_kd.kd_losses import kd_kl_loss, kd_mi_loss, lprobs_at_temperature
 
 
@@ -300,7 +301,8 @@ class Backward:
         loss.backward()
 
 
-def test_cpu_bf16_runs_the_forward_pass_in_bfloat16_and_keeps_float32_gradients(data_bin, teacher):
+def test_cpu_bf16_runs_the_forward_pass_in_bfloat16_and_keeps_float32_gradients(data_bin, teacher, monkeypatch):
+    monkeypatch.setattr(distillation, "cpu_has_bf16_kernels", lambda: True)  # any CPU runs it, fast or not
     def train_step(*flags):
         task, model, criterion = build(data_bin, "--teacher-path", teacher, "--kd-alpha", 0.5, *flags)
         dtypes = []
@@ -314,9 +316,17 @@ def test_cpu_bf16_runs_the_forward_pass_in_bfloat16_and_keeps_float32_gradients(
     assert all(p.grad.dtype == torch.float32 and p.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
 
 
-def test_cpu_bf16_needs_the_cpu(data_bin):
-    parser = options.get_training_parser()
-    args = options.parse_args_and_arch(parser, [str(data_bin), "--user-dir", PLUGIN, "--task", "translation_distillation",
-                                                "--arch", "transformer_student_tiny", "--cpu-bf16"])
-    with pytest.raises(FairseqKDError, match="--cpu-bf16 autocasts CPU computations; add --cpu"):
+def test_cpu_bf16_needs_the_cpu_and_its_bfloat16_kernels(data_bin, monkeypatch):
+    def setup(*flags):
+        parser = options.get_training_parser()
+        args = options.parse_args_and_arch(parser, [str(data_bin), "--user-dir", PLUGIN, "--task", "translation_distillation",
+                                                    "--arch", "transformer_student_tiny", "--cpu-bf16", *flags])
         tasks.setup_task(convert_namespace_to_omegaconf(args).task)
+    monkeypatch.setattr(distillation, "cpu_has_bf16_kernels", lambda: True)
+    with pytest.raises(FairseqKDError, match="--cpu-bf16 autocasts CPU computations; add --cpu"):
+        setup()
+    setup("--cpu")
+    # an AVX2-only CPU: torch's fallback bfloat16 matrix product, 32x slower than float32 here
+    monkeypatch.setattr(distillation, "cpu_has_bf16_kernels", lambda: False)
+    with pytest.raises(FairseqKDError, match="--cpu-bf16: this CPU has no bfloat16 matrix kernels"):
+        setup("--cpu")

@@ -5,12 +5,14 @@ import json
 import os
 import random
 import re
+import shutil
 import statistics
 import subprocess
 
 import pytest
 
 from conftest import BIN, REPO
+from fairseq_kd.tasks.distillation import cpu_has_bf16_kernels
 
 SPLITS = {"train": 300, "val": 30, "test_2016_flickr": 30}
 
@@ -102,14 +104,14 @@ def test_renormalised_topk_student_reaches_the_word_kd_command_only_when_set(tmp
 
 
 def test_bad_settings_are_refused_before_any_stage(tmp_path):
-    proc = run_demo(tmp_path, STUDENT_ARCH="no_such_arch", KD_TEMPERATURE="0", LR="fast", DEVICE_FLAGS="")
+    proc = run_demo(tmp_path, STUDENT_ARCH="no_such_arch", KD_TEMPERATURE="0", LR="fast", DEVICE_FLAGS="", CPU_BF16="1")
     assert proc.returncode == 2 and "[prepare]" not in proc.stdout and "Traceback" not in proc.stderr
     assert "STUDENT_ARCH 'no_such_arch' is not a fairseq architecture" in proc.stderr
     assert "KD_TEMPERATURE must be a number > 0, got '0'" in proc.stderr
     assert "LR must be a number > 0, got 'fast'" in proc.stderr
     assert "CPU_BF16=1 autocasts CPU training; with DEVICE_FLAGS='' set CPU_BF16=0" in proc.stderr
     proc = run_demo(tmp_path, CPU_BF16="yes", STUDENT_DROPOUT="1", KD_TOPK_STUDENT="tail")
-    assert proc.returncode == 2 and "CPU_BF16 must be 0 or 1, got 'yes'" in proc.stderr
+    assert proc.returncode == 2 and "CPU_BF16 must be 0, 1 or auto, got 'yes'" in proc.stderr
     assert "STUDENT_DROPOUT must be a number in [0, 1), got '1'" in proc.stderr
     assert "KD_TOPK_STUDENT must be full or renormalised, got 'tail'" in proc.stderr
 
@@ -139,9 +141,11 @@ def test_rerun_skips_finished_stages_and_prints_the_table(demo):
     assert f"| {best}-ct2-int8 | {best} |" in table  # the export beside the checkpoint it came from
     assert "nrefs:1|case:mixed" in table and json.loads((tmp_path / "work" / "results.json").read_text())["models"]
     assert (tmp_path / "work" / "results-curves.png").read_bytes()[:4] == b"\x89PNG"
-    # the quick configuration trains under bfloat16 autocast, the teacher through the distillation task
-    assert "--task translation_distillation --cpu-bf16" in (tmp_path / "work" / ".stage-teacher").read_text()
-    assert "--cpu-bf16" in (tmp_path / "work" / ".stage-student-seq-word-kd").read_text()
+    # the quick configuration trains under bfloat16 autocast where the CPU has its kernels, the teacher
+    # through the distillation task
+    bf16 = cpu_has_bf16_kernels()
+    assert ("--task translation_distillation --cpu-bf16" in (tmp_path / "work" / ".stage-teacher").read_text()) == bf16
+    assert ("--cpu-bf16" in (tmp_path / "work" / ".stage-student-seq-word-kd").read_text()) == bf16
     # the distilled corpus is in the training source's order: line i of its source is line i of the original
     distilled_src = (tmp_path / "work" / "distill" / "train.en").read_text().splitlines()
     original_src = (tmp_path / "work" / "subword" / "train.en").read_text().splitlines()
@@ -313,6 +317,37 @@ def test_stages_refuse_changed_settings_and_inputs(demo):
         os.utime(teacher, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert rebuilt.returncode == 1 and "stage 'distill'" in rebuilt.stderr and f"file {teacher}" in rebuilt.stderr
     assert "[teacher] finished earlier, skipping" in rebuilt.stdout
+
+
+def test_sequence_level_corpus_translated_by_ctranslate2(demo, tmp_path):
+    """DISTILL_BACKEND=ctranslate2: the teacher, exported in float32, translates the subword training source
+    into the corpus; it is a setting of the distill stage, and it keeps one hypothesis per sentence."""
+    refused = run_demo(tmp_path, DISTILL_BACKEND="ctranslate2", DISTILL_BEAM="2", DISTILL_NBEST="2")
+    assert refused.returncode == 2 and "DISTILL_BACKEND=ctranslate2 keeps the teacher's best translation alone" in refused.stderr
+    demo_path, _, finished = demo
+    assert finished.returncode == 0
+    changed = run_demo(demo_path, DISTILL_BACKEND="ctranslate2")
+    assert changed.returncode == 1 and "stage 'distill'" in changed.stderr  # the demo's corpus is not reused
+    # the demo's data and teacher in a directory of this test (the stage records name their paths), the
+    # corpus built again; the run stops at the cache stage, which KD_TOPK=100 fails
+    for name in ("raw", "work"):
+        shutil.copytree(demo_path / name, tmp_path / name, symlinks=True)  # file times kept: the records hold them
+    work = tmp_path / "work"
+    for record in work.glob(".stage-*"):
+        record.write_text(record.read_text().replace(str(demo_path), str(tmp_path)))
+    for path in [work / ".stage-distill", *work.glob(".stage-cache*")]:
+        path.unlink()
+    shutil.rmtree(work / "distill")
+    proc = run_demo(tmp_path, DISTILL_BACKEND="ctranslate2", KD_TOPK="100")
+    assert proc.returncode == 1 and "stage 'cache' failed" in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[teacher] finished earlier, skipping" in proc.stdout and "[distill] running" in proc.stdout
+    record = (work / ".stage-distill").read_text()
+    assert "fairseq-kd-translate" in record and "--subwords" in record and "fairseq-generate" not in record
+    assert "--device" not in record  # where it ran is no setting of the stage
+    hypotheses = (work / "distill" / "hypotheses.txt").read_text().splitlines()
+    assert len(hypotheses) == SPLITS["train"] and all(hypotheses)
+    corpus = (work / "distill" / "train.de").read_text().splitlines()
+    assert len(corpus) >= SPLITS["train"] // 2 and set(corpus) <= set(hypotheses)  # loops kept (DISTILL_KEEP_LOOPS=1)
 
 
 def test_prepare_with_bpe_and_a_training_prefix(tmp_path):

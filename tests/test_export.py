@@ -104,6 +104,11 @@ def test_float32_export_matches_fairseq_generate(data_bin, teacher, teacher_floa
     exported = translate_here(teacher_float32, data_bin.parent / "test.src", tmp_path, "--beam", beam,
                               "--batch-size", "7")
     assert [h for _, h in hypotheses] == exported
+    # --subwords (pieces in, pieces out: a sequence-level KD corpus), both backends, the checkpoint without
+    # a subword model; the toy task's BPE leaves its words whole, so its pieces are the raw text's words
+    for model, extra in ((teacher_float32, []), (teacher, ["--data", data_bin])):
+        pieces = translate_here(model, data_bin.parent / "test.src", tmp_path, "--beam", beam, "--subwords", *extra)
+        assert pieces == [h for _, h in hypotheses]
 
 
 def test_int8_vocabulary_map_and_empty_lines(data_bin, teacher, codes, tmp_path):

@@ -12,8 +12,9 @@ def test_multilingual_recipe(tmp_path):
     (tmp_path / "raw").mkdir()
     fake_multi30k(tmp_path / "raw", more_languages=("fr", "cs"))
     # teachers without warm-up learn enough in 15 updates for a non-empty sequence-level KD corpus (loops kept)
+    # the teachers' translations by CTranslate2 (run.sh's demo tests fairseq-generate's)
     settings = dict(VOCAB_SIZE="90", TEACHER_UPDATES="15", WARMUP_UPDATES="1", STUDENT_UPDATES="4", DISTILL_KEEP_LOOPS="1",
-                    LOW_RESOURCE_SIZE="100", THRESHOLD_INTERVAL="2")
+                    LOW_RESOURCE_SIZE="100", THRESHOLD_INTERVAL="2", DISTILL_BACKEND="ctranslate2")
     refused = run_demo(tmp_path, "multilingual.sh", EXPERIMENTS="multilingual magic")
     assert refused.returncode == 2 and "EXPERIMENTS names 'magic'" in refused.stderr
     refused = run_demo(tmp_path, "multilingual.sh", CONFIG="converged")
@@ -82,5 +83,12 @@ def test_multilingual_recipe(tmp_path):
     assert raw == {"en-de": 300, "en-fr": 300, "en-cs": 100} and resampled == {"en-de": 300, "en-fr": 300, "en-cs": 300}
     assert json.loads((work / "multilingual-word-kd-ct2-int8-en-cs" / "fairseq_kd_export.json").read_text())[
         "language_tokens"] == [["__en__"], ["__cs__"]]
+    # each pair's corpus from its teacher's export, which writes the pair's language tokens
+    distill = work / "distill" / "en-fr"
+    assert "fairseq-kd-translate" in (work / ".stage-distill-en-fr").read_text()
+    assert json.loads((distill / "teacher-ct2" / "fairseq_kd_export.json").read_text())["language_tokens"] == [["__en__"], ["__fr__"]]
+    hypotheses = (distill / "hypotheses.txt").read_text().splitlines()
+    assert len(hypotheses) == 300 and not any("__fr__" in line for line in hypotheses)
+    assert set((distill / "train.fr").read_text().splitlines()) <= set(hypotheses)
     again = run_demo(tmp_path, "multilingual.sh", **settings)
     assert again.returncode == 0 and "running" not in again.stdout

@@ -51,6 +51,29 @@ def test_distilled_corpus_restores_order_and_drops_degenerate_outputs(tmp_path):
     assert (tmp_path / "loops" / "train.tgt").read_text() == "A A A\nC D C D\nF F F\n"
 
 
+def test_distilled_corpus_from_a_hypotheses_file_is_the_one_from_the_generate_log(tmp_path):
+    """fairseq-kd-translate --subwords writes the hypotheses in corpus order, one per line: the same corpus
+    as from fairseq-generate's log of the same hypotheses; an n-best selection or a short file is refused."""
+    (tmp_path / "train.src").write_text("a b\nc d e\nf\ng h\n")
+    (tmp_path / "train.tgt").write_text("A B\nC D E\nF\nG H\n")
+    hypotheses = ["A2 B2", "", "X X X X X X X", "G H H H"]  # kept, empty, too long, a loop
+    (tmp_path / "gen.log").write_text("".join(f"H-{i}\t-1\t{h}\n" for i, h in reversed(list(enumerate(hypotheses)))))
+    (tmp_path / "hyp.tgt").write_text("".join(h + "\n" for h in hypotheses))
+    common = [sys.executable, REPO / "scripts" / "distilled_corpus.py", "--source", tmp_path / "train.src",
+              "--target", tmp_path / "train.tgt", "--src", "src", "--tgt", "tgt", "--union"]
+    for name, teacher in (("log", ["--generate-log", tmp_path / "gen.log"]), ("file", ["--hypotheses", tmp_path / "hyp.tgt"])):
+        subprocess.run([*common, *teacher, "--out-prefix", tmp_path / name / "train"], check=True, capture_output=True)
+    for lang in ("src", "tgt"):
+        assert (tmp_path / "file" / f"train.{lang}").read_text() == (tmp_path / "log" / f"train.{lang}").read_text()
+    assert (tmp_path / "file" / "train.tgt").read_text().startswith("A2 B2\nA B\n")
+    for extra, message in ((["--hypotheses", tmp_path / "hyp.tgt", "--select", "bestbleu"], "chooses from an n-best list"),
+                           (["--hypotheses", tmp_path / "train.src", "--generate-log", tmp_path / "gen.log"], "not allowed with"),
+                           (["--hypotheses", tmp_path / "short"], "has 2 lines but")):
+        (tmp_path / "short").write_text("A\nB\n")
+        refused = subprocess.run([*common, *extra, "--out-prefix", tmp_path / "x" / "train"], capture_output=True, text=True)
+        assert refused.returncode != 0 and message in refused.stderr and "Traceback" not in refused.stderr
+
+
 @pytest.mark.parametrize("pieces, loops", [
     ("▁Ein ▁Mann ▁spricht ▁dabei ▁dabei ▁dabei .", True),  # one piece three times
     ("▁No ten e b ett e b ett e .", True),  # three pieces twice

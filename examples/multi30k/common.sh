@@ -7,10 +7,11 @@ TGT=${TGT:-de}
 CONFIG=${CONFIG:-quick}
 case "$CONFIG" in
     # about 20 minutes on a 2-core CPU: a 10k-sentence prefix, 4k subwords, a short warm-up to a higher peak
-    # learning rate, bfloat16 autocast, greedy decoding. Students of 900 updates underfit: without dropout and
-    # with a second decoder layer (the same parameters) they stop where a 1-layer decoder runs on in loops
+    # learning rate, bfloat16 autocast where the CPU has its kernels (auto), greedy decoding. Students of 900
+    # updates underfit: without dropout and with a second decoder layer (the same parameters) they stop where a
+    # 1-layer decoder runs on in loops
     quick) : "${TEACHER_UPDATES:=1200}" "${STUDENT_UPDATES:=900}" "${MAX_TOKENS:=2048}" "${TRAIN_SENTENCES:=10000}" \
-           "${VOCAB_SIZE:=4000}" "${WARMUP_UPDATES:=100}" "${LR:=2e-3}" "${CPU_BF16:=1}" "${DISTILL_BEAM:=1}" "${BEAM:=1}" \
+           "${VOCAB_SIZE:=4000}" "${WARMUP_UPDATES:=100}" "${LR:=2e-3}" "${CPU_BF16:=auto}" "${DISTILL_BEAM:=1}" "${BEAM:=1}" \
            "${STUDENT_ARCH:=transformer_student_tiny_dec2}" "${STUDENT_DROPOUT:=0}" ;;
     full) : "${TEACHER_UPDATES:=1360}" "${STUDENT_UPDATES:=1360}" "${MAX_TOKENS:=4096}" "${TRAIN_SENTENCES:=0}" \
           "${WARMUP_UPDATES:=300}" "${LR:=1e-3}" "${CPU_BF16:=0}" "${DISTILL_BEAM:=5}" "${BEAM:=5}" ;;
@@ -35,6 +36,7 @@ LOOP_FLAGS=()  # distilled_corpus.py drops the teacher's repetition loops unless
 if [ "$DISTILL_KEEP_LOOPS" = 1 ]; then LOOP_FLAGS=(--keep-loops); fi
 DISTILL_NBEST=${DISTILL_NBEST:-1}
 DISTILL_SELECT=${DISTILL_SELECT:-first}
+DISTILL_BACKEND=${DISTILL_BACKEND:-fairseq}  # who translates the training source: fairseq-generate or CTranslate2
 PARALLEL=${PARALLEL:-0}  # spawn, below
 read -r -a DEVICE_FLAGS <<< "${DEVICE_FLAGS---cpu}"
 # the teacher's translations for the sequence-level KD corpus: outputs longer than 1.2 x source + 10 subwords
@@ -67,15 +69,6 @@ if [ "$CONFIG" = converged ]; then
 fi
 OPTIM_FLAGS=(--optimizer adam --adam-betas "(0.9,0.98)" --lr "$LR" --lr-scheduler inverse_sqrt
     --warmup-updates "$WARMUP_UPDATES" --clip-norm 1.0)
-# CPU_BF16=1: forward passes under bfloat16 autocast (--cpu-bf16, an option of fairseq_kd's tasks). The
-# teacher trains through translation_distillation, which without a teacher trains as fairseq's translation
-# does, where it needs what that task adds: --cpu-bf16, and with CONFIG=converged a patience count that
-# survives a resume (stock fairseq-train restarts it)
-STUDENT_BF16=() TEACHER_TASK=()
-if [ "$CONFIG" = converged ]; then TEACHER_TASK=(--task translation_distillation); fi
-if [ "$CPU_BF16" = 1 ]; then
-    STUDENT_BF16=(--cpu-bf16) TEACHER_TASK=(--task translation_distillation --cpu-bf16)
-fi
 BATCH_FLAGS=(--max-tokens "$MAX_TOKENS")
 LOG_FLAGS=(--no-epoch-checkpoints --log-format simple --log-interval 50)
 TEACHER_FLAGS=(--arch transformer --share-all-embeddings --encoder-layers 3 --decoder-layers 3
@@ -83,8 +76,9 @@ TEACHER_FLAGS=(--arch transformer --share-all-embeddings --encoder-layers 3 --de
     --encoder-attention-heads 4 --decoder-attention-heads 4 --dropout 0.2)
 STUDENT_FLAGS=(--arch "$STUDENT_ARCH" --share-all-embeddings --dropout "$STUDENT_DROPOUT")
 
-# every setting checked before the first stage spends time on data or a teacher
-python - "$STUDENT_ARCH" <<CHECK || exit 2
+# every setting checked before the first stage spends time on data or a teacher; prints CPU_BF16, auto
+# resolved: 1 on a CPU with bfloat16 kernels (AVX-512) when training on it, else 0
+CPU_BF16=$(python - "$STUDENT_ARCH" <<CHECK
 import math, sys
 errors = []
 def integer(name, value, least):
@@ -102,6 +96,11 @@ if "$DISTILL_NBEST".isdigit() and "$DISTILL_BEAM".isdigit() and int("$DISTILL_NB
     errors.append("DISTILL_NBEST ($DISTILL_NBEST) cannot exceed DISTILL_BEAM ($DISTILL_BEAM): the beam holds the n-best list")
 if "$DISTILL_SELECT" not in ("first", "bestbleu", "bestchrf"):
     errors.append("DISTILL_SELECT must be first, bestbleu or bestchrf, got '$DISTILL_SELECT'")
+if "$DISTILL_BACKEND" not in ("fairseq", "ctranslate2"):
+    errors.append("DISTILL_BACKEND must be fairseq or ctranslate2, got '$DISTILL_BACKEND'")
+elif "$DISTILL_BACKEND" == "ctranslate2" and ("$DISTILL_NBEST" != "1" or "$DISTILL_SELECT" != "first"):
+    errors.append("DISTILL_BACKEND=ctranslate2 keeps the teacher's best translation alone; an n-best list"
+                  " (DISTILL_NBEST, DISTILL_SELECT) needs DISTILL_BACKEND=fairseq")
 for name, value, ok, wanted in (("KD_ALPHA", "$KD_ALPHA", lambda v: 0 <= v <= 1, "in [0, 1]"),
                                 ("KD_TEMPERATURE", "$KD_TEMPERATURE", lambda v: 0 < v < math.inf, "> 0"),
                                 ("LR", "$LR", lambda v: 0 < v < math.inf, "> 0"),
@@ -122,19 +121,36 @@ for name, value in (("DISTILL_UNION", "$DISTILL_UNION"), ("DISTILL_KEEP_LOOPS", 
         errors.append(f"{name} must be 0 or 1, got '{value}'")
 if "$PARALLEL" not in ("0", "1"):
     errors.append("PARALLEL must be 0 or 1, got '$PARALLEL'")
-if "$CPU_BF16" not in ("0", "1"):
-    errors.append("CPU_BF16 must be 0 or 1, got '$CPU_BF16'")
-elif "$CPU_BF16" == "1" and "--cpu" not in "${DEVICE_FLAGS[*]}".split():
-    errors.append("CPU_BF16=1 autocasts CPU training; with DEVICE_FLAGS='${DEVICE_FLAGS[*]}' set CPU_BF16=0")
 import fairseq_kd  # noqa: F401  (registers the student architectures)
 from fairseq.models import ARCH_MODEL_REGISTRY
+from fairseq_kd.tasks.distillation import cpu_has_bf16_kernels
+cpu = "--cpu" in "${DEVICE_FLAGS[*]}".split()
+cpu_bf16 = str(int(cpu and cpu_has_bf16_kernels())) if "$CPU_BF16" == "auto" else "$CPU_BF16"
+if cpu_bf16 not in ("0", "1"):
+    errors.append("CPU_BF16 must be 0, 1 or auto, got '$CPU_BF16'")
+elif cpu_bf16 == "1" and not cpu:
+    errors.append("CPU_BF16=1 autocasts CPU training; with DEVICE_FLAGS='${DEVICE_FLAGS[*]}' set CPU_BF16=0")
+elif cpu_bf16 == "1" and not cpu_has_bf16_kernels():
+    errors.append("CPU_BF16=1: this CPU has no bfloat16 matrix kernels (they need AVX-512), where autocast makes"
+                  " training many times slower; set CPU_BF16=0")
 if sys.argv[1] not in ARCH_MODEL_REGISTRY:
     students = ", ".join(sorted(a for a in ARCH_MODEL_REGISTRY if a.startswith("transformer_student")))
     errors.append(f"STUDENT_ARCH '{sys.argv[1]}' is not a fairseq architecture; e.g. {students}")
 for error in errors:
     print(f"error: {error}", file=sys.stderr)
+print(cpu_bf16)
 sys.exit(1 if errors else 0)
 CHECK
+) || exit 2
+# CPU_BF16=1: forward passes under bfloat16 autocast (--cpu-bf16, an option of fairseq_kd's tasks). The
+# teacher trains through translation_distillation, which without a teacher trains as fairseq's translation
+# does, where it needs what that task adds: --cpu-bf16, and with CONFIG=converged a patience count that
+# survives a resume (stock fairseq-train restarts it)
+STUDENT_BF16=() TEACHER_TASK=()
+if [ "$CONFIG" = converged ]; then TEACHER_TASK=(--task translation_distillation); fi
+if [ "$CPU_BF16" = 1 ]; then
+    STUDENT_BF16=(--cpu-bf16) TEACHER_TASK=(--task translation_distillation --cpu-bf16)
+fi
 
 mkdir -p "$WORK"
 
@@ -169,7 +185,7 @@ cmd() {
 # list_stage RECORD FUNCTION ARGS...: a stage's listing (cmd) into RECORD, without DEVICE_FLAGS: where a
 # stage ran is not one of its settings, so a work directory can move between a CPU and a GPU machine
 list_stage() {
-    local record=$1 DEVICE_FLAGS=()
+    local record=$1 DEVICE_FLAGS=() TRANSLATE_DEVICE_FLAGS=()
     shift
     STAGE_LIST=$record "$@" > /dev/null
 }
@@ -314,9 +330,31 @@ train_student() {  # NAME DATA_BIN EXTRA_FLAGS...
 # the sequence-level KD corpus in DISTILLED: the teacher beam-decodes the training source (DISTILL_BEAM,
 # DISTILL_NBEST), then distilled_pairs builds the corpus
 distill_corpus() {
-    decode_train "$DISTILLED"
-    distilled_pairs "$DISTILLED/generate-train.txt" "$DISTILLED"
+    if [ "$DISTILL_BACKEND" = ctranslate2 ]; then
+        translate_train "$WORK/teacher/$CHECKPOINT" "$DATA" "$WORK/subword/train.$SRC" "$DISTILLED" "${SUBWORD_MODEL[@]}"
+    else
+        decode_train "$DISTILLED"
+    fi
+    distilled_pairs "$DISTILLED" "${DISTILLED_TEACHER[@]}"
 }
+# where distill_corpus leaves the teacher's translations, as distilled_corpus.py reads them
+if [ "$DISTILL_BACKEND" = ctranslate2 ]; then DISTILLED_TEACHER=(--hypotheses "$DISTILLED/hypotheses.txt")
+else DISTILLED_TEACHER=(--generate-log "$DISTILLED/generate-train.txt"); fi
+
+# DISTILL_BACKEND=ctranslate2: the teacher's best translation of each line of a subword source file, in
+# subword pieces, by the teacher exported to CTranslate2 in float32 (on Multi30k's test set the same
+# translations as fairseq's for 99.7 % of sentences, at 2.7x its sentences/s: BENCHMARKS.md): DIR/hypotheses.txt
+translate_train() {  # CHECKPOINT DATA_BIN SOURCE DIR EXPORT_FLAGS...
+    local checkpoint=$1 data=$2 source=$3 dir=$4
+    shift 4
+    mkdir -p "$dir"
+    cmd fairseq-kd-export "$checkpoint" --data "$data" --quantization float32 --out "$dir/teacher-ct2" --force "$@"
+    cmd fairseq-kd-translate "$dir/teacher-ct2" --subwords --input "$source" --output "$dir/hypotheses.txt" \
+        --beam "$DISTILL_BEAM" --max-len-a 1.2 --max-len-b 10 --batch-size 64 "${TRANSLATE_DEVICE_FLAGS[@]}"
+}
+# where fairseq-kd-translate runs: as DEVICE_FLAGS says, on every core of this machine (not a stage setting)
+if [[ " ${DEVICE_FLAGS[*]} " == *" --cpu "* ]]; then TRANSLATE_DEVICE_FLAGS=(--device cpu --threads "${OMP_NUM_THREADS:-$(nproc)}")
+else TRANSLATE_DEVICE_FLAGS=(--device cuda); fi
 
 # the teacher's translations of the training source: DIR/generate-train.txt
 decode_train() {  # DIR
@@ -329,17 +367,18 @@ decode_train() {  # DIR
 # one hypothesis per sentence (DISTILL_SELECT) from a generate log, in corpus order and without degenerate
 # ones, with the original pairs beside them if DISTILL_UNION=1, binarized with the teacher's dictionaries:
 # DIR/data-bin
-distilled_pairs() {  # GENERATE_LOG DIR
-    local union=()
+distilled_pairs() {  # DIR --generate-log LOG | --hypotheses FILE
+    local dir=$1 union=()
+    shift
     if [ "$DISTILL_UNION" = 1 ]; then union=(--union); fi
-    mkdir -p "$2"
-    cmd python "$ROOT/scripts/distilled_corpus.py" --generate-log "$1" \
+    mkdir -p "$dir"
+    cmd python "$ROOT/scripts/distilled_corpus.py" "$@" \
         --source "$WORK/subword/train.$SRC" --target "$WORK/subword/train.$TGT" \
-        --out-prefix "$2/train" --src "$SRC" --tgt "$TGT" --select "$DISTILL_SELECT" "${union[@]}" "${LOOP_FLAGS[@]}"
+        --out-prefix "$dir/train" --src "$SRC" --tgt "$TGT" --select "$DISTILL_SELECT" "${union[@]}" "${LOOP_FLAGS[@]}"
     cmd fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" \
-        --trainpref "$2/train" --validpref "$WORK/subword/valid" --testpref "$WORK/subword/test" \
+        --trainpref "$dir/train" --validpref "$WORK/subword/valid" --testpref "$WORK/subword/test" \
         --srcdict "$DATA/dict.$SRC.txt" --tgtdict "$DATA/dict.$TGT.txt" \
-        --destdir "$2/data-bin" --workers 2
+        --destdir "$dir/data-bin" --workers 2
 }
 
 # a model (checkpoint or export) on test and valid with fairseq-kd-eval, quality only, decoded as users

@@ -62,12 +62,12 @@ fi
 for select in bestbleu bestchrf; do
     if [[ " ${LEVERS[*]} " == *" lever-seq-$select "* ]]; then
         DISTILL_SELECT=$select stage "distill-$select" "$WORK/distill-$select.log" \
-            distilled_pairs "$WORK/distill-nbest/generate-train.txt" "$WORK/distill-$select"
+            distilled_pairs "$WORK/distill-$select" --generate-log "$WORK/distill-nbest/generate-train.txt"
     fi
 done
 if [[ " ${LEVERS[*]} " == *" lever-seq-union "* ]]; then
     DISTILL_UNION=1 stage distill-union "$WORK/distill-union.log" \
-        distilled_pairs "$DISTILLED/generate-train.txt" "$WORK/distill-union"
+        distilled_pairs "$WORK/distill-union" "${DISTILLED_TEACHER[@]}"
 fi
 
 mkdir -p "$WORK/results"

@@ -25,7 +25,7 @@
 #                               speeds are then of models sharing the machine, not comparable with each other
 #   ...and run.sh's settings: WORK, CONFIG (quick or full), STUDENT_ARCH, KD_ALPHA, KD_TEMPERATURE, KD_TOPK,
 #   KD_TOPK_STUDENT, VOCAB_SIZE (default 16000: four languages), TEACHER_UPDATES, STUDENT_UPDATES, MAX_TOKENS,
-#   LR, CPU_BF16, DEVICE_FLAGS, ...
+#   LR, CPU_BF16, DEVICE_FLAGS, DISTILL_BACKEND (ctranslate2: the teachers' translations by CTranslate2), ...
 #
 # STUDENT_UPDATES is per language pair: a student of three pairs trains three times as many updates as a
 # bilingual one and draws its batches from each pair equally (--sampling-method uniform), so that every
@@ -111,11 +111,18 @@ build_pair_cache() {  # DATA_BIN PAIR TEACHER OUT_DIR
 # the sequence-level KD corpus of a pair: its teacher's translations of the training source, without the
 # teacher's repetition loops: OUT_DIR/PAIR/train.SRC and .TGT
 distill_pair() {  # OUT_DIR PAIR TEACHER
-    local out=$1/$2 src=${2%-*} tgt=${2#*-}
-    cmd fairseq-generate "$DATA" --user-dir "$ROOT/fairseq_kd" --task translation_multi_simple_epoch \
-        --lang-pairs "$2" "${MULTI_FLAGS[@]}" -s "$src" -t "$tgt" --path "$3" --gen-subset train \
-        --beam "$DISTILL_BEAM" "${DECODE_FLAGS[@]}" "${DEVICE_FLAGS[@]}" --results-path "$out"
-    cmd python "$ROOT/scripts/distilled_corpus.py" --generate-log "$out/generate-train.txt" \
+    local out=$1/$2 src=${2%-*} tgt=${2#*-} translations
+    if [ "$DISTILL_BACKEND" = ctranslate2 ]; then
+        translate_train "$3" "$DATA" "$SUBWORD/train.$src" "$out" --sentencepiece-model "$SUBWORD/spm.model" \
+            --source-lang "$src" --target-lang "$tgt"
+        translations=(--hypotheses "$out/hypotheses.txt")
+    else
+        cmd fairseq-generate "$DATA" --user-dir "$ROOT/fairseq_kd" --task translation_multi_simple_epoch \
+            --lang-pairs "$2" "${MULTI_FLAGS[@]}" -s "$src" -t "$tgt" --path "$3" --gen-subset train \
+            --beam "$DISTILL_BEAM" "${DECODE_FLAGS[@]}" "${DEVICE_FLAGS[@]}" --results-path "$out"
+        translations=(--generate-log "$out/generate-train.txt")
+    fi
+    cmd python "$ROOT/scripts/distilled_corpus.py" "${translations[@]}" \
         --source "$SUBWORD/train.$src" --target "$SUBWORD/train.$tgt" --out-prefix "$out/train" --src "$src" \
         --tgt "$tgt" "${LOOP_FLAGS[@]}"
 }

@@ -20,12 +20,15 @@
 #                          override the configuration: budgets, batch size, training-set prefix (0: all),
 #                          learning-rate warm-up and peak, the teacher beam that builds the sequence-level KD
 #                          corpus, the evaluation beam
-#   CPU_BF16=0|1           train under bfloat16 autocast on the CPU (--cpu-bf16; quick: 1, else 0)
+#   CPU_BF16=0|1|auto      train under bfloat16 autocast on the CPU (--cpu-bf16; quick: auto, 1 where the CPU has
+#                          bfloat16 kernels (AVX-512), else 0; full, converged: 0)
 #   DISTILL_UNION=1        keep the original training pairs beside the distilled ones
 #   DISTILL_KEEP_LOOPS=1   keep the teacher's repetition loops in the distilled corpus (dropped by default)
 #   DISTILL_NBEST=n DISTILL_SELECT=first|bestbleu|bestchrf   the teacher's n-best list (n <= DISTILL_BEAM) and which
 #                          hypothesis per sentence the corpus keeps: the teacher's best, or the closest to the
 #                          reference by sentence BLEU (Seq-Inter) or chrF
+#   DISTILL_BACKEND=ctranslate2   translate the training source with the teacher exported to CTranslate2
+#                          (float32; the teacher's best translation alone) instead of fairseq-generate: faster
 #   STUDENT_ARCH=transformer_student_tiny STUDENT_DROPOUT=0.1  the students' architecture and dropout (quick:
 #                          transformer_student_tiny_dec2 and 0)
 #   SEED=1                 the random seed of every training (seeds.sh measures what another one changes)

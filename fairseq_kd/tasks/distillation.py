@@ -21,6 +21,26 @@ from fairseq_kd.models.transformer_mutual import TransformerMutualModel
 from fairseq_kd.teachers import Teachers
 
 
+def cpu_has_bf16_kernels():
+    """Whether torch's bfloat16 matrix products run on oneDNN's kernels on this CPU."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def check_cpu_bf16(cpu_bf16, cpu):
+    """Refuse --cpu-bf16 where it cannot help: off the CPU (fairseq has --bf16/--amp there), and on a CPU
+    without bfloat16 matrix kernels (oneDNN's need AVX-512; on an AVX2-only CPU torch falls back to a
+    reference matrix product, measured 32x slower than float32: BENCHMARKS.md)."""
+    if not cpu_bf16:
+        return
+    if not cpu:
+        raise FairseqKDError("--cpu-bf16 autocasts CPU computations; add --cpu, or on a GPU use fairseq's --bf16 or --amp")
+    if not cpu_has_bf16_kernels():
+        raise FairseqKDError(
+            "--cpu-bf16: this CPU has no bfloat16 matrix kernels (they need AVX-512), so autocast would make"
+            " training many times slower, not faster; drop --cpu-bf16"
+        )
+
+
 @dataclass
 class Student:
     """The student as the criterion's terms see it: whether it is a pair of mutual-learning peers, and

@@ -10,7 +10,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from fairseq_kd.errors import FairseqKDError
-from fairseq_kd.tasks.distillation import DistillationTaskMixin
+from fairseq_kd.tasks.distillation import DistillationTaskMixin, check_cpu_bf16
 from fairseq_kd.teachers import TEACHER_WEIGHTINGS, Teachers
 
 @dataclass
@@ -60,7 +60,7 @@ class TranslationDistillationConfig(TranslationConfig):
         metadata={
             "help": "with --cpu: forward passes (student, teachers, loss) under torch.autocast to bfloat16, while"
             " weights, gradients and the optimizer stay float32; fairseq's own --bf16 does not run on a CPU."
-            " Faster on CPUs with bfloat16 instructions (AVX-512-BF16, AMX)"
+            " Faster on CPUs with bfloat16 instructions (AVX-512-BF16, AMX); refused on CPUs without AVX-512"
         },
     )
     save_dir: str = II("checkpoint.save_dir")
@@ -75,8 +75,7 @@ class TranslationDistillationTask(DistillationTaskMixin, TranslationTask):
     def __init__(self, cfg: TranslationDistillationConfig, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
         check_save_dir(cfg.save_dir, cfg.teacher_path)
-        if cfg.cpu_bf16 and not cfg.cpu:
-            raise FairseqKDError("--cpu-bf16 autocasts CPU computations; add --cpu, or on a GPU use fairseq's --bf16 or --amp")
+        check_cpu_bf16(cfg.cpu_bf16, cfg.cpu)
         self.teachers = Teachers.load(cfg.teacher_path, cfg.teacher_weights, cfg.teacher_weighting, self,
                                       cfg.teacher_topk_cache)
 

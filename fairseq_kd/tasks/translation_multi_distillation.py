@@ -28,7 +28,7 @@ from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleE
 
 from fairseq_kd.checkpoints import sha256
 from fairseq_kd.errors import FairseqKDError
-from fairseq_kd.tasks.distillation import DistillationTaskMixin
+from fairseq_kd.tasks.distillation import DistillationTaskMixin, check_cpu_bf16
 from fairseq_kd.tasks.translation_distillation import check_save_dir
 from fairseq_kd.teachers import PairTeachers, Teachers, load_teacher
 from fairseq_kd.topk_cache import TopKCache, TopKCacheDataset, collate_topk, read_manifest
@@ -181,8 +181,7 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
                 "--lang-tok-replacing-bos-eos collates each pair apart, which loses the rows' teachers; use"
                 " --encoder-langtok/--decoder-langtok"
             )
-        if args.cpu_bf16 and not args.cpu:
-            raise FairseqKDError("--cpu-bf16 autocasts CPU computations; add --cpu, or on a GPU use fairseq's --bf16 or --amp")
+        check_cpu_bf16(args.cpu_bf16, args.cpu)
         if args.extra_data or args.extra_lang_pairs:
             raise FairseqKDError(
                 "translation_multi_distillation trains the pairs of --lang-pairs, each with its own teacher or none:"
