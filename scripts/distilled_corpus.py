@@ -54,6 +54,11 @@ def keep(source, hypothesis, max_length_ratio, keep_loops):
             and (keep_loops or not looping(pieces)))
 
 
+def read_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     teacher = parser.add_mutually_exclusive_group(required=True)
@@ -74,18 +79,14 @@ def main():
     if args.max_length_ratio < 1:
         parser.error(f"--max-length-ratio must be >= 1, got {args.max_length_ratio}")
 
-    with open(args.source, encoding="utf-8") as f:
-        sources = [line.rstrip("\n") for line in f]
-    with open(args.target, encoding="utf-8") as f:
-        targets = [line.rstrip("\n") for line in f]
+    sources, targets = read_lines(args.source), read_lines(args.target)
     if len(sources) != len(targets):
         parser.error(f"{args.source} has {len(sources)} lines but {args.target} has {len(targets)}")
     if args.hypotheses:
         if args.select != "first":
             sys.exit(f"fairseq_kd: error: --select {args.select} chooses from an n-best list, which --hypotheses"
                      " does not hold: give fairseq-generate's --generate-log (with --nbest)")
-        with open(args.hypotheses, encoding="utf-8") as f:
-            hypotheses = [line.rstrip("\n") for line in f]
+        hypotheses = read_lines(args.hypotheses)
         if len(hypotheses) != len(sources):
             sys.exit(f"fairseq_kd: error: {args.hypotheses} has {len(hypotheses)} lines but {args.source} has"
                      f" {len(sources)}: translate the whole --source, one line for each line")
