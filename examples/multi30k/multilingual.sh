@@ -75,6 +75,10 @@ LOW_DATA=$WORK/data/data-bin-low-resource
 SUBWORD=$WORK/data/subword
 # every model marks languages the same way, so each teacher's dictionary is the student's
 MULTI_FLAGS=(--lang-dict "$DATA/langs.txt" --encoder-langtok src --decoder-langtok)
+# batches collated in the training process: fairseq's multilingual task builds a new loader each epoch and
+# leaves the last one's worker to the garbage collector, which then waits 5 s for it to stop (per epoch,
+# and again at exit; 20 short epochs took 124 s with a worker, 18 s without, the same weights)
+LOADER_FLAGS=(--num-workers 0)
 
 prepare_multilingual() {
     cmd env PAIRS="${PAIRS[*]} cs-de" LOW_RESOURCE="en-cs:$LOW_RESOURCE_SIZE" VOCAB_SIZE="$VOCAB_SIZE" \
@@ -86,7 +90,7 @@ train_pair_teacher() {  # SAVE_DIR DATA_BIN PAIR
     local task=(--task translation_multi_simple_epoch)
     if [ "$CPU_BF16" = 1 ]; then task=(--task translation_multi_distillation --cpu-bf16); fi
     cmd fairseq-train "$2" --user-dir "$ROOT/fairseq_kd" "${task[@]}" --lang-pairs "$3" \
-        "${MULTI_FLAGS[@]}" "${TEACHER_FLAGS[@]}" --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
+        "${MULTI_FLAGS[@]}" "${LOADER_FLAGS[@]}" "${TEACHER_FLAGS[@]}" --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
         "${OPTIM_FLAGS[@]}" "${BATCH_FLAGS[@]}" --seed "$SEED" --max-update "$TEACHER_UPDATES" "${DEVICE_FLAGS[@]}" \
         "${LOG_FLAGS[@]}" --save-dir "$1"
 }
@@ -95,7 +99,7 @@ train_multi_student() {  # NAME DATA_BIN PAIRS EXTRA_FLAGS...
     local name=$1 data=$2 pairs=$3 commas=${3//[^,]/}  # one comma fewer than pairs: the budget is per pair
     shift 3
     cmd fairseq-train "$data" --user-dir "$ROOT/fairseq_kd" --task translation_multi_distillation --lang-pairs "$pairs" \
-        "${MULTI_FLAGS[@]}" --sampling-method uniform "${STUDENT_FLAGS[@]}" --criterion kd_label_smoothed_cross_entropy \
+        "${MULTI_FLAGS[@]}" "${LOADER_FLAGS[@]}" --sampling-method uniform "${STUDENT_FLAGS[@]}" --criterion kd_label_smoothed_cross_entropy \
         --label-smoothing 0.1 "$@" "${OPTIM_FLAGS[@]}" "${BATCH_FLAGS[@]}" --seed "$SEED" \
         --max-update $(( STUDENT_UPDATES * (${#commas} + 1) )) "${DEVICE_FLAGS[@]}" "${LOG_FLAGS[@]}" \
         "${STUDENT_BF16[@]}" --save-dir "$WORK/$name"
