@@ -7,6 +7,13 @@ tokens/s and peak memory of each, as ratios to plain.
         --teacher work/multi30k-en-de-full/teacher/checkpoint_last.pt --cache 8=work/multi30k-en-de-full/cache \
         --updates 60 --out benchmarks/results/training_cost
 
+``--lang-pairs`` measures a multilingual student instead (``translation_multi_distillation`` with the language
+tokens and uniform sampling of ``examples/multi30k/multilingual.sh``); each cache then names one per pair:
+
+    python benchmarks/training_cost.py --data work/multi30k-multilingual-full/data/data-bin \
+        --lang-pairs en-de,en-fr,en-cs --cache 8=en-de:work/.../cache-en-de,en-fr:...,en-cs:... \
+        --updates 60 --out benchmarks/results/training_cost_multilingual
+
 ``--cpu-bf16`` adds each variant again with the forward passes autocast to bfloat16 (the task's --cpu-bf16);
 ``--model="FLAGS"`` trains another architecture than the tiny student, e.g. the teacher's:
 
@@ -51,11 +58,20 @@ if torch.cuda.is_available():
 """
 
 
-def train(data, model, updates, log_interval, gpu, extra):
+def task_flags(data, lang_pairs):
+    """The bilingual distillation task, or with ``lang_pairs`` the multilingual one as multilingual.sh runs it."""
+    if not lang_pairs:
+        return ["--task", "translation_distillation"]
+    # --num-workers 0: the multilingual task's per-epoch data loaders otherwise wait 5 s each to shut down
+    return ["--task", "translation_multi_distillation", "--lang-pairs", lang_pairs,
+            "--lang-dict", os.path.join(data, "langs.txt"), "--encoder-langtok", "src", "--decoder-langtok",
+            "--sampling-method", "uniform", "--num-workers", "0"]
+
+
+def train(data, task, model, updates, log_interval, gpu, extra):
     """Run fairseq-train; return (per-interval wps values, peak memory in MB)."""
     device = ["--fp16"] if gpu else ["--cpu"]
-    command = [sys.executable, "-c", TRAIN, data, "--user-dir", PLUGIN, "--task", "translation_distillation",
-               *model.split(), *TRAINING, *device, "--max-update", str(updates), "--log-interval", str(log_interval), *extra]
+    command = [sys.executable, "-c", TRAIN, data, "--user-dir", PLUGIN, *task, *model.split(), *TRAINING, *device, "--max-update", str(updates), "--log-interval", str(log_interval), *extra]
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
         _, status, usage = os.wait4(process.pid, 0)
@@ -71,6 +87,8 @@ def train(data, model, updates, log_interval, gpu, extra):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="binarized training data")
+    parser.add_argument("--lang-pairs", help="a multilingual student of these comma-separated pairs; --teacher and "
+                        "each --cache DIR then name one per pair, PAIR:PATH,...")
     parser.add_argument("--teacher", help="a teacher checkpoint: adds the online-teacher variants")
     parser.add_argument("--cache", action="append", default=[], metavar="K=DIR",
                         help="a top-k cache of that teacher on --data (repeatable)")
@@ -87,16 +105,20 @@ def main():
     parser.add_argument("--out", required=True, help="writes OUT.json and OUT.md")
     args = parser.parse_args()
 
+    task = task_flags(args.data, args.lang_pairs)
+    # the multilingual task takes a teacher and a cache per pair
+    teacher_flag, cache_flag = ("--teacher-paths", "--teacher-topk-caches") if args.lang_pairs else (
+        "--teacher-path", "--teacher-topk-cache")
     variants = [("plain label-smoothed CE", ["--kd-alpha", "0"])]
     if args.teacher:
         variants += [
-            ("online teacher, full distribution", ["--kd-alpha", "0.5", "--teacher-path", args.teacher]),
+            ("online teacher, full distribution", ["--kd-alpha", "0.5", teacher_flag, args.teacher]),
             (f"online teacher, top-{args.topk}",
-             ["--kd-alpha", "0.5", "--teacher-path", args.teacher, "--kd-topk", str(args.topk)]),
+             ["--kd-alpha", "0.5", teacher_flag, args.teacher, "--kd-topk", str(args.topk)]),
         ]
     for item in args.cache:
         k, _, directory = item.partition("=")
-        variants.append((f"top-{k} cache", ["--kd-alpha", "0.5", "--teacher-topk-cache", directory, "--kd-topk", k]))
+        variants.append((f"top-{k} cache", ["--kd-alpha", "0.5", cache_flag, directory, "--kd-topk", k]))
     if args.mutual:
         variants.append(("deep mutual learning, two students", ["--kd-alpha", "0.5", "--arch", "transformer_mutual_student_tiny"]))
 
@@ -106,7 +128,7 @@ def main():
     runs = {name: [] for name, _ in variants}
     for repeat in range(args.repeats):  # round robin, so that drift in machine speed hits every variant
         for name, extra in variants:
-            wps, peak_mb = train(args.data, args.model, args.updates, args.log_interval, args.gpu, extra)
+            wps, peak_mb = train(args.data, task, args.model, args.updates, args.log_interval, args.gpu, extra)
             if len(wps) < 2:
                 sys.exit("error: too few log intervals; raise --updates or lower --log-interval")
             runs[name].append((statistics.median(wps[1:]), peak_mb))
@@ -126,9 +148,10 @@ def main():
                      f"| {row['peak_memory_mb']:.0f} | {row['memory_ratio']:.2f}x |")
     device = torch.cuda.get_device_name(0) + ", --fp16" if args.gpu else f"cpu, {torch.get_num_threads()} torch threads"
     settings = {"updates": args.updates, "repeats": args.repeats, "device": device, "memory": f"peak {memory}",
-                "model": args.model, "max_tokens": 4096, "data": args.data}
+                "model": args.model, "max_tokens": 4096, "data": args.data, "lang_pairs": args.lang_pairs}
     lines.append("")
-    lines.append(f"{args.model}; {args.updates} updates per run, {args.repeats} run(s) per variant round robin; tokens/s: median over"
+    student = f"{args.model}, one student of {args.lang_pairs}" if args.lang_pairs else args.model
+    lines.append(f"{student}; {args.updates} updates per run, {args.repeats} run(s) per variant round robin; tokens/s: median over"
                  f" runs of the median per-{args.log_interval}-update wps after the first interval; peak {memory}: the highest; "
                  f"{device}, {os.cpu_count()} CPUs.")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

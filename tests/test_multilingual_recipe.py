@@ -40,7 +40,16 @@ def test_multilingual_recipe(tmp_path):
     assert set(rows["multilingual-word-kd"]["pairs"]) == {"en-de", "en-fr", "en-cs"}
     # three bilingual students against one multilingual student of the same architecture
     assert rows["bilingual-word-kd"]["params"] == 3 * rows["multilingual-word-kd"]["params"]
-    assert [set(m["pairs"]) for m in tables["low-resource"]["models"]] == [{"en-cs"}, {"en-cs"}, *2 * [{"en-de", "en-fr", "en-cs"}]]
+    assert [(m["name"], set(m["pairs"])) for m in tables["low-resource"]["models"]] == [
+        *((name, {"en-cs"}) for name in ("low-teacher", "low-bilingual-word-kd", "low-bilingual-seq-word-kd")),
+        *((name, {"en-de", "en-fr", "en-cs"})
+          for name in ("low-multilingual-no-kd", "low-multilingual-word-kd", "low-multilingual-seq-word-kd"))]
+    # the cut en-cs teacher translated the English of every training sentence (300), not only of its 100 pairs;
+    # its top-k over those translations distils en-cs, the other pairs' caches their original data
+    assert len((work / "low-distill" / "en-cs" / "hypotheses.txt").read_text().splitlines()) == 300
+    stage = (work / ".stage-low-multilingual-seq-word-kd").read_text()
+    assert all(f"{pair}:{work}/{cache}" in stage
+               for pair, cache in (("en-de", "cache-en-de"), ("en-fr", "cache-en-fr"), ("en-cs", "low-distill-cache")))
     assert [m["name"] for m in tables["pivot"]["models"]] == ["pivot-no-kd", "pivot-kd"]
     assert "kd-threshold at update 2: en-fr" in (work / "multilingual-threshold.log").read_text()
     # the table says, per pair, how the threshold student compared with its teacher and when KD switched
@@ -59,6 +68,9 @@ def test_multilingual_recipe(tmp_path):
         ("multilingual-word-kd", "bilingual-word-kd"), ("multilingual-word-kd", "multilingual-no-kd"),
         ("multilingual-seq-kd", "multilingual-no-kd"), ("multilingual-threshold", "multilingual-word-kd"),
         ("low-multilingual-word-kd", "low-bilingual-word-kd"), ("low-multilingual-word-kd", "low-multilingual-no-kd"),
+        ("low-multilingual-seq-word-kd", "low-bilingual-word-kd"),
+        ("low-multilingual-seq-word-kd", "low-bilingual-seq-word-kd"),
+        ("low-multilingual-seq-word-kd", "low-multilingual-word-kd"),
         ("pivot-kd", "pivot-no-kd")}
     low = comparisons["low-multilingual-word-kd", "low-bilingual-word-kd"]
     low_rows = {m["name"]: m for m in tables["low-resource"]["models"]}

@@ -10,7 +10,9 @@
 #                 2019: KD off for a pair while the student beats its teacher on validation BLEU); the
 #                 word-KD student exported to CTranslate2 int8, per pair
 #   low-resource  the same pairs with en-cs cut to its first LOW_RESOURCE_SIZE pairs: the bilingual en-cs
-#                 word-KD student against the multilingual word-KD student
+#                 word-KD student against the multilingual word-KD student; and both again with the cut
+#                 pair's teacher's translations of the English of every training sentence (a low-resource
+#                 pair has more source text than translations; here, the English of the other pairs)
 #   pivot         a cs-de student without KD and with cross-lingual KD from the en-de teacher, which reads
 #                 the English side of the same sentences
 #
@@ -145,6 +147,13 @@ binarize_distilled() {  # OUT_DIR PAIR...
     cmd cp "$DATA"/dict.*.txt "$DATA/langs.txt" "$out/data-bin/"
 }
 
+# the low-resource experiment's corpus: the cut en-cs teacher's translations of all the English, binarized,
+# beside en-de's and en-fr's original data (linked): OUT_DIR/data-bin
+binarize_low_distilled() {  # OUT_DIR
+    binarize_distilled "$1" en-cs
+    cmd ln -sf "$DATA"/*.en-de.* "$DATA"/*.en-fr.* "$1/data-bin/"
+}
+
 # models on one pair's test set, one fairseq-kd-eval run (fairseq's default length limits, the first model
 # the reference of the retention column): WORK/results/EXPERIMENT.PAIR.json and .md
 evaluate_pair() {  # EXPERIMENT DATA_BIN PAIR NAME=MODEL...
@@ -219,6 +228,9 @@ if want low-resource; then
     await low-teacher
     spawn low-cache "$WORK/low-cache.log" build_pair_cache "$LOW_DATA" en-cs "$WORK/low-teacher/checkpoint_last.pt" \
         "$WORK/low-cache"
+    # DATA's en-cs source: the English of every training sentence (only the cut teacher's translations of it
+    # are used, not its Czech)
+    spawn low-distill "$WORK/low-distill.log" distill_pair "$WORK/low-distill" en-cs "$WORK/low-teacher/checkpoint_last.pt"
 fi
 
 # then the students of the caches and of the teachers' translations
@@ -243,6 +255,16 @@ if want low-resource; then
     spawn low-multilingual-word-kd "$WORK/low-multilingual-word-kd.log" train_multi_student low-multilingual-word-kd \
         "$LOW_DATA" "$pairs" "${kd[@]}" "${topk[@]}" \
         --teacher-topk-caches "en-de:$WORK/cache-en-de,en-fr:$WORK/cache-en-fr,en-cs:$WORK/low-cache"
+    # sequence- and word-level KD for en-cs: its teacher's translations, and its top-k over them
+    await low-distill
+    stage low-distill-data "$WORK/low-distill.log" binarize_low_distilled "$WORK/low-distill"
+    stage low-distill-cache "$WORK/low-distill-cache.log" build_pair_cache "$WORK/low-distill/data-bin" en-cs \
+        "$WORK/low-teacher/checkpoint_last.pt" "$WORK/low-distill-cache"
+    spawn low-bilingual-seq-word-kd "$WORK/low-bilingual-seq-word-kd.log" train_multi_student low-bilingual-seq-word-kd \
+        "$WORK/low-distill/data-bin" en-cs "${kd[@]}" --teacher-topk-caches "en-cs:$WORK/low-distill-cache" "${topk[@]}"
+    spawn low-multilingual-seq-word-kd "$WORK/low-multilingual-seq-word-kd.log" train_multi_student \
+        low-multilingual-seq-word-kd "$WORK/low-distill/data-bin" "$pairs" "${kd[@]}" "${topk[@]}" \
+        --teacher-topk-caches "en-de:$WORK/cache-en-de,en-fr:$WORK/cache-en-fr,en-cs:$WORK/low-distill-cache"
 fi
 # the sequence-level KD student after the low-resource students, which (PARALLEL=1) need not wait for the
 # teachers' translations
@@ -272,11 +294,15 @@ if want multilingual; then
     done
 fi
 if want low-resource; then
-    await low-bilingual-word-kd low-multilingual-no-kd low-multilingual-word-kd
+    low_students=(low-multilingual-no-kd low-multilingual-word-kd low-multilingual-seq-word-kd)
+    await low-bilingual-word-kd low-bilingual-seq-word-kd "${low_students[@]}"
     for pair in "${PAIRS[@]}"; do
         models=()
-        if [ "$pair" = en-cs ]; then models=("low-teacher=$WORK/low-teacher/checkpoint_last.pt" "$(checkpoint low-bilingual-word-kd)"); fi
-        models+=("$(checkpoint low-multilingual-no-kd)" "$(checkpoint low-multilingual-word-kd)")
+        if [ "$pair" = en-cs ]; then
+            models=("low-teacher=$WORK/low-teacher/checkpoint_last.pt" "$(checkpoint low-bilingual-word-kd)"
+                    "$(checkpoint low-bilingual-seq-word-kd)")
+        fi
+        for name in "${low_students[@]}"; do models+=("$(checkpoint "$name")"); done
         spawn "evaluate-low-resource-$pair" "$WORK/results/low-resource.$pair.log" evaluate_pair low-resource "$LOW_DATA" \
             "$pair" "${models[@]}"
     done
@@ -294,8 +320,10 @@ if want multilingual; then
 fi
 if want low-resource; then
     await "${PAIRS[@]/#/evaluate-low-resource-}"
-    pair_table low-resource "${PAIRS[*]}" "low-teacher low-bilingual-word-kd low-multilingual-no-kd low-multilingual-word-kd" \
-        "" "low-multilingual-word-kd:low-bilingual-word-kd low-multilingual-word-kd:low-multilingual-no-kd"
+    pair_table low-resource "${PAIRS[*]}" "low-teacher low-bilingual-word-kd low-bilingual-seq-word-kd ${low_students[*]}" \
+        "" "low-multilingual-word-kd:low-bilingual-word-kd low-multilingual-word-kd:low-multilingual-no-kd
+        low-multilingual-seq-word-kd:low-bilingual-word-kd low-multilingual-seq-word-kd:low-bilingual-seq-word-kd
+        low-multilingual-seq-word-kd:low-multilingual-word-kd"
 fi
 if want pivot; then
     await evaluate-pivot
