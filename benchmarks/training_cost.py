@@ -71,7 +71,8 @@ def task_flags(data, lang_pairs):
 def train(data, task, model, updates, log_interval, gpu, extra):
     """Run fairseq-train; return (per-interval wps values, peak memory in MB)."""
     device = ["--fp16"] if gpu else ["--cpu"]
-    command = [sys.executable, "-c", TRAIN, data, "--user-dir", PLUGIN, *task, *model.split(), *TRAINING, *device, "--max-update", str(updates), "--log-interval", str(log_interval), *extra]
+    command = [sys.executable, "-c", TRAIN, data, "--user-dir", PLUGIN, *task, *model.split(), *TRAINING, *device,
+               "--max-update", str(updates), "--log-interval", str(log_interval), *extra]
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
         _, status, usage = os.wait4(process.pid, 0)
