@@ -371,9 +371,9 @@ def test_prepare_multilingual_with_a_low_resource_pair(tmp_path):
     (tmp_path / "raw").mkdir()
     fake_multi30k(tmp_path / "raw", more_languages=("fr", "cs"))
 
-    def prepare(**env):
+    def prepare(**env):  # OUT relative to the working directory, as a user may type it
         return subprocess.run(
-            ["bash", REPO / "scripts" / "prepare-multi30k-multilingual.sh", tmp_path / "out"], capture_output=True,
+            ["bash", REPO / "scripts" / "prepare-multi30k-multilingual.sh", "out"], cwd=tmp_path, capture_output=True,
             text=True, env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MULTI30K_DIR": str(tmp_path / "raw"),
                             "VOCAB_SIZE": "90", **env})
 

@@ -232,7 +232,14 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         with self.layer_kd.capture(model) as student_layers:
             net_output = model(**sample["net_input"])
         lprobs, target = self.get_lprobs_and_target(model, net_output, sample)
-        loss, nll_loss = label_smoothed_nll_loss(lprobs, target, self.eps, ignore_index=self.padding_idx, reduce=reduce)
+        weights = None if teacher is None else teacher.position_weights
+        if weights is None:
+            loss, nll_loss = label_smoothed_nll_loss(lprobs, target, self.eps, ignore_index=self.padding_idx, reduce=reduce)
+        else:  # each position's cross-entropy is mixed into the KD term below: one pass over the vocabulary for both
+            weights = weights[:, self.ignore_prefix_size :].reshape(-1).to(target.device)
+            position_ce, nll_loss = label_smoothed_nll_loss(lprobs, target, self.eps, ignore_index=self.padding_idx,
+                                                            reduce=False)
+            loss, nll_loss = (position_ce.sum(), nll_loss.sum()) if reduce else (position_ce, nll_loss)
         log = {
             "nll_loss": nll_loss.data,
             "ntokens": sample["ntokens"],
@@ -250,14 +257,11 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             else:
                 kd = self.word_kd(lprobs_t, teacher, target, temperature)
             real = target.ne(self.padding_idx)
-            weights = None if teacher is None else teacher.position_weights
-            if weights is not None:
-                weights = weights[:, self.ignore_prefix_size:].reshape(-1).to(target.device)
             distil = self.selection(lprobs, target, real if weights is None else real & weights.gt(0), model.training)
             kd = kd.masked_fill(~distil, 0.0)
             log["kd_loss"] = kd.sum().data
             if weights is not None:  # each position's alpha scaled by its weight: the rest keeps its cross-entropy
-                kd = weights * kd + (1.0 - weights) * self.position_cross_entropy(lprobs, target)
+                kd = weights * kd + (1.0 - weights) * position_ce.squeeze(-1)
             kd = kd.sum() if reduce else kd.unsqueeze(-1)
             loss = (1.0 - alpha) * loss + alpha * kd
             # token-weighted, so that the logs stay summable across workers
@@ -291,10 +295,6 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         peer_loss, peer_nll_loss = label_smoothed_nll_loss(lprobs_peer, target, self.eps, ignore_index=self.padding_idx,
                                                            reduce=reduce)
         return peer_loss, self.lprobs_at(peer_output, lprobs_peer, temperature), peer_nll_loss.data
-
-    def position_cross_entropy(self, lprobs, target):
-        """``(N,)``: the label-smoothed cross-entropy at each target position (0 on padding)."""
-        return label_smoothed_nll_loss(lprobs, target, self.eps, ignore_index=self.padding_idx, reduce=False)[0].squeeze(-1)
 
     def lprobs_at(self, net_output, lprobs, temperature):
         """A model's ``(N, V)`` log-probabilities at temperature T: at T = 1 its cross-entropy term's
