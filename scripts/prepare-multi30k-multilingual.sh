@@ -13,7 +13,7 @@
 set -euo pipefail
 
 OUT=${1:?usage: prepare-multi30k-multilingual.sh OUT_DIR}
-mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the low-resource data-bin links to it
+case "$OUT" in /*) ;; *) OUT=$PWD/$OUT ;; esac  # absolute: the low-resource data-bin links to it
 read -r -a PAIRS <<< "${PAIRS:-en-de en-fr en-cs}"
 read -r -a LOW_RESOURCE <<< "${LOW_RESOURCE:-}"
 VOCAB_SIZE=${VOCAB_SIZE:-16000}

@@ -21,7 +21,7 @@ case "$CONFIG" in
     *) echo "error: CONFIG must be quick, full or converged, got '$CONFIG'" >&2; exit 2 ;;
 esac
 WORK=${WORK:-$ROOT/work/multi30k-$SRC-$TGT-$CONFIG}
-mkdir -p "$WORK" && WORK=$(cd "$WORK" && pwd)  # absolute: stages link files into it
+case "$WORK" in /*) ;; *) WORK=$PWD/$WORK ;; esac  # absolute: stages link files into it
 STUDENT_ARCH=${STUDENT_ARCH:-transformer_student_tiny}
 STUDENT_DROPOUT=${STUDENT_DROPOUT:-0.1}
 KD_ALPHA=${KD_ALPHA:-0.5}
