@@ -132,12 +132,21 @@ def check_language_pair(label, recorded, langs):
         )
 
 
-def check_resumed_settings(current, save_dir, restore_file, reset_optimizer, allow_changes):
-    """When ``fairseq-train`` is about to resume (``--restore-file``, by default SAVE_DIR/checkpoint_last.pt,
-    without ``--reset-optimizer``), compare the options ``current`` ({config section: {name: value}}) with
+def resumed_checkpoint_path(save_dir, restore_file, suffix, continue_once):
+    """The checkpoint ``fairseq-train`` resumes from, found as fairseq's ``checkpoint_utils.load_checkpoint``
+    finds it: SAVE_DIR/checkpoint_last{SUFFIX}.pt by default (``--continue-once`` where that does not exist
+    yet), else ``--restore-file`` with the suffix before its ``.pt``. It may not exist (a fresh run)."""
+    if restore_file == "checkpoint_last.pt":
+        path = os.path.join(save_dir, f"checkpoint_last{suffix}.pt")
+        return continue_once if continue_once and not os.path.exists(path) else path
+    return restore_file.replace(".pt", suffix + ".pt") if suffix else restore_file
+
+
+def check_resumed_settings(current, path, reset_optimizer, allow_changes):
+    """When ``fairseq-train`` is about to resume from ``path`` (``resumed_checkpoint_path``) without
+    ``--reset-optimizer``, compare the options ``current`` ({config section: {name: value}}) with
     those the checkpoint was trained with: a difference is refused in one line, or with ``allow_changes``
     logged. Returns the checkpoint, ``(config, state)``, or None for a fresh run."""
-    path = os.path.join(save_dir, restore_file) if restore_file == "checkpoint_last.pt" else restore_file
     if reset_optimizer or not os.path.isfile(path):
         return None
     cfg, state = read_checkpoint(path, "--restore-file")

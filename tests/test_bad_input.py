@@ -93,6 +93,20 @@ def test_a_resume_refuses_other_kd_settings_and_keeps_its_schedule_end(data_bin,
     assert proc.returncode != 0 and "fairseq_kd: error:" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_resume_with_a_checkpoint_suffix_is_checked_against_that_checkpoint(data_bin, teacher, tmp_path):
+    kd = ("--teacher-path", teacher, "--kd-alpha", "0.9", "--kd-alpha-schedule", "linear", "--kd-alpha-final")
+    train_student(data_bin, tmp_path, "--task", "translation_distillation", *kd, "0.1", "--checkpoint-suffix=-a",
+                  "--max-update", "4")
+    assert (tmp_path / "checkpoint_last-a.pt").exists() and not (tmp_path / "checkpoint_last.pt").exists()
+    resume = ("--save-dir", tmp_path, "--max-update", 8)
+    with pytest.raises(FairseqKDError, match=r"checkpoint_last-a.pt was trained with other distillation settings"):
+        build(data_bin, *kd, "0.3", "--checkpoint-suffix=-a", *resume)
+    _, _, criterion = build(data_bin, *kd, "0.1", "--checkpoint-suffix=-a", *resume)
+    assert criterion.alpha.updates == 4  # the resumed run's schedule end, not --max-update's
+    _, _, other = build(data_bin, *kd, "0.3", "--checkpoint-suffix=-b", *resume)
+    assert other.alpha.updates == 8  # no checkpoint_last-b.pt: a fresh run
+
+
 def build_cache(data_bin, teacher, out, *extra):
     return run("fairseq-kd-build-cache", data_bin, "--teacher-path", teacher, "--topk", 4, "--out", out, "--cpu",
                *extra, expect_ok=False)

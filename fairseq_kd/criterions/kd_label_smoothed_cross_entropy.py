@@ -23,7 +23,7 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
 from omegaconf import II
 
-from fairseq_kd.checkpoints import check_resumed_settings
+from fairseq_kd.checkpoints import check_resumed_settings, resumed_checkpoint_path
 from fairseq_kd.criterions.kd_terms import LayerKD, Schedule, TokenSelection, WordKD
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.kd_losses import ATTENTION_DISTANCES, HIDDEN_DISTANCES, SCHEDULES, lprobs_at_temperature, mixture_nll, mutual_kl_loss
@@ -157,6 +157,8 @@ class KDLabelSmoothedCrossEntropyCriterionConfig(LabelSmoothedCrossEntropyCriter
     max_tokens: Optional[int] = II("dataset.max_tokens")
     save_dir: str = II("checkpoint.save_dir")
     restore_file: str = II("checkpoint.restore_file")
+    checkpoint_suffix: str = II("checkpoint.checkpoint_suffix")
+    continue_once: Optional[str] = II("checkpoint.continue_once")
     reset_optimizer: bool = II("checkpoint.reset_optimizer")
 
 
@@ -218,8 +220,8 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         current = {"criterion": settings}
         if isinstance(self.task, DistillationTaskMixin):
             current["task"] = self.task.resumed_settings()
-        saved = check_resumed_settings(current, cfg.save_dir, cfg.restore_file, cfg.reset_optimizer,
-                                       cfg.kd_allow_changed_settings)
+        resumed = resumed_checkpoint_path(cfg.save_dir, cfg.restore_file, cfg.checkpoint_suffix, cfg.continue_once)
+        saved = check_resumed_settings(current, resumed, cfg.reset_optimizer, cfg.kd_allow_changed_settings)
         if saved is None or cfg.kd_schedule_updates:
             return cfg.kd_schedule_updates or cfg.max_update
         saved_cfg, state = saved
