@@ -344,24 +344,24 @@ def export_subwords(model_dir):
     return Subwords(manifest["subwords"]["kind"], os.path.join(model_dir, manifest["subwords"]["file"]))
 
 
-def translate_all(translator, sources, batch_size, on_batch=None, line_numbers=None):
+def translate_all(translator, sources, batch_size, on_batch=None):
     """Translate every piece list of ``sources`` in batches of up to ``batch_size`` sentences of similar
-    length (sorted, so little padding), and return the outputs in the order of ``sources``.
-    ``on_batch(done)`` is called after each batch. A source longer than the model reads is refused, as
-    fairseq-generate refuses it, by its line number (``line_numbers``; default: its place in ``sources``)."""
+    length (sorted, so little padding), and return the outputs in the order of ``sources``. An empty source
+    stays empty, in both backends alike (fairseq would translate its end of sentence, CTranslate2 nothing).
+    ``on_batch(done, total)`` is called after each batch (sentences translated, of the non-empty ones). A
+    source longer than the model reads is refused, as fairseq-generate refuses it, by its line number."""
     for i, pieces in enumerate(sources):
         if translator.source_limit is not None and len(pieces) > translator.source_limit:
-            line = line_numbers[i] if line_numbers else i + 1
             raise FairseqKDError(
-                f"line {line} has {len(pieces)} subword pieces; the model reads at most {translator.source_limit}:"
+                f"line {i + 1} has {len(pieces)} subword pieces; the model reads at most {translator.source_limit}:"
                 " split the line"
             )
-    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-    outputs = [None] * len(sources)
+    order = sorted((i for i, pieces in enumerate(sources) if pieces), key=lambda i: len(sources[i]))
+    outputs = [[] for _ in sources]
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
         for i, output in zip(indices, translator.translate([sources[i] for i in indices])):
             outputs[i] = output
         if on_batch is not None:
-            on_batch(start + len(indices))
+            on_batch(start + len(indices), len(order))
     return outputs

@@ -130,21 +130,18 @@ def main(argv=None):
     translator, subwords = load(args, options)
     lines = read_lines(args.input)
     sources = [line.split() if args.subwords else subwords.encode(line) for line in lines]
-    todo = [i for i, pieces in enumerate(sources) if pieces]  # empty lines stay empty
     start = last_report = time.perf_counter()
 
-    def report(done):
+    def report(done, total):
         nonlocal last_report
         now = time.perf_counter()
-        if now - last_report >= 10 or done == len(todo):
-            print(f"fairseq-kd-translate: {done}/{len(todo)} sentences, {done / (now - start):.1f} sentences/s",
+        if now - last_report >= 10 or done == total:
+            print(f"fairseq-kd-translate: {done}/{total} sentences, {done / (now - start):.1f} sentences/s",
                   file=sys.stderr)
             last_report = now
 
-    outputs = translate_all(translator, [sources[i] for i in todo], args.batch_size, report, [i + 1 for i in todo])
-    translations = [""] * len(lines)
-    for i, pieces in zip(todo, outputs):
-        translations[i] = " ".join(pieces) if args.subwords else subwords.decode(pieces)
+    outputs = translate_all(translator, sources, args.batch_size, report)  # empty lines stay empty
+    translations = [" ".join(pieces) if args.subwords else subwords.decode(pieces) for pieces in outputs]
     text = "".join(line + "\n" for line in translations)
     if args.output == "-":
         sys.stdout.write(text)

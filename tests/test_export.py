@@ -18,7 +18,7 @@ from conftest import BIN, PLUGIN, run
 from fairseq_kd.checkpoints import count_parameters
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.export import main as export_main
-from fairseq_kd.inference import CTranslate2Translator, DecodingOptions, FairseqTranslator
+from fairseq_kd.inference import CTranslate2Translator, DecodingOptions, FairseqTranslator, translate_all
 from fairseq_kd.translate import main as translate_main
 from test_cli import train_student
 
@@ -286,3 +286,13 @@ def test_a_line_longer_than_the_model_reads_is_refused_by_its_number(data_bin, t
 
 def test_translate_refusal_on_the_command_line(exported_teacher):
     one_error(translate(exported_teacher, "s1\n", "--beam", "0", expect_ok=False), "--beam must be >= 1")
+
+
+def test_empty_sources_stay_empty_in_every_backend():
+    """fairseq would translate an empty line's end of sentence and CTranslate2 nothing: neither sees one."""
+    batches = []
+    translator = SimpleNamespace(source_limit=3, translate=lambda batch: batches.append(batch) or [["t"] for _ in batch])
+    assert translate_all(translator, [["a"], [], ["b", "c"], []], 8) == [["t"], [], ["t"], []]
+    assert batches == [[["a"], ["b", "c"]]]
+    with pytest.raises(FairseqKDError, match="line 3 has 4 subword pieces; the model reads at most 3"):
+        translate_all(translator, [[], ["a"], ["a"] * 4], 8)
