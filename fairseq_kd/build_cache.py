@@ -71,6 +71,19 @@ def split_dataset(task, split):
     return task.dataset(split)
 
 
+def check_within_teacher_positions(dataset, teachers, split):
+    """Every sentence pair of ``split`` within the positions each teacher reads (fairseq-train and
+    fairseq-generate filter or refuse longer ones; a teacher with learned positions fails on them)."""
+    limits = utils.resolve_max_positions(*(teacher.max_positions() for teacher in teachers.models))
+    for side, sizes, limit in (("source", dataset.src_sizes, limits[0]), ("target", dataset.tgt_sizes, limits[1])):
+        over = np.flatnonzero(sizes > limit)
+        if len(over):
+            raise FairseqKDError(
+                f"sentence {over[0]} of '{split}' has {sizes[over[0]]} {side} tokens, more than the teacher reads"
+                f" ({limit}); {len(over)} sentence(s) of '{split}' do: drop them from the data and binarize it again"
+            )
+
+
 def differences(recorded, settings):
     """The settings that differ between a recorded shard and this build, named for a message."""
     return [key for key in settings if key != "teachers" and recorded.get(key) != settings[key]] + (
@@ -256,6 +269,7 @@ def main(argv=None):
                 f"--num-shards {num_shards} is more than the {len(dataset)} sentences of '{split}'; use at most"
                 f" {len(dataset)} shards, or cache that split on its own"
             )
+        check_within_teacher_positions(dataset, teachers, split)
         longest = max(dataset.num_tokens_vec(np.arange(len(dataset))), default=0)
         if longest > max_tokens:
             raise FairseqKDError(

@@ -129,6 +129,17 @@ def test_impossible_cache_builds_are_refused_before_any_shard(data_bin, teacher,
     assert not list(tmp_path.glob("cache/*.bin"))
 
 
+def test_a_cache_of_sentences_longer_than_the_teacher_reads_is_refused(data_bin, teacher, tmp_path):
+    def shorten_positions(state):
+        state["cfg"]["model"].max_source_positions = 4
+
+    proc = build_cache(data_bin, damaged_teacher(teacher, tmp_path, shorten_positions), tmp_path / "cache",
+                       "--splits", "valid")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    assert re.search(r"sentence \d+ of 'valid' has \d+ source tokens, more than the teacher reads \(4\)", proc.stderr)
+    assert not list(tmp_path.glob("cache/*.bin"))
+
+
 def test_an_unknown_post_processing_is_refused_before_decoding(data_bin, teacher, tmp_path):
     proc = run("fairseq-kd-eval", data_bin, "--checkpoints", f"teacher={teacher}", "--post-process", "bogus",
                "--cpu", "--out-prefix", tmp_path / "eval", expect_ok=False)
