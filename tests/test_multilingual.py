@@ -293,6 +293,16 @@ def test_pivot_teacher_reads_the_same_sentence_in_its_own_language(ml_data, ml_t
     task, _ = build(reversed_data, "--teacher-paths", f"cs-de:{ml_teachers['en-de']}", "--teacher-source-lang", "en",
                     lang_pairs="cs-de")
     assert torch.equal(whole_split(task)["teacher_net_input"]["src_tokens"], sample["teacher_net_input"]["src_tokens"])
+    # fairseq filters the student's sources by length; the teacher's are checked against what it reads
+    short = tmp_path / "short-teacher"
+    shutil.copytree(ml_teachers["en-de"].parent, short, ignore=shutil.ignore_patterns("checkpoint_last.pt"))
+    state = torch.load(short / "checkpoint_best.pt", weights_only=False)
+    state["cfg"]["model"].max_source_positions = 4
+    torch.save(state, short / "checkpoint_best.pt")
+    with pytest.raises(FairseqKDError, match=r"valid sentence \d+ of .*valid.en-de.en has \d+ tokens, more than the cs-de"
+                                             r" teacher reads \(4\)"):
+        build(ml_data, "--teacher-paths", f"cs-de:{short / 'checkpoint_best.pt'}", "--teacher-source-lang", "en",
+              lang_pairs="cs-de")[0].load_dataset("valid")
     # a training set fairseq combines from parts (train, train1): the pivot lines of train1 are not read
     for suffix in (".bin", ".idx"):
         for lang in ("cs", "de"):

@@ -15,6 +15,7 @@ source language (cross-lingual, pivot KD).
 import logging
 import os
 
+import numpy as np
 import sacrebleu
 import torch
 from fairseq import search, utils
@@ -323,10 +324,20 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
         # the language token fairseq's src_dataset_tranform_func would prepend (it looks for a dictionary
         # of LANG, which a run without LANG lacks: all languages share one)
         spec = self.args.langtoks["main"][0]
-        if not spec:
-            return source
-        token = get_lang_tok(lang=lang if spec.startswith("src") else tgt, lang_tok_style=self.args.lang_tok_style, spec=spec)
-        return PrependTokenDataset(source, self.data_manager.get_langtok_index(token, dictionary))
+        if spec:
+            token = get_lang_tok(lang=lang if spec.startswith("src") else tgt, lang_tok_style=self.args.lang_tok_style,
+                                 spec=spec)
+            source = PrependTokenDataset(source, self.data_manager.get_langtok_index(token, dictionary))
+        # fairseq filters the student's sources by length, never the teacher's
+        limit = self.teachers.teachers[self.pair_index[f"{src}-{tgt}"]].models[0].max_positions()[0]
+        over = np.flatnonzero(source.sizes > limit)
+        if len(over):
+            raise FairseqKDError(
+                f"--teacher-source-lang {lang}: {split} sentence {over[0]} of {prefix}{lang} has {source.sizes[over[0]]}"
+                f" tokens, more than the {src}-{tgt} teacher reads ({limit}); {len(over)} sentence(s) do: drop them from"
+                " every language's data and binarize it again"
+            )
+        return source
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         if self.threshold is not None:
