@@ -74,14 +74,17 @@ def test_loss_combines_terms_and_ignores_padding(data_bin, teacher):
 
 
 @pytest.mark.parametrize("temperature", [1, 2])
-def test_kd_term_is_the_kl_to_the_student_logits(data_bin, teacher, temperature):
+@pytest.mark.parametrize("student", [(), ("--adaptive-softmax-cutoff", 16)], ids=["softmax", "adaptive-softmax"])
+def test_kd_term_is_the_kl_to_the_student_logits(data_bin, teacher, temperature, student):
     # at T = 1 the criterion reuses the cross-entropy's log-probabilities; both paths must give the KL
-    # computed directly from the student's logits
-    task, model, criterion = build(data_bin, "--teacher-path", teacher, "--kd-temperature", temperature)
+    # computed directly from the student's logits (an adaptive softmax has no logits over the vocabulary:
+    # from its distribution)
+    task, model, criterion = build(data_bin, "--teacher-path", teacher, "--kd-temperature", temperature, *student)
     sample = first_batch(task)
     _, _, log = criterion(model, sample)
-    logits = model(**sample["net_input"])[0]
-    kl = kd_kl_loss(lprobs_at_temperature(logits.flatten(0, 1), temperature),
+    net_output = model(**sample["net_input"])
+    scores = model.get_normalized_probs(net_output, log_probs=True) if student else net_output[0]
+    kl = kd_kl_loss(lprobs_at_temperature(scores.flatten(0, 1), temperature),
                     teacher_output(task, model, sample).lprobs.flatten(0, 1), temperature)
     expected = kl[sample["target"].flatten().ne(task.target_dictionary.pad())].sum()
     assert log["kd_loss"].item() == pytest.approx(expected.item(), rel=1e-5)

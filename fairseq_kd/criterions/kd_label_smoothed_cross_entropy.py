@@ -250,7 +250,7 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         }
         if self.mutual or teacher is not None:
             alpha, temperature = self.alpha.at(self.task.num_updates), self.temperature.at(self.task.num_updates)
-            lprobs_t = self.lprobs_at(net_output, lprobs, temperature)
+            lprobs_t = self.lprobs_at(lprobs, temperature)
             if self.mutual:  # deep mutual learning: both peers' cross-entropies, KL both ways
                 peer_loss, lprobs_peer_t, log["peer_nll_loss"] = self.peer_terms(model, net_output, sample, temperature,
                                                                                  reduce)
@@ -296,15 +296,14 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         lprobs_peer, target = self.get_lprobs_and_target(model.peer, peer_output, sample)
         peer_loss, peer_nll_loss = label_smoothed_nll_loss(lprobs_peer, target, self.eps, ignore_index=self.padding_idx,
                                                            reduce=reduce)
-        return peer_loss, self.lprobs_at(peer_output, lprobs_peer, temperature), peer_nll_loss.data
+        return peer_loss, self.lprobs_at(lprobs_peer, temperature), peer_nll_loss.data
 
-    def lprobs_at(self, net_output, lprobs, temperature):
-        """A model's ``(N, V)`` log-probabilities at temperature T: at T = 1 its cross-entropy term's
-        ``lprobs`` as they are, so KD adds no second softmax over the vocabulary."""
-        if temperature == 1.0:
-            return lprobs
-        logits = net_output[0][:, self.ignore_prefix_size :, :]
-        return lprobs_at_temperature(logits.reshape(-1, logits.size(-1)), temperature)
+    @staticmethod
+    def lprobs_at(lprobs, temperature):
+        """A model's ``(N, V)`` log-probabilities at temperature T, from those at T = 1 (its cross-entropy
+        term's, as they are at T = 1: KD adds no second softmax over the vocabulary). Not from its logits:
+        the same distribution, and the only one an adaptive softmax has."""
+        return lprobs if temperature == 1.0 else lprobs_at_temperature(lprobs, temperature)
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
