@@ -95,7 +95,7 @@ def kd_kl_loss(
 
     Args:
         lprobs_student_t: ``(N, V)`` student log-probabilities at temperature T,
-            ``lprobs_at_temperature(logits_student, T)``. At T = 1 they are the log-probabilities the
+            ``lprobs_at_temperature(lprobs_student, T)``. At T = 1 they are the log-probabilities the
             cross-entropy term has already computed, so KD adds no second softmax over the vocabulary.
         lprobs_teacher: ``(N, V)`` teacher log-probabilities at T = 1.
     Returns:
