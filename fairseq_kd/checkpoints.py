@@ -75,27 +75,37 @@ def load_model(path, option, label, task, langs=None, multilingual=False):
     # model's throw-away random initialisation must not draw from that seed, or the student would start
     # elsewhere than with a cache or without KD
     with torch.random.fork_rng(devices=[]):
-        try:
-            model = models.build_model(cfg.model, task, from_checkpoint=True)
-        except Exception as e:  # whatever the saved config makes fairseq's builders raise
-            raise FairseqKDError(
-                f"{label}: cannot build its model (--arch {getattr(cfg.model, 'arch', '?')}) for this data"
-                f" ({type(e).__name__}: {e}); give a checkpoint of a translation model"
-            ) from None
+        model = build_saved_model(label, cfg.model, lambda: models.build_model(cfg.model, task, from_checkpoint=True))
     if not (hasattr(model, "encoder") and hasattr(model, "decoder")):
         raise FairseqKDError(
             f"{label}: its model ({type(model).__name__}, --arch {getattr(cfg.model, 'arch', '?')}) is not an"
             " encoder-decoder translation model; give a checkpoint of a translation model"
         )
+    load_saved_weights(label, model, state["model"], cfg.model)
+    return model
+
+
+def build_saved_model(label, model_cfg, build):
+    """``build()``, the model of a checkpoint's config; what fairseq's builders raise for it, refused."""
     try:
-        model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
+        return build()
+    except Exception as e:  # whatever the saved config makes fairseq's builders raise
+        raise FairseqKDError(
+            f"{label}: cannot build its model (--arch {getattr(model_cfg, 'arch', '?')}) for this data"
+            f" ({type(e).__name__}: {e}); give a checkpoint of a translation model"
+        ) from None
+
+
+def load_saved_weights(label, model, weights, model_cfg=None):
+    """A checkpoint's ``weights`` into ``model``, built from its own config: weights that do not fit, refused."""
+    try:
+        model.load_state_dict(weights, strict=True, model_cfg=model_cfg)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise FairseqKDError(
             f"{label}: its weights do not fit the model its own config describes ({first}); the file is damaged or"
             " was edited: give the checkpoint as fairseq-train wrote it"
         ) from None
-    return model
 
 
 def trained_language_pair(task_cfg):
@@ -291,7 +301,8 @@ def check_multilingual_checkpoint(path, label, task_cfg, model_state, langs, arg
                 f"{label}: it was trained with --{option.replace('_', '-')} {getattr(task_cfg, option, None)}, this run"
                 f" uses {getattr(args, option, None)}; {fix}"
             )
-    tokens = language_tokens(label, task_cfg, langs)
+    # a --lang-dict of another machine's path is read from the student's data directory by its name
+    tokens = language_tokens(label, task_cfg, langs, utils.split_paths(args.data)[0])
     check_checkpoint_dictionaries(path, label, task_cfg.data, model_state, langs, (dictionary, dictionary),
                                   tokens.symbols, fix)
 

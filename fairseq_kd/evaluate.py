@@ -49,12 +49,13 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from sacrebleu.metrics import BLEU, CHRF, TER
 
 from fairseq_kd.checkpoints import check_language_pair, data_language_pairs, sha256
-from fairseq_kd.errors import FairseqKDError
+from fairseq_kd.errors import FairseqKDError, make_writable_directory
 from fairseq_kd.inference import (
     CTranslate2Translator,
     DecodingOptions,
     FairseqTranslator,
     check_export_vocabulary,
+    check_post_process,
     read_export_manifest,
     translate_all,
 )
@@ -170,24 +171,11 @@ def check_arguments(args):
                           ("--speed-sentences", args.speed_sentences), ("batch size", min(batch_sizes))):
         if value < 1:
             raise FairseqKDError(f"{option} must be >= 1, got {value}")
-    try:
-        data_utils.post_process("a", args.post_process)
-    except NotImplementedError:
-        raise FairseqKDError(
-            f"--post-process {args.post_process!r} is not one fairseq knows; use sentencepiece, subword_nmt, none,"
-            " ... (as fairseq-generate --post-process)"
-        ) from None
     decoding = DecodingOptions(beam=args.beam, max_len_a=args.max_len_a, max_len_b=args.max_len_b, lenpen=args.lenpen,
                                iter_decode_max_iter=args.iter_decode_max_iter,
                                iter_decode_with_beam=args.iter_decode_with_beam)
     decoding.check()
-    out_dir = os.path.dirname(os.path.abspath(args.out_prefix))
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise FairseqKDError(f"--out-prefix {args.out_prefix}: cannot create {out_dir} ({e.strerror})") from None
-    if not os.access(out_dir, os.W_OK):
-        raise FairseqKDError(f"--out-prefix {args.out_prefix}: {out_dir} is not writable; choose another place")
+    make_writable_directory("--out-prefix", args.out_prefix, os.path.dirname(os.path.abspath(args.out_prefix)))
     return splits, references, ([] if args.no_speed else batch_sizes), decoding
 
 
@@ -257,6 +245,12 @@ def build_translator(args, path, task, decoding, use_cuda):
         manifest = read_export_manifest(path)
         check_language_pair(f"export {path}", (manifest["source_lang"], manifest["target_lang"]), langs)
         check_export_vocabulary(path, task.src_dict, task.tgt_dict)
+        if manifest.get("post_process", args.post_process) != args.post_process:
+            raise FairseqKDError(
+                f"export {path} writes {manifest['subwords']['kind']} pieces, which --post-process"
+                f" {manifest['post_process']} joins, not {args.post_process}; evaluate with --post-process"
+                f" {manifest['post_process']}"
+            )
         return CTranslate2Translator(path, decoding, threads=args.threads, device=device)
     return FairseqTranslator(path, args.data, decoding, device=device, langs=langs)
 
@@ -464,6 +458,8 @@ def write_report(report, outputs, out_prefix):
         f.write(table)
     if report["settings"]["batch_sizes"]:
         plot(report, out_prefix + ".png")
+    elif os.path.exists(out_prefix + ".png"):  # an earlier timed run's, not of these results
+        os.remove(out_prefix + ".png")
     print(table, end="")
 
 
@@ -500,6 +496,12 @@ def merge(paths, out_prefix):
                 f"--merge: {path} was evaluated with other settings than {paths[0]} ({', '.join(differ)}); evaluate"
                 " the models with the same options"
             )
+        if first.get("batch_sizes") and report["machine"] != reports[0]["machine"]:
+            raise FairseqKDError(
+                f"--merge: {path} was timed on another machine or software than {paths[0]} ({report['machine']} vs"
+                f" {reports[0]['machine']}), whose speeds one table cannot compare; time the models on one machine,"
+                " or evaluate them with --no-speed"
+            )
     models = [m for report in reports for m in report["models"]]
     names = [m["name"] for m in models]
     if len(set(names)) != len(names):
@@ -521,6 +523,7 @@ def main(argv=None):
     named = parse_checkpoints(args.checkpoints or [])
     splits, reference_files, batch_sizes, decoding = check_arguments(args)
     task = setup_task(args, splits)
+    check_post_process("--post-process", args.post_process, task.tgt_dict)
     references = {split: load_references(args, task, split, path) for split, path in zip(splits, reference_files)}
     # each model in a fresh process forked from a server that has imported fairseq once: no import per model
     context = multiprocessing.get_context("forkserver")

@@ -27,7 +27,7 @@ from fairseq.data import data_utils
 from scipy import sparse
 
 from fairseq_kd.checkpoints import count_parameters, inference_state, model_name, read_checkpoint, sha256
-from fairseq_kd.errors import FairseqKDError
+from fairseq_kd.errors import FairseqKDError, make_writable_directory
 from fairseq_kd.inference import EXPORT_MANIFEST, Subwords, checked_dictionaries, import_ctranslate2, language_token_pieces
 
 logger = logging.getLogger("fairseq_kd.export")
@@ -64,8 +64,8 @@ def get_parser():
 
 
 def check_output(args):
-    """Refuse before any work: an existing --out without --force, or an --out that is or holds one of the
-    inputs or the working directory (--force replaces it)."""
+    """Refuse before any work: an existing --out without --force, an --out that is or holds one of the
+    inputs or the working directory (--force replaces it), or one that cannot be written."""
     out = os.path.realpath(args.out)
     inputs = [args.checkpoint, args.data, args.sentencepiece_model or args.bpe_codes]
     for path in [path for path in inputs if path] + [os.getcwd()]:
@@ -76,6 +76,7 @@ def check_output(args):
             raise FairseqKDError(f"--out {args.out} is a file; choose a directory name")
         if not args.force:
             raise FairseqKDError(f"--out {args.out} exists; choose another directory or pass --force to replace it")
+    make_writable_directory("--out", args.out, os.path.dirname(out))
     for option in ("vmap_per_token", "vmap_common"):
         if getattr(args, option) < 0:
             raise FairseqKDError(f"--{option.replace('_', '-')} must be >= 0, got {getattr(args, option)}")
@@ -92,6 +93,13 @@ def check_convertible(path, model_args):
             problems.append(f"--{option.replace('_', '-')}")
     if getattr(model_args, "adaptive_softmax_cutoff", None):
         problems.append("--adaptive-softmax-cutoff")
+    # a trained linear layer after the embeddings, which the converter leaves out: a silently other model
+    if getattr(model_args, "quant_noise_pq", 0):
+        problems.append(f"--quant-noise-pq {model_args.quant_noise_pq}")
+    for option in ("decoder_input_dim", "decoder_output_dim"):  # the converter maps neither projection alone
+        if getattr(model_args, option, model_args.decoder_embed_dim) != model_args.decoder_embed_dim:
+            problems.append(f"--{option.replace('_', '-')} {getattr(model_args, option)} with --decoder-embed-dim"
+                            f" {model_args.decoder_embed_dim}")
     for option in ("attention_heads", "normalize_before"):
         encoder, decoder = getattr(model_args, f"encoder_{option}"), getattr(model_args, f"decoder_{option}")
         if encoder != decoder:
@@ -154,11 +162,10 @@ def export(args):
     check_convertible(args.checkpoint, model_args)
     pair = (args.source_lang, args.target_lang) if args.source_lang and args.target_lang else None
     langs, dictionaries, tokens = checked_dictionaries(args.checkpoint, original_cfg.task, state, args.data, pair)
+    subwords.check_dictionary(dictionaries[0])
     source_token, target_token = language_token_pieces(tokens)
-    out = os.path.abspath(args.out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=parent, prefix=".export-") as work:
+    out = os.path.realpath(args.out)  # a link to a directory: --force replaces the directory, the link stays
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(out), prefix=".export-") as work:
         clean = os.path.join(work, "inference.pt")
         torch.save(state, clean)
         vmap = None

@@ -25,11 +25,13 @@ from fairseq.tasks.translation_lev import TranslationLevenshteinConfig, Translat
 
 from fairseq_kd.checkpoints import (
     MULTILINGUAL_TASKS,
+    build_saved_model,
     check_checkpoint_dictionaries,
     check_language_pair,
     inference_state,
     is_non_autoregressive,
     language_tokens,
+    load_saved_weights,
     read_checkpoint,
     task_name,
     trained_language_pair,
@@ -74,6 +76,24 @@ def max_output_length(options, batch, max_positions):
     return min(int(options.max_len_a * longest_source + options.max_len_b), max_positions - 1)
 
 
+def check_post_process(option, value, dictionary):
+    """``value`` is a post-processing fairseq knows (``--post-process``) and, if sentencepiece's, the
+    dictionary has sentencepiece pieces: on other pieces it would join each sentence into one word and score
+    BLEU near 0 without an error."""
+    try:
+        data_utils.post_process("a", value)
+    except NotImplementedError:
+        raise FairseqKDError(
+            f"{option} {value!r} is not one fairseq knows; use sentencepiece, subword_nmt, none, ... (as"
+            " fairseq-generate --post-process)"
+        ) from None
+    if value == "sentencepiece" and not any("\u2581" in symbol for symbol in dictionary.symbols):
+        raise FairseqKDError(
+            f"{option} sentencepiece, but the dictionary has no sentencepiece pieces (none holds '\u2581'), so each"
+            f" sentence would be scored as one word; give the data's: {option} subword_nmt for BPE, none for words"
+        )
+
+
 class Subwords:
     """The subword model a translator's data was made with: raw text to pieces and back. Back is fairseq's
     ``--post-process`` rule, so detokenized output equals fairseq-generate's."""
@@ -101,6 +121,19 @@ class Subwords:
                 f"cannot read {path!r} as a {kind} model ({reason}); give the file the data was made with"
             ) from None
 
+    def check_dictionary(self, dictionary):
+        """Refuse a sentencepiece model that cannot write most of the dictionary's pieces: not the one the
+        data was encoded with, so that most source pieces would be <unk>."""
+        if self.kind != "sentencepiece":
+            return
+        symbols = dictionary.symbols[dictionary.nspecial:]
+        unknown = sum(self._model.piece_to_id(symbol) == self._model.unk_id() for symbol in symbols)
+        if unknown > len(symbols) / 2:
+            raise FairseqKDError(
+                f"--sentencepiece-model {self.path} knows only {len(symbols) - unknown} of the dictionary's"
+                f" {len(symbols)} pieces; give the sentencepiece model the data was encoded with"
+            )
+
     def encode(self, line):
         line = line.strip()
         if self.kind == "sentencepiece":
@@ -119,6 +152,8 @@ class FairseqTranslator:
     backend = "fairseq"
 
     def __init__(self, checkpoint, data, options, peer="a", device="cpu", langs=None):
+        if device == "cuda" and not torch.cuda.is_available():
+            raise FairseqKDError("--device cuda: torch sees no CUDA device on this machine; use --device cpu")
         cfg, saved = read_checkpoint(checkpoint, "checkpoint")
         self.non_autoregressive = is_non_autoregressive(cfg.model)
         if self.non_autoregressive:
@@ -131,18 +166,18 @@ class FairseqTranslator:
         if self.non_autoregressive:
             task_cfg = TranslationLevenshteinConfig(data=data, source_lang=langs[0], target_lang=langs[1])
             task = TranslationLevenshteinTask(task_cfg, self.src_dict, self.tgt_dict)
-            self.model = ARCH_MODEL_REGISTRY[args.arch].build_model(args, task)
+            self.model = build_saved_model(checkpoint, args, lambda: ARCH_MODEL_REGISTRY[args.arch].build_model(args, task))
             self.generator = IterativeRefinementGenerator(
                 self.tgt_dict, max_iter=options.iter_decode_max_iter, beam_size=options.iter_decode_with_beam,
             )
         else:
             task = SimpleNamespace(source_dictionary=self.src_dict, target_dictionary=self.tgt_dict)
-            self.model = TransformerModel.build_model(args, task)
+            self.model = build_saved_model(checkpoint, args, lambda: TransformerModel.build_model(args, task))
             self.generator = SequenceGenerator(
                 [self.model], self.tgt_dict, beam_size=options.beam, max_len_a=options.max_len_a,
                 max_len_b=options.max_len_b, len_penalty=options.lenpen,
             )
-        self.model.load_state_dict(state["model"], strict=True)
+        load_saved_weights(checkpoint, self.model, state["model"])
         self.model.eval().to(device)
         self.device = device
         self.options = options
@@ -246,6 +281,8 @@ class CTranslate2Translator:
     def __init__(self, model_dir, options, threads=1, device="cpu", use_vmap=None):
         self.manifest = read_export_manifest(model_dir)
         ctranslate2 = import_ctranslate2()
+        if device == "cuda" and ctranslate2.get_cuda_device_count() == 0:
+            raise FairseqKDError("--device cuda: CTranslate2 sees no CUDA device on this machine; use --device cpu")
         self.options = options
         self.max_positions = self.manifest["max_target_positions"]
         # source pieces it reads (exports older than the record: not known)

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from fairseq_kd.errors import FairseqKDError
+from fairseq_kd.errors import FairseqKDError, make_writable_directory
 from fairseq_kd.inference import (
     CTranslate2Translator,
     DecodingOptions,
@@ -94,7 +94,10 @@ def load(args, options):
     if bool(args.source_lang) != bool(args.target_lang):
         raise FairseqKDError("give both --source-lang and --target-lang, or neither (a model of one pair)")
     langs = (args.source_lang, args.target_lang) if args.source_lang else None
-    return FairseqTranslator(args.model, args.data, options, peer=args.peer, device=args.device, langs=langs), subwords
+    translator = FairseqTranslator(args.model, args.data, options, peer=args.peer, device=args.device, langs=langs)
+    if subwords is not None:
+        subwords.check_dictionary(translator.src_dict)
+    return translator, subwords
 
 
 def read_lines(path):
@@ -108,6 +111,8 @@ def read_lines(path):
                 text = f.read()
     except FileNotFoundError:
         raise FairseqKDError(f"--input: no such file {path!r}") from None
+    except OSError as e:  # a directory, no permission, ...
+        raise FairseqKDError(f"--input {path}: cannot read it ({e.strerror}); give a text file") from None
     except UnicodeDecodeError as e:
         raise FairseqKDError(f"--input {path}: not UTF-8 text ({e}); convert it to UTF-8") from None
     lines = text.split("\n")
@@ -125,8 +130,12 @@ def main(argv=None):
     for option, value in (("--batch-size", args.batch_size), ("--threads", args.threads)):
         if value < 1:
             raise FairseqKDError(f"{option} must be >= 1, got {value}")
-    if args.output != "-" and os.path.abspath(args.output) in (os.path.abspath(args.input), os.path.abspath(args.model)):
-        raise FairseqKDError(f"--output {args.output} is an input; choose another file")
+    if args.output != "-":  # checked before any translation is spent on it
+        if os.path.abspath(args.output) in (os.path.abspath(args.input), os.path.abspath(args.model)):
+            raise FairseqKDError(f"--output {args.output} is an input; choose another file")
+        if os.path.isdir(args.output):
+            raise FairseqKDError(f"--output {args.output} is a directory; give a file name")
+        make_writable_directory("--output", args.output, os.path.dirname(os.path.abspath(args.output)))
     translator, subwords = load(args, options)
     lines = read_lines(args.input)
     sources = [line.split() if args.subwords else subwords.encode(line) for line in lines]

@@ -20,7 +20,7 @@ from test_export import export
 def evaluate(data_bin, *checkpoints, out, expect_ok=True, extra=()):
     return run(
         "fairseq-kd-eval", data_bin, "--checkpoints", *checkpoints, "--batch-sizes", "4,1", "--speed-sentences", "4",
-        "--repeats", "1", "--threads", "1", "--beam", "2", "--post-process", "none", "--cpu", "--out-prefix", out,
+        "--repeats", "1", "--threads", "1", "--beam", "2", "--post-process", "subword_nmt", "--cpu", "--out-prefix", out,
         *extra, expect_ok=expect_ok,
     )
 
@@ -74,9 +74,10 @@ def test_report_fields_are_present_and_sane(report):
 def test_reports_of_separate_runs_merge_into_one_table(report, data_bin, teacher, tmp_path):
     tmp, _ = report
     quick = ("--split", "test,valid", "--no-speed")
+    (tmp_path / "teacher.png").write_bytes(b"an earlier timed run's plot")
     evaluate(data_bin, f"teacher={teacher}", out=tmp_path / "teacher", extra=quick)
     evaluate(data_bin, f"teacher-ct2={tmp / 'teacher-ct2'}", out=tmp_path / "export", extra=quick)
-    assert not (tmp_path / "teacher.png").exists()  # no speed, no speed plot
+    assert not (tmp_path / "teacher.png").exists()  # no speed, no speed plot (nor an old one)
     proc = run("fairseq-kd-eval", "--merge", tmp_path / "teacher.json", tmp_path / "export.json",
                "--out-prefix", tmp_path / "all")
     merged = json.loads((tmp_path / "all.json").read_text())
@@ -86,6 +87,15 @@ def test_reports_of_separate_runs_merge_into_one_table(report, data_bin, teacher
     proc = run("fairseq-kd-eval", "--merge", tmp_path / "teacher.json", tmp / "eval.json", "--out-prefix",
                tmp_path / "mixed", expect_ok=False)
     assert proc.returncode != 0 and "was evaluated with other settings" in proc.stderr and "Traceback" not in proc.stderr
+    # speeds measured on another machine: not one table
+    elsewhere = json.loads((tmp / "eval.json").read_text())
+    elsewhere["machine"]["device"] = "NVIDIA H200"
+    for m in elsewhere["models"]:
+        m["name"] += "-gpu"
+    (tmp_path / "elsewhere.json").write_text(json.dumps(elsewhere))
+    proc = run("fairseq-kd-eval", "--merge", tmp / "eval.json", tmp_path / "elsewhere.json", "--out-prefix",
+               tmp_path / "mixed", expect_ok=False)
+    assert proc.returncode != 0 and "was timed on another machine or software" in proc.stderr
     # the same sentences scored against other references: not one table
     references = []
     for split, n in merged["settings"]["sentences"].items():
@@ -95,6 +105,15 @@ def test_reports_of_separate_runs_merge_into_one_table(report, data_bin, teacher
     proc = run("fairseq-kd-eval", "--merge", tmp_path / "teacher.json", tmp_path / "other.json", "--out-prefix",
                tmp_path / "mixed", expect_ok=False)
     assert proc.returncode != 0 and "other settings than" in proc.stderr and "(references)" in proc.stderr
+
+
+def test_an_export_scored_with_another_post_processing_is_refused(report, data_bin, tmp_path):
+    """BPE pieces left apart (or joined as sentencepiece's) would be scored as other text than the references."""
+    tmp, _ = report
+    proc = evaluate(data_bin, f"x={tmp / 'teacher-ct2'}", out=tmp_path / "eval", expect_ok=False,
+                    extra=("--post-process", "none", "--no-speed"))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "writes bpe pieces, which --post-process subword_nmt joins, not none" in proc.stderr
 
 
 def test_a_failing_model_leaves_the_report_of_those_before_it(data_bin, teacher, tmp_path):
@@ -132,6 +151,7 @@ def test_empty_split(tmp_path):
     (("--max-len-b", "0"), "--max-len-b >= 1"),
     (("--split", "test,valid", "--reference", "{tmp}/a.de"), "--reference names 1 files for 2 splits"),
     (("--source-lang", "src"), "give both --source-lang and --target-lang"),
+    (("--post-process", "sentencepiece"), "the dictionary has no sentencepiece pieces"),
 ])
 def test_bad_settings_are_refused_before_decoding(data_bin, teacher, tmp_path, extra, message):
     extra = [e.format(tmp=tmp_path) for e in extra]

@@ -18,7 +18,7 @@ from conftest import BIN, PLUGIN, run
 from fairseq_kd.checkpoints import count_parameters
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.export import main as export_main
-from fairseq_kd.inference import CTranslate2Translator, DecodingOptions, FairseqTranslator, translate_all
+from fairseq_kd.inference import CTranslate2Translator, DecodingOptions, FairseqTranslator, Subwords, translate_all
 from fairseq_kd.translate import main as translate_main
 from test_cli import train_student
 
@@ -173,10 +173,12 @@ def test_training_does_not_import_ctranslate2():
 
 @pytest.fixture(scope="module")
 def edited_checkpoints(teacher, tmp_path_factory):
-    """The teacher with an architecture or activation CTranslate2 cannot run."""
+    """The teacher with an architecture, activation or layer CTranslate2 cannot run (its converter would
+    leave out Quant-Noise's trained layer, and fails on a decoder output projection)."""
     tmp = tmp_path_factory.mktemp("edited")
     paths = {}
-    for name, option, value in (("lstm", "arch", "lstm_wiseman_iwslt_de_en"), ("tanh", "activation_fn", "tanh")):
+    for name, option, value in (("lstm", "arch", "lstm_wiseman_iwslt_de_en"), ("tanh", "activation_fn", "tanh"),
+                                ("quant noise", "quant_noise_pq", 0.1), ("output projection", "decoder_output_dim", 16)):
         state = torch.load(teacher, map_location="cpu")
         setattr(state["cfg"]["model"], option, value)
         paths[name] = tmp / f"{name}.pt"
@@ -187,6 +189,8 @@ def edited_checkpoints(teacher, tmp_path_factory):
 @pytest.mark.parametrize("case, message", [
     ("lstm", "is not supported"),
     ("tanh", "--activation-fn tanh (supported: relu"),
+    ("quant noise", "--quant-noise-pq 0.1; train the model without it"),
+    ("output projection", "--decoder-output-dim 16 with --decoder-embed-dim 32"),
     ("peer b of a single model", "not the two peers"),
     ("missing checkpoint", "no such file"),
     ("missing codes", "--bpe-codes: no such file"),
@@ -226,12 +230,14 @@ def test_export_refusals(data_bin, teacher, codes, edited_checkpoints, tmp_path,
 
 
 def test_export_refusals_on_the_command_line(data_bin, teacher, codes, tmp_path):
-    """One line and no traceback from the console script; --force replaces; a missing ctranslate2 is named."""
+    """One line and no traceback from the console script; --force replaces (the directory a link points to,
+    keeping the link); a missing ctranslate2 is named."""
+    (tmp_path / "v1").mkdir()
     out = tmp_path / "out"
-    out.mkdir()
+    out.symlink_to(tmp_path / "v1")
     one_error(export(teacher, data_bin, codes, out, expect_ok=False), "exists; choose another directory")
     export(teacher, data_bin, codes, out, "--force")
-    assert (out / "model.bin").is_file()
+    assert out.is_symlink() and (tmp_path / "v1" / "model.bin").is_file()
     fake = tmp_path / "fake"
     (fake / "ctranslate2").mkdir(parents=True)
     (fake / "ctranslate2" / "__init__.py").write_text("raise ImportError('simulated')\n")
@@ -257,6 +263,9 @@ def exported_teacher(data_bin, teacher, codes, tmp_path_factory):
     (["{data}"], "fairseq_kd_export.json"),
     (["{ct2}", "--input", "{tmp}/latin1.txt"], "not UTF-8"),
     (["{ct2}", "--input", "{tmp}/nope.txt"], "--input: no such file"),
+    (["{ct2}", "--input", "{tmp}"], "cannot read it (Is a directory); give a text file"),
+    (["{ct2}", "--input", "{tmp}/latin1.txt", "--output", "{tmp}"], "is a directory; give a file name"),
+    (["{tmp}/deeper.pt", "--data", "{data}", "--bpe-codes", "{codes}"], "its weights do not fit the model its own config"),
     (["{ct2}", "--input", "{tmp}/latin1.txt", "--output", "{tmp}/latin1.txt"], "is an input"),
     (["{tmp}/half-export"], "lacks max_target_positions, vmap"),
     (["{tmp}/truncated"], "CTranslate2 cannot load"),
@@ -271,9 +280,35 @@ def test_translate_refusals(data_bin, teacher, codes, exported_teacher, tmp_path
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     (tmp_path / "half-export").mkdir()
     (tmp_path / "half-export" / "fairseq_kd_export.json").write_text('{"subwords": {"kind": "bpe"}}')
+    state = torch.load(teacher, map_location="cpu")
+    state["cfg"]["model"].decoder_layers = 2  # a config its weights do not fit
+    torch.save(state, tmp_path / "deeper.pt")
     values = dict(tmp=tmp_path, teacher=teacher, data=data_bin, codes=codes, ct2=exported_teacher)
     with pytest.raises(FairseqKDError, match=re.escape(message)):
         translate_main([a.format(**values) for a in args])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused where there is no CUDA device")
+def test_cuda_without_a_cuda_device_is_refused(data_bin, teacher, codes, exported_teacher):
+    for model, backend in (([exported_teacher], "CTranslate2"), ([teacher, "--data", data_bin, "--bpe-codes", codes], "torch")):
+        with pytest.raises(FairseqKDError, match=f"--device cuda: {backend} sees no CUDA device on this machine; use --device cpu"):
+            translate_main([*map(str, model), "--device", "cuda"])
+
+
+def test_a_sentencepiece_model_of_other_data_is_refused(data_bin, tmp_path):
+    """Its pieces would not be the dictionary's: most sources would be <unk>, the translations garbage."""
+    import sentencepiece
+
+    text = data_bin.parent / "train.src"
+    sentencepiece.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "spm"), vocab_size=30,
+                                             hard_vocab_limit=False, minloglevel=2)
+    subwords = Subwords("sentencepiece", str(tmp_path / "spm.model"))
+    own = Dictionary()
+    for line in text.read_text().splitlines():
+        own.encode_line(" ".join(subwords.encode(line)), add_if_not_exist=True)
+    subwords.check_dictionary(own)
+    with pytest.raises(FairseqKDError, match=r"knows only \d+ of the dictionary's \d+ pieces; give the sentencepiece model"):
+        subwords.check_dictionary(Dictionary.load(str(data_bin / "dict.src.txt")))
 
 
 def test_a_line_longer_than_the_model_reads_is_refused_by_its_number(data_bin, teacher, codes, exported_teacher, tmp_path):

@@ -343,7 +343,7 @@ def test_threshold_switches_kd_per_pair_and_survives_a_resume(ml_data, ml_teache
     saved = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "student" / "checkpoint_last.pt"))[
         "extra_state"]["TranslationMultiDistillationTask"]["threshold"]
     other_teacher = ("--teacher-paths", f"en-de:{ml_teachers['en-de']},en-fr:{ml_teachers['en-fr']}", *flags[2:])
-    other_metric = (*flags[:3], "bleu", *flags[4:])
+    other_metric = (*flags[:3], "bleu", *flags[4:], "--kd-threshold-post-process", "none")
     for changed, restored in ((flags, saved["teacher_scores"]), (other_teacher, {}), (other_metric, {})):
         task, _ = build(ml_data, *changed)
         task.threshold.load_state_dict(saved)
@@ -374,6 +374,13 @@ def test_threshold_switches_kd_per_pair_and_survives_a_resume(ml_data, ml_teache
     (("--teacher-paths", "en-de:{en-de}", "--extra-lang-pairs", '{{"mined": "en-de"}}'),
      "drop --extra-data/--extra-lang-pairs and name every pair in --lang-pairs"),
     (("--teacher-paths", "en-de:{en-de}", "--kd-hidden-weight", "1"), "a multilingual student has a teacher per language pair"),
+    (("--teacher-paths", "en-de:{en-de}", "--kd-threshold", "bleu", "--kd-threshold-post-process", "bpe"),
+     "--kd-threshold-post-process 'bpe' is not one fairseq knows"),
+    # sentencepiece's (the default) on pieces without its word boundaries: BLEU of one-word sentences
+    (("--teacher-paths", "en-de:{en-de}", "--kd-threshold", "bleu"), "the dictionary has no sentencepiece pieces"),
+    # fairseq's multilingual task then translates, with no teachers
+    (("--teacher-paths", "en-de:{en-de}", "-s", "en", "-t", "de"), "with -s/-t, which make fairseq's multilingual task"),
+    (("--teacher-paths", "en-de:{en-de}", "--langtoks", '{{"main": ("src", None)}}'), "--langtoks gives main"),
 ])
 def test_bad_multilingual_options_are_refused(ml_data, ml_teachers, flags, message):
     flags = [flag.format(**ml_teachers) for flag in flags]
@@ -400,6 +407,30 @@ def test_threshold_without_a_pairs_validation_data_is_refused(ml_data, ml_teache
                           "--kd-threshold", "loss")
     task.threshold.maybe_check(student, 1000)
     assert set(task.threshold.student_scores) == {"en-de", "en-fr"}
+
+
+def test_threshold_scores_the_sentences_fairseqs_validation_reads(ml_data, ml_teachers):
+    """A validation sentence longer than the models read is refused, or skipped as fairseq's validation skips it."""
+    flags = ("--teacher-paths", f"en-de:{ml_teachers['en-de']}", "--kd-threshold", "loss", "--max-target-positions", "5")
+    task, student = build(ml_data, *flags)
+    with pytest.raises(FairseqKDError, match="valid sentence .* of en-de is longer than the student or its teacher reads"):
+        task.threshold.maybe_check(student, 1000)
+    task, student = build(ml_data, *flags, "--skip-invalid-size-inputs-valid-test")
+    task.threshold.maybe_check(student, 1000)
+    assert "en-de" in task.threshold.student_scores
+
+
+def test_a_teacher_whose_lang_dict_was_elsewhere_reads_the_students(ml_data, ml_teachers, tmp_path):
+    """Trained on another machine: its --lang-dict, by that name, from the student's data directory."""
+    state = torch.load(ml_teachers["en-de"], map_location="cpu")
+    state["cfg"]["task"].lang_dict = "/cluster/run1/langs.txt"
+    state["cfg"]["task"].data = "/cluster/run1/data-bin"
+    moved = tmp_path / "teacher.pt"
+    torch.save(state, moved)
+    for dictionary in ("dict.en.txt", "dict.de.txt"):  # beside it, as its data directory is not here either
+        shutil.copy(ml_data / dictionary, tmp_path / dictionary)
+    task, _ = build(ml_data, "--teacher-paths", f"en-de:{moved}")
+    assert task.teachers.teachers
 
 
 def test_teachers_with_other_language_tokens_are_refused(ml_data, ml_teachers, tmp_path):
@@ -443,7 +474,7 @@ def test_multilingual_student_evaluates_and_exports_per_pair(ml_data, ml_student
     run("fairseq-kd-export", ml_student, "--data", ml_data, "--bpe-codes", codes, *pair, "--quantization", "float32",
         "--out", tmp_path / "ct2")
     run("fairseq-kd-eval", ml_data, "--checkpoints", f"fairseq={ml_student}", f"ct2={tmp_path / 'ct2'}", "--split",
-        "test", *pair, "--post-process", "none", "--beam", "1", "--no-speed", "--out-prefix", tmp_path / "beam1")
+        "test", *pair, "--post-process", "subword_nmt", "--beam", "1", "--no-speed", "--out-prefix", tmp_path / "beam1")
     assert (tmp_path / "beam1.fairseq.test.txt").read_text() == (tmp_path / "beam1.ct2.test.txt").read_text()
     refused = run("fairseq-kd-export", ml_student, "--data", ml_data, "--bpe-codes", codes, "--out", tmp_path / "x",
                   expect_ok=False)

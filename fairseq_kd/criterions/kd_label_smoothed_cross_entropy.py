@@ -182,9 +182,10 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         self.mutual = student.mutual
         if self.alpha.largest > 0 and not (self.teachers or self.mutual):
             raise FairseqKDError(
-                f"--kd-alpha {cfg.kd_alpha} needs a teacher, but the task has none: use --task"
-                " translation_distillation --teacher-path TEACHER.pt (or --teacher-topk-cache DIR, or a peer: --arch"
-                " transformer_mutual), or set --kd-alpha 0"
+                f"--kd-alpha {cfg.kd_alpha} needs a teacher, but the task has none: give --task"
+                " translation_distillation --teacher-path TEACHER.pt (or --teacher-topk-cache DIR), --task"
+                " translation_multi_distillation --teacher-paths PAIR:TEACHER.pt,... (or --teacher-topk-caches), or"
+                " a peer (--arch transformer_mutual*); or set --kd-alpha 0"
             )
         if str(cfg.kd_loss) == "mi" and self.mutual:
             raise FairseqKDError(

@@ -29,6 +29,7 @@ from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleE
 
 from fairseq_kd.checkpoints import sha256
 from fairseq_kd.errors import FairseqKDError
+from fairseq_kd.inference import check_post_process
 from fairseq_kd.tasks.distillation import DistillationTaskMixin, check_cpu_bf16
 from fairseq_kd.tasks.translation_distillation import check_save_dir
 from fairseq_kd.teachers import PairTeachers, Teachers, load_teacher
@@ -182,6 +183,12 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
                 "--lang-tok-replacing-bos-eos collates each pair apart, which loses the rows' teachers; use"
                 " --encoder-langtok/--decoder-langtok"
             )
+        flags = (args.encoder_langtok or None, "tgt" if args.decoder_langtok else None)
+        if tuple(args.langtoks["main"]) != flags:  # fairseq's prepare fills "main" from the flags unless given
+            raise FairseqKDError(
+                f"--langtoks gives main {tuple(args.langtoks['main'])}, not what --encoder-langtok/--decoder-langtok"
+                f" say {flags}: the teachers and the KD mask follow those flags; drop --langtoks and use them"
+            )
         check_cpu_bf16(args.cpu_bf16, args.cpu)
         if args.extra_data or args.extra_lang_pairs:
             raise FairseqKDError(
@@ -193,6 +200,16 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
                                                    self.tag_pair_dataset)
         # a translating (not training) run, e.g. fairseq-generate of a student checkpoint, needs no teachers
         self.cache_dirs, self.teacher_paths = {}, {}
+        given = [option for option, value in (("--teacher-paths", args.teacher_paths),
+                                              ("--teacher-topk-caches", args.teacher_topk_caches),
+                                              ("--teacher-source-lang", args.teacher_source_lang),
+                                              ("--kd-pair-weights", args.kd_pair_weights),
+                                              ("--kd-threshold", args.kd_threshold != "none")) if value]
+        if given and not training:  # fairseq's multilingual task loads no teachers
+            raise FairseqKDError(
+                f"{' and '.join(given)} with -s/-t, which make fairseq's multilingual task a translating run: to"
+                " train, drop -s/-t (the pairs are --lang-pairs); to translate, drop the teacher options"
+            )
         self.teachers = (self.load_teachers(args) if training else
                          PairTeachers({}, None, torch.zeros(len(self.lang_pairs)), len(self.target_dictionary), False))
         self.threshold = ThresholdControl(self, args) if training and args.kd_threshold != "none" else None
@@ -407,6 +424,8 @@ class ThresholdControl:
                     f"--kd-threshold: {data} has no {self.split} data for {pair} ({self.split}.{pair}.{src}), which"
                     f" the threshold strategy compares student and teacher on; binarize a {self.split} set per pair"
                 )
+        if self.metric == "bleu":
+            check_post_process("--kd-threshold-post-process", self.post_process, task.target_dictionary)
         self.teacher_scores, self.student_scores, self.switches, self.last_check = {}, {}, [], 0
         self.measured_with = {
             "metric": self.metric, "split": self.split,
@@ -444,12 +463,16 @@ class ThresholdControl:
             student = student.module
         param = next(student.parameters())
         for i, pair in self.pairs.items():
+            teacher = self.task.teachers.teachers[i].models[0]
+            # both on the sentences both read, as fairseq's validation filters them
+            limits = utils.resolve_max_positions(self.task.max_positions(), student.max_positions(),
+                                                 teacher.max_positions())
             if pair not in self.teacher_scores:
-                teacher = self.task.teachers.teachers[i].models[0].to(device=param.device, dtype=param.dtype)
-                self.teacher_scores[pair] = self.score(teacher, pair, teacher=True)
+                teacher.to(device=param.device, dtype=param.dtype)
+                self.teacher_scores[pair] = self.score(teacher, pair, limits, teacher=True)
                 if self.task.teachers.cache_k is not None:  # it has done its only job: off the accelerator
                     teacher.cpu()
-            self.student_scores[pair] = self.score(student, pair)
+            self.student_scores[pair] = self.score(student, pair, limits)
             student_ahead = self.student_scores[pair] - self.teacher_scores[pair]
             if self.metric == "loss":
                 student_ahead = -student_ahead
@@ -463,13 +486,21 @@ class ThresholdControl:
             )
 
     @torch.no_grad()
-    def score(self, model, pair, teacher=False):
-        """Greedy BLEU, or NLL per target token, of ``model`` on the pair's validation data."""
+    def score(self, model, pair, max_positions, teacher=False):
+        """Greedy BLEU, or NLL per target token, of ``model`` on the pair's validation sentences within
+        ``max_positions``."""
         dataset = self.task.pair_dataset(self.split, pair)
+        indices, longer = dataset.filter_indices_by_size(dataset.ordered_indices(), max_positions)
+        if len(longer) and not self.task.args.skip_invalid_size_inputs_valid_test:
+            raise FairseqKDError(
+                f"--kd-threshold: {self.split} sentence {longer[0]} of {pair} is longer than the student or its teacher"
+                f" reads ({max_positions}); drop it from the data, or pass --skip-invalid-size-inputs-valid-test, as"
+                " fairseq's validation needs too"
+            )
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        batches = dataset.batch_by_size(dataset.ordered_indices(), max_tokens=self.task.args.max_tokens or 4096)
+        batches = dataset.batch_by_size(indices, max_tokens=self.task.args.max_tokens or 4096)
         dictionary = self.task.target_dictionary
         generator = SequenceGenerator([model], dictionary, beam_size=1, search_strategy=search.BeamSearch(dictionary))
         language_token = (self.task.data_manager.get_decoder_langtok(pair.split("-")[1], "tgt")
