@@ -64,8 +64,8 @@ def get_parser():
 
 
 def check_output(args):
-    """Refuse before any work: an existing --out without --force, an --out that is or holds one of the
-    inputs or the working directory (--force replaces it), or one that cannot be written."""
+    """Refuse before any work: an existing --out without --force, or an --out that is or holds one of the
+    inputs or the working directory (--force replaces it)."""
     out = os.path.realpath(args.out)
     inputs = [args.checkpoint, args.data, args.sentencepiece_model or args.bpe_codes]
     for path in [path for path in inputs if path] + [os.getcwd()]:
@@ -76,7 +76,6 @@ def check_output(args):
             raise FairseqKDError(f"--out {args.out} is a file; choose a directory name")
         if not args.force:
             raise FairseqKDError(f"--out {args.out} exists; choose another directory or pass --force to replace it")
-    make_writable_directory("--out", args.out, os.path.dirname(out))
     for option in ("vmap_per_token", "vmap_common"):
         if getattr(args, option) < 0:
             raise FairseqKDError(f"--{option.replace('_', '-')} must be >= 0, got {getattr(args, option)}")
@@ -165,6 +164,7 @@ def export(args):
     subwords.check_dictionary(dictionaries[0])
     source_token, target_token = language_token_pieces(tokens)
     out = os.path.realpath(args.out)  # a link to a directory: --force replaces the directory, the link stays
+    make_writable_directory("--out", args.out, os.path.dirname(out))  # once the inputs are found convertible
     with tempfile.TemporaryDirectory(dir=os.path.dirname(out), prefix=".export-") as work:
         clean = os.path.join(work, "inference.pt")
         torch.save(state, clean)

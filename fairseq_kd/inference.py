@@ -166,7 +166,8 @@ class FairseqTranslator:
         if self.non_autoregressive:
             task_cfg = TranslationLevenshteinConfig(data=data, source_lang=langs[0], target_lang=langs[1])
             task = TranslationLevenshteinTask(task_cfg, self.src_dict, self.tgt_dict)
-            self.model = build_saved_model(checkpoint, args, lambda: ARCH_MODEL_REGISTRY[args.arch].build_model(args, task))
+            self.model = build_saved_model(checkpoint, args,
+                                           lambda: ARCH_MODEL_REGISTRY[args.arch].build_model(args, task))
             self.generator = IterativeRefinementGenerator(
                 self.tgt_dict, max_iter=options.iter_decode_max_iter, beam_size=options.iter_decode_with_beam,
             )

@@ -130,14 +130,15 @@ def main(argv=None):
     for option, value in (("--batch-size", args.batch_size), ("--threads", args.threads)):
         if value < 1:
             raise FairseqKDError(f"{option} must be >= 1, got {value}")
-    if args.output != "-":  # checked before any translation is spent on it
+    if args.output != "-":
         if os.path.abspath(args.output) in (os.path.abspath(args.input), os.path.abspath(args.model)):
             raise FairseqKDError(f"--output {args.output} is an input; choose another file")
         if os.path.isdir(args.output):
             raise FairseqKDError(f"--output {args.output} is a directory; give a file name")
-        make_writable_directory("--output", args.output, os.path.dirname(os.path.abspath(args.output)))
     translator, subwords = load(args, options)
     lines = read_lines(args.input)
+    if args.output != "-":  # made once the model and input are read, before any translation is spent on it
+        make_writable_directory("--output", args.output, os.path.dirname(os.path.abspath(args.output)))
     sources = [line.split() if args.subwords else subwords.encode(line) for line in lines]
     start = last_report = time.perf_counter()
 
