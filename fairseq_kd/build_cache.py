@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from fairseq.logging import progress_bar
 from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
 
 from fairseq_kd.checkpoints import sha256
-from fairseq_kd.errors import FairseqKDError
+from fairseq_kd.errors import FairseqKDError, make_writable_directory
 from fairseq_kd.teachers import TEACHER_WEIGHTINGS, Teachers
 from fairseq_kd.topk_cache import FORMAT_VERSION, MANIFEST, dictionary_fingerprint, shard_prefix, shard_range, split_fingerprint
 
@@ -35,14 +36,22 @@ SORT_WINDOW = 10000
 
 
 def write_json(path, content):
-    with open(path + ".tmp", "w") as f:
+    """``content`` into ``path`` at once: through a temporary file of this process (shards finishing together
+    may both write the manifest), so that a reader never sees a partial file."""
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".")
+    with os.fdopen(handle, "w") as f:
         json.dump(content, f, indent=2)
-    os.replace(path + ".tmp", path)
+    os.replace(temporary, path)
 
 
 def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    """A JSON object from ``path``; None for a file that holds none (damaged)."""
+    try:
+        with open(path) as f:
+            content = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return content if isinstance(content, dict) else None
 
 
 def shard_settings(task, teachers, teacher_files, split, k, shard_id, num_shards, dtype):
@@ -100,7 +109,10 @@ def build_shard(task, teachers, settings, directory, shard_id, num_shards, max_t
     split = settings["split"]
     prefix = shard_prefix(directory, split, shard_id, num_shards)
     if os.path.isfile(prefix + ".json"):
-        changed = differences(read_json(prefix + ".json"), settings)
+        built = read_json(prefix + ".json")
+        if built is None and not force:
+            raise FairseqKDError(f"{prefix}.json is damaged (not the settings a build writes); pass --force to rebuild the shard")
+        changed = differences(built, settings) if built is not None else ["settings"]
         if not changed and not force:
             logger.info(f"{prefix}: complete, skipping")
             return
@@ -162,6 +174,8 @@ def write_manifest(task, teachers, teacher_files, splits, k, directory, num_shar
             return False
         shards = [read_json(path) for path in shard_files]
         for shard_id, (path, shard) in enumerate(zip(shard_files, shards)):
+            if shard is None:
+                raise FairseqKDError(f"{path} is damaged (not the settings a build writes); rebuild its shard (--force)")
             changed = differences(shard, shard_settings(task, teachers, teacher_files, split, k, shard_id, num_shards,
                                                         dtype))
             if changed:
@@ -188,11 +202,8 @@ def write_manifest(task, teachers, teacher_files, splits, k, directory, num_shar
         "lang_pair": task.lang_pairs[0] if isinstance(task, TranslationMultiSimpleEpochTask) else None,
     }
     path = os.path.join(directory, MANIFEST)
-    try:
-        earlier = read_json(path) if os.path.isfile(path) else {}
-    except ValueError:  # damaged: written anew
-        earlier = {}
-    if isinstance(earlier, dict) and all(earlier.get(key) == value for key, value in manifest.items()):
+    earlier = read_json(path) or {}  # missing or damaged: written anew
+    if all(earlier.get(key) == value for key, value in manifest.items()):
         entries = {**earlier.get("splits", {}), **entries}  # e.g. --splits test after train,valid
     write_json(path, {**manifest, "splits": entries})
     return True
@@ -235,7 +246,10 @@ def main(argv=None):
     if not 0 <= shard_id < num_shards:
         raise FairseqKDError(f"--shard-id must be in [0, --num-shards={num_shards}), got {shard_id}")
     utils.import_user_module(cfg.common)
-    task = tasks.setup_task(cfg.task)
+    try:
+        task = tasks.setup_task(cfg.task)
+    except FileNotFoundError as e:
+        raise FairseqKDError(f"{args.data}: {e}; check the data directory and its languages") from None
     multilingual = isinstance(task, TranslationMultiSimpleEpochTask)
     if multilingual and len(task.lang_pairs) != 1:
         raise FairseqKDError(
@@ -255,12 +269,17 @@ def main(argv=None):
         raise FairseqKDError(f"--splits must name distinct splits separated by commas, got {args.splits!r}")
     max_tokens = cfg.dataset.max_tokens or 8000
     # every split is loaded and checked before the first shard is built
+    src, tgt = langs or (task.cfg.source_lang, task.cfg.target_lang)
     for split in splits:
+        # fairseq cannot open an empty binarized split (memory-mapping an empty file fails)
+        sources = [os.path.join(utils.split_paths(args.data)[0], f"{split}.{pair}.{src}.bin") for pair in (f"{src}-{tgt}", f"{tgt}-{src}")]
+        if any(os.path.isfile(source) and os.path.getsize(source) == 0 for source in sources):
+            raise FairseqKDError(f"--splits: split '{split}' of {args.data} has no sentences; leave it out, or binarize a non-empty one")
         try:
             task.load_dataset(split)
         except FileNotFoundError:
             raise FairseqKDError(
-                f"--splits: {args.data} has no split '{split}' for {'-'.join(langs or (task.cfg.source_lang, task.cfg.target_lang))};"
+                f"--splits: {args.data} has no split '{split}' for {src}-{tgt};"
                 " name binarized splits (train, valid, test, ...)"
             ) from None
         dataset = split_dataset(task, split)
@@ -276,10 +295,7 @@ def main(argv=None):
                 f"--max-tokens {max_tokens} is smaller than the longest sentence pair of '{split}' ({longest} tokens);"
                 f" raise it to at least {longest}"
             )
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        raise FairseqKDError(f"--out {args.out}: cannot create the cache directory there ({e.strerror})") from None
+    make_writable_directory("--out", args.out, args.out)
     teacher_files = [{"path": os.path.abspath(p), "sha256": sha256(p)} for p in utils.split_paths(args.teacher_path)]
     for split in splits:
         settings = shard_settings(task, teachers, teacher_files, split, args.topk, shard_id, num_shards, dtype)

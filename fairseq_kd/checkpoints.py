@@ -64,6 +64,11 @@ def load_model(path, option, label, task, langs=None, multilingual=False):
     (``check_checkpoint_dictionaries``; for a ``multilingual`` task, ``check_multilingual_checkpoint``);
     ``option`` and ``label`` name it in errors."""
     cfg, state = read_checkpoint(path, option)
+    if is_non_autoregressive(cfg.model):
+        raise FairseqKDError(
+            f"{label}: its model (--arch {cfg.model.arch}) is non-autoregressive, with no distribution over each next"
+            " token given the ones before; give the checkpoint of an autoregressive translation model"
+        )
     langs = langs or (task.cfg.source_lang, task.cfg.target_lang)
     check_language_pair(label, trained_language_pair(cfg.task), langs)
     if multilingual:

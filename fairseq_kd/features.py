@@ -43,6 +43,11 @@ def layer_counts(model, label) -> Dict[str, int]:
     return {side: len(layers) for side, layers in layer_stacks(model, label).items()}
 
 
+def layer_drop(model, label) -> float:
+    """The largest probability with which training skips a layer (fairseq's --encoder/decoder-layerdrop)."""
+    return max(getattr(layers, "p", 0.0) for layers in layer_stacks(model, label).values())
+
+
 ATTENTIONS = {"enc_self": ("enc", "self_attn"), "dec_self": ("dec", "self_attn"), "dec_cross": ("dec", "encoder_attn")}
 
 
@@ -105,12 +110,13 @@ def parse_layer_map(text: str, student_layers: Dict[str, int], teacher_layers: D
     """Student-teacher layer pairs from ``uniform`` or an explicit map like ``enc:0-1,1-3;dec:0-5``.
 
     ``uniform`` pairs student layer i of L_S with teacher layer round((i + 1) * L_T / L_S) - 1 on each side,
-    so the last layers meet. An explicit map lists ``student-teacher`` pairs per side (0-based); a side
+    so the last layers meet (layer 0 where that is below 0: a student of more than twice the teacher's
+    layers). An explicit map lists ``student-teacher`` pairs per side (0-based); a side
     it leaves out gets no pairs.
     """
     if text == "uniform":
         return [
-            (side, i, math.floor((i + 1) * teacher_layers[side] / student_layers[side] + 0.5) - 1)
+            (side, i, max(0, math.floor((i + 1) * teacher_layers[side] / student_layers[side] + 0.5) - 1))
             for side in SIDES
             for i in range(student_layers[side])
         ]

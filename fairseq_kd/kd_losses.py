@@ -170,8 +170,10 @@ def kd_mi_loss(
     Returns:
         ``(N,)`` loss per position.
     """
-    probs_teacher_t = lprobs_at_temperature(lprobs_teacher, temperature).exp()
     student = lprobs_student_t.float()
+    if student.size(0) == 0:  # no distilled position in the batch (e.g. every pair's KD switched off)
+        return student.new_zeros(0)
+    probs_teacher_t = lprobs_at_temperature(lprobs_teacher, temperature).exp()
     scores = []
     for shift in range(min(num_negatives, student.size(0) - 1) + 1):  # shift 0: the position's own teacher
         probs = probs_teacher_t.roll(-shift, dims=0)
@@ -289,9 +291,10 @@ def self_relation_lprobs(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     Returns:
         ``(B, T, T)``: row t is position t's log-distribution over the sentence's positions.
     """
-    hidden = hidden.float()
-    scores = hidden @ hidden.transpose(1, 2) / math.sqrt(hidden.size(-1))
-    return F.log_softmax(scores.masked_fill(~mask.unsqueeze(1), float("-inf")), dim=-1)
+    with torch.autocast(hidden.device.type, enabled=False):  # autocast would run the product in 16 bits
+        hidden = hidden.float()
+        scores = hidden @ hidden.transpose(1, 2) / math.sqrt(hidden.size(-1))
+        return F.log_softmax(scores.masked_fill(~mask.unsqueeze(1), float("-inf")), dim=-1)
 
 
 def kd_relation_loss(hidden_student: torch.Tensor, hidden_teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -91,8 +91,8 @@ def narrow_state(
         attention, ffn = _ATTENTION.match(key), _FFN.match(key)
         if tkey.endswith((".version", "._float_tensor")):  # bookkeeping buffers, not weights
             value = w
-        elif "embed_positions" in key:  # learned positions, added unscaled
-            value = w @ basis_out
+        elif "embed_positions" in key:  # learned positions, added unscaled; a student of fewer takes the first
+            value = w[: student[key].size(0)] @ basis_out
         elif "embed_tokens" in key or "output_projection" in key:
             value = w @ basis_out * scale
         elif attention:

@@ -101,6 +101,9 @@ def open_shard_file(prefix, name, checksum, sentences):
         raise FairseqKDError(f"--teacher-topk-cache: {prefix}.{name} is missing its .bin or .idx file; {fix}")
     if sha256(path) != checksum:
         raise FairseqKDError(f"--teacher-topk-cache: {path} is not the file the build wrote (checksum differs); {fix}")
+    with open(index_file_path(f"{prefix}.{name}"), "rb") as f:  # fairseq's reader fails noisily on another header
+        if f.read(len(MMapIndexedDataset.Index._HDR_MAGIC)) != MMapIndexedDataset.Index._HDR_MAGIC:
+            raise FairseqKDError(f"--teacher-topk-cache: {index_file_path(f'{prefix}.{name}')} is not an index file; {fix}")
     try:
         dataset = MMapIndexedDataset(f"{prefix}.{name}")
     except Exception as e:  # a damaged index: numpy/struct errors of every kind
@@ -136,12 +139,20 @@ class TopKCache:
             lo, hi = shard_range(entry["sentences"], shard_id, entry["num_shards"])
             self.shards.append((lo, hi, *(open_shard_file(prefix, name, checksums[name], hi - lo) for name in ("ids", "lprobs"))))
 
-    def __getitem__(self, index):
-        """``(lprobs, ids)`` of sentence ``index``, numpy arrays ``(len(target), k)``: float32 and int64."""
+    def rows(self, index, target_length):
+        """``(lprobs, ids)`` of sentence ``index``, numpy arrays ``(target_length, k)``: float32 and int64. A
+        sentence cached with another number of entries (an index or manifest changed since the build) would
+        put its rows beside other target tokens, or beside none: refused."""
         for lo, hi, ids, lprobs in self.shards:
             if lo <= index < hi:
-                values = lprobs[index - lo].numpy().astype(np.int16).view(np.float16).astype(np.float32)
-                return values.reshape(-1, self.k), ids[index - lo].numpy().reshape(-1, self.k)
+                values, tokens = lprobs[index - lo].numpy(), ids[index - lo].numpy()
+                if values.size != target_length * self.k or tokens.size != target_length * self.k:
+                    raise FairseqKDError(
+                        f"--teacher-topk-cache: sentence {index} has {tokens.size} cached entries, not its"
+                        f" {target_length} target tokens x k={self.k}; rebuild the cache (fairseq-kd-build-cache --force)"
+                    )
+                values = values.astype(np.int16).view(np.float16).astype(np.float32)
+                return values.reshape(target_length, self.k), tokens.reshape(target_length, self.k)
         raise IndexError(index)
 
 
@@ -158,7 +169,7 @@ class TopKCacheDataset(BaseWrapperDataset):
 
     def __getitem__(self, index):
         item = self.dataset[index]
-        item[self.KEY] = self.cache[index]
+        item[self.KEY] = self.cache.rows(index, len(item["target"]))
         return item
 
     def collater(self, samples):

@@ -21,16 +21,7 @@ import os
 import re
 import statistics
 
-
-def current_run(log):
-    """The lines of a training log from its last fresh start on: the recipe appends a resumed run to its log,
-    and a run started again from scratch too."""
-    if not os.path.isfile(log):
-        return []
-    with open(log, errors="replace") as f:
-        lines = f.readlines()
-    starts = [i for i, line in enumerate(lines) if "No existing checkpoint found" in line]
-    return lines[starts[-1]:] if starts else lines
+from training_log import current_run
 
 
 def training_speed(log):

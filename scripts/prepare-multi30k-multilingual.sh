@@ -69,11 +69,13 @@ done
 
 # the subwords and the dictionary from every language's full training text, so a cut pair keeps the vocabulary
 echo "[prepare] joint sentencepiece, vocabulary $VOCAB_SIZE -> $OUT/subword"
-python "$SCRIPTS/spm.py" train --model "$OUT/subword/spm" --vocab-size "$VOCAB_SIZE" $(printf "$OUT/raw/train.%s " "${!LANGS[@]}")
+raw=() subwords=()
+for lang in "${!LANGS[@]}"; do raw+=("$OUT/raw/train.$lang") subwords+=("$OUT/subword/train.$lang"); done
+python "$SCRIPTS/spm.py" train --model "$OUT/subword/spm" --vocab-size "$VOCAB_SIZE" "${raw[@]}"
 for split in train valid test; do for lang in "${!LANGS[@]}"; do
     python "$SCRIPTS/spm.py" encode --model "$OUT/subword/spm.model" < "$OUT/raw/$split.$lang" > "$OUT/subword/$split.$lang"
 done; done
-cat $(printf "$OUT/subword/train.%s " "${!LANGS[@]}") > "$OUT/subword/dict-text"
+cat "${subwords[@]}" > "$OUT/subword/dict-text"
 fairseq-preprocess --only-source --trainpref "$OUT/subword/dict-text" --destdir "$OUT/dictionary" --dict-only \
     --workers 2 > "$OUT/preprocess.log" 2>&1 || { echo "error: fairseq-preprocess failed, see $OUT/preprocess.log" >&2; exit 1; }
 

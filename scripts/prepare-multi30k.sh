@@ -22,8 +22,20 @@ for lang in "$SRC" "$TGT"; do
     case "$lang" in en|de|fr|cs) ;; *) echo "error: language '$lang' is not in Multi30k task 1 (en, de, fr, cs)" >&2; exit 2 ;; esac
 done
 case "$SUBWORDS" in spm|bpe) ;; *) echo "error: SUBWORDS must be spm or bpe, got '$SUBWORDS'" >&2; exit 2 ;; esac
+if ! [[ $VOCAB_SIZE =~ ^[0-9]+$ ]] || [ "$VOCAB_SIZE" -lt 10 ]; then
+    echo "error: VOCAB_SIZE must be an integer >= 10, got '$VOCAB_SIZE'" >&2; exit 2
+fi
+if ! [[ $TRAIN_SENTENCES =~ ^[0-9]+$ ]]; then
+    echo "error: TRAIN_SENTENCES must be an integer >= 0 (0: all), got '$TRAIN_SENTENCES'" >&2; exit 2
+fi
 
+# what the data was prepared with: another run into the same OUT_DIR reuses it only for the same settings
+settings="SRC=$SRC TGT=$TGT SUBWORDS=$SUBWORDS VOCAB_SIZE=$VOCAB_SIZE TRAIN_SENTENCES=$TRAIN_SENTENCES"
 if [ -f "$OUT/data-bin/.done" ]; then
+    if [ "$(cat "$OUT/data-bin/.done")" != "$settings" ]; then
+        echo "error: $OUT/data-bin was prepared with $(cat "$OUT/data-bin/.done"), now $settings; use another OUT_DIR" >&2
+        exit 1
+    fi
     echo "[prepare] $OUT/data-bin is complete, skipping"
     exit 0
 fi
@@ -69,4 +81,4 @@ fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" \
     --trainpref "$OUT/subword/train" --validpref "$OUT/subword/valid" --testpref "$OUT/subword/test" \
     --destdir "$OUT/data-bin" --joined-dictionary --workers 2 \
     > "$OUT/preprocess.log" 2>&1 || { echo "error: fairseq-preprocess failed, see $OUT/preprocess.log" >&2; exit 1; }
-touch "$OUT/data-bin/.done"
+echo "$settings" > "$OUT/data-bin/.done"

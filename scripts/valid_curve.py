@@ -17,21 +17,22 @@ import os
 import re
 import sys
 
+from training_log import current_run
+
 VALID = re.compile(r"\| valid on 'valid' subset \|.*\| nll_loss ([\d.]+) \|.*\| num_updates (\d+)")
 BLEU = re.compile(r"\| bleu ([\d.]+) \|")
 
 
 def valid_points(log):
-    """``({update count: valid nll_loss}, {update count: valid BLEU})`` of one fairseq-train log (the
-    second empty without --eval-bleu)."""
+    """``({update count: valid nll_loss}, {update count: valid BLEU})`` of one fairseq-train log's current run
+    (the second empty without --eval-bleu)."""
     nll, bleu = {}, {}
-    with open(log, encoding="utf-8") as f:
-        for line in f:
-            match = VALID.search(line)
-            if match:
-                nll[int(match.group(2))] = float(match.group(1))
-                if BLEU.search(line):
-                    bleu[int(match.group(2))] = float(BLEU.search(line).group(1))
+    for line in current_run(log):
+        match = VALID.search(line)
+        if match:
+            nll[int(match.group(2))] = float(match.group(1))
+            if BLEU.search(line):
+                bleu[int(match.group(2))] = float(BLEU.search(line).group(1))
     if not nll:
         sys.exit(f"error: {log} has no validation lines ('valid on 'valid' subset ... num_updates N')")
     return nll, bleu

@@ -110,6 +110,17 @@ def test_teacher_is_frozen_in_eval_mode_and_outside_the_student(data_bin, teache
     assert {id(p) for p in model.parameters()}.isdisjoint({id(p) for p in teacher_model.parameters()})
 
 
+def test_pairs_longer_than_a_teacher_reads_are_left_to_fairseqs_length_filter(data_bin, teacher, tmp_path):
+    """A teacher of fewer positions than the student (here its config's limit lowered): the task's limits,
+    which fairseq filters training data and refuses validation data by, are the teacher's."""
+    state = torch.load(teacher, map_location="cpu")
+    state["cfg"]["model"].max_source_positions, state["cfg"]["model"].max_target_positions = 9, 7
+    short = tmp_path / "short_teacher.pt"
+    torch.save(state, short)
+    assert build(data_bin, "--teacher-path", short)[0].max_positions() == (9, 7)
+    assert build(data_bin, "--teacher-path", teacher)[0].max_positions() == (1024, 1024)
+
+
 def test_teacher_ensemble_weights(data_bin, teacher):
     task, model, _ = build(data_bin, "--teacher-path", f"{teacher}:{teacher}", "--teacher-weights", "1,3")
     assert task.teachers.weights.tolist() == [0.25, 0.75]
@@ -216,9 +227,11 @@ def test_mi_term_runs_on_the_real_tokens_only(data_bin, teacher, topk):
     assert torch.allclose(criterion(model, sample)[0], loss)
 
 
-def test_mi_loss_is_refused_for_mutual_learning(data_bin):
-    with pytest.raises(FairseqKDError, match="drop --kd-loss mi"):
-        build(data_bin, "--arch", "transformer_mutual_student_tiny", "--kd-loss", "mi")
+@pytest.mark.parametrize("flags, message", [(["--kd-loss", "mi"], "drop --kd-loss mi"),
+                                             (["--kd-topk", "4"], "drop --kd-topk")])
+def test_teacher_options_are_refused_for_mutual_learning(data_bin, flags, message):
+    with pytest.raises(FairseqKDError, match=message):
+        build(data_bin, "--arch", "transformer_mutual_student_tiny", *flags)
 
 
 @pytest.mark.parametrize(
@@ -241,6 +254,7 @@ def test_mi_loss_is_refused_for_mutual_learning(data_bin):
         (["--kd-alpha", "nan"], "--kd-alpha must be in [0, 1], got nan"),
         (["--kd-hidden-weight", "nan"], "--kd-hidden-weight must be >= 0 and finite, got nan"),
         (["--kd-relation-weight", "inf"], "--kd-relation-weight must be >= 0 and finite, got inf"),
+        (["--kd-hidden-weight", "1", "--decoder-layerdrop", "0.2"], "--decoder-layerdrop (0.2) skip student layers"),
         (["--teacher-path", "{teacher}:{teacher}", "--teacher-weights", "nan,1"], "must be non-negative and finite"),
         (["--init-student-from-teacher", "first", "--arch", "transformer", "--encoder-attention-heads", "4",
           "--decoder-attention-heads", "4"], "the student's attention heads {'enc': 4, 'dec': 4} differ"),

@@ -224,6 +224,7 @@ def test_strategies_against_plain_kd(demo):
     assert [t["path"] for t in manifest["teachers"]] == [str(work / "teacher" / "checkpoint_last.pt"), teacher_2]
     assert manifest["teacher_weighting"] == "confidence"
     assert "'seed': 2" in (work / "teacher-2.log").read_text()
+    assert "--seed 1 " not in (work / ".stage-teacher-2").read_text()  # the next seed, given once
     assert (work / "strategies-curves.png").read_bytes()[:4] == b"\x89PNG"
     table = (work / "strategies.md").read_text().splitlines()
     assert [row.split("|")[1].strip() for row in table[2:8]] == [
@@ -244,6 +245,9 @@ def test_levers_against_plain_kd(demo):
     refused = run_demo(demo[0], "levers.sh", LEVERS="lever-dec2", LR="1e-3")
     assert refused.returncode == 1 and "student-no-kd in " in refused.stderr
     assert "was trained with other settings or inputs" in refused.stderr
+    # the quick demo's students already have the second decoder layer: lever-dec2 would be student-word-kd again
+    refused = run_demo(demo[0], "levers.sh", LEVERS="lever-narrow-init lever-dec2")
+    assert refused.returncode == 1 and "these are STUDENT_ARCH=transformer_student_tiny_dec2: leave lever-dec2 out" in refused.stderr
     work = run_after_demo(demo, "levers.sh", LEVERS="lever-narrow-init lever-seq-bestbleu", DISTILL_BEAM="2", NBEST="2")
     assert "student initialised from the teacher: " in (work / "lever-narrow-init.log").read_text()
     assert "(narrowed: projected onto the student widths)" in (work / "lever-narrow-init.log").read_text()
@@ -317,6 +321,38 @@ def test_stages_refuse_changed_settings_and_inputs(demo):
         os.utime(teacher, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert rebuilt.returncode == 1 and "stage 'distill'" in rebuilt.stderr and f"file {teacher}" in rebuilt.stderr
     assert "[teacher] finished earlier, skipping" in rebuilt.stdout
+    # a directory another stage wrote, rebuilt since (its record deleted and the stage run again, as the
+    # refusal advises): the stage that wrote it, and every stage that read it, are stale
+    work = tmp_path / "work"
+    corpus = work / "distill" / "data-bin" / "train.en-de.de.bin"
+    before = corpus.stat()
+    os.utime(corpus)
+    try:
+        rebuilt = run_demo(tmp_path)
+        reader = subprocess.run(
+            ["bash", "-c", f". {REPO}/examples/multi30k/common.sh && stale_record {work}/.stage-cache-distilled build_cache"
+                           f" {work}/distill/data-bin {work}/cache-distilled"],
+            capture_output=True, text=True, env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "WORK": str(work)})
+    finally:
+        os.utime(corpus, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert rebuilt.returncode == 1 and "stage 'distill'" in rebuilt.stderr
+    assert f"the files in {work}/distill are not those it read (rebuilt since)" in rebuilt.stderr
+    assert reader.stdout == f"the files in {work}/distill/data-bin are not those it read (rebuilt since)\n", reader.stderr
+    assert "running, log" not in run_demo(tmp_path).stdout  # restored: every stage current again
+    # a training stopped under other settings (its record not written yet, its checkpoint there) goes on only
+    # under those: resumed under these, the run would be two runs under one record
+    record = work / ".stage-student-word-kd"
+    finished = record.read_text()
+    started = "\n".join(line for line in finished.splitlines() if not line.startswith(("file ", "directory ")))
+    record.unlink()
+    (work / ".stage-student-word-kd.started").write_text(started.replace("--kd-alpha 0.5 ", "--kd-alpha 0.3 ") + "\n")
+    try:
+        stopped = run_demo(tmp_path)
+    finally:
+        record.write_text(finished)
+        (work / ".stage-student-word-kd.started").unlink()
+    assert stopped.returncode == 1 and "stage 'student-word-kd' in" in stopped.stderr
+    assert "stopped earlier under other settings: it ran with --kd-alpha 0.3, now --kd-alpha 0.5; its training would go on from" in stopped.stderr
 
 
 def test_sequence_level_corpus_translated_by_ctranslate2(demo, tmp_path):
@@ -353,18 +389,37 @@ def test_sequence_level_corpus_translated_by_ctranslate2(demo, tmp_path):
 def test_prepare_with_bpe_and_a_training_prefix(tmp_path):
     (tmp_path / "raw").mkdir()
     fake_multi30k(tmp_path / "raw")
-    proc = subprocess.run(
-        ["bash", REPO / "scripts" / "prepare-multi30k.sh", tmp_path / "out", "en", "de"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MULTI30K_DIR": str(tmp_path / "raw"),
-             "SUBWORDS": "bpe", "VOCAB_SIZE": "60", "TRAIN_SENTENCES": "100"},
-    )
+
+    def prepare(**env):
+        return subprocess.run(
+            ["bash", REPO / "scripts" / "prepare-multi30k.sh", tmp_path / "out", "en", "de"], capture_output=True,
+            text=True, env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MULTI30K_DIR": str(tmp_path / "raw"),
+                            "SUBWORDS": "bpe", "VOCAB_SIZE": "60", **env})
+
+    refused = prepare(TRAIN_SENTENCES="10k")  # not read as 0, all the data
+    assert refused.returncode == 2 and "TRAIN_SENTENCES must be an integer >= 0 (0: all), got '10k'" in refused.stderr
+    proc = prepare(TRAIN_SENTENCES="100")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "out" / "subword" / "bpe.codes").exists()
     assert len((tmp_path / "out" / "raw" / "train.de").read_text().splitlines()) == 100
     assert len((tmp_path / "out" / "raw" / "test.de").read_text().splitlines()) == SPLITS["test_2016_flickr"]
-    assert (tmp_path / "out" / "data-bin" / ".done").exists()
+    assert "data-bin is complete, skipping" in prepare(TRAIN_SENTENCES="100").stdout  # the same settings: reused
+    # other settings are not served the data prepared with these
+    refused = prepare(TRAIN_SENTENCES="200")
+    assert refused.returncode == 1 and "was prepared with SRC=en TGT=de SUBWORDS=bpe VOCAB_SIZE=60 TRAIN_SENTENCES=100, now" in refused.stderr
+
+
+def test_without_multi30k_dir_or_a_shared_copy_prepare_downloads(tmp_path):
+    """A user's machine: no MULTI30K_DIR and no ../shared beside the repository (the recipes in a copy of it)."""
+    repo = tmp_path / "repo"
+    for part in ("examples", "scripts"):
+        shutil.copytree(REPO / part, repo / part)
+    env = {key: value for key, value in os.environ.items() if key != "MULTI30K_DIR"}
+    script = f". {repo}/examples/multi30k/common.sh && list_stage {tmp_path}/listing prepare_data && cat {tmp_path}/listing"
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                          env={**env, "PATH": f"{BIN}:{os.environ['PATH']}", "WORK": str(tmp_path / "work")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "MULTI30K_DIR= bash" in proc.stdout  # empty: prepare-multi30k.sh downloads the official files
 
 
 def test_prepare_multilingual_with_a_low_resource_pair(tmp_path):

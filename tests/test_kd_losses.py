@@ -224,6 +224,8 @@ def test_mi_loss_is_log_of_candidates_when_teacher_rows_are_alike():
     assert torch.allclose(loss, torch.full((6,), 4 * math.log(4)), atol=1e-5)
     # M is capped at N - 1: 6 rows give at most 5 negatives
     assert torch.allclose(kd_mi_loss(lprobs_student_t, lprobs_teacher, 2.0, 50), torch.full((6,), 4 * math.log(6)))
+    # a batch without a distilled position (every pair's KD switched off) has nothing to contrast
+    assert kd_mi_loss(lprobs_student_t[:0], lprobs_teacher[:0], 2.0, 3).shape == (0,)
 
 
 def test_mi_loss_matches_hand_computation():

@@ -15,6 +15,9 @@ def test_uniform_map_pairs_last_with_last():
     assert pairs == [("enc", 0, 1), ("enc", 1, 3), ("enc", 2, 5), ("dec", 0, 2)]
     assert parse_layer_map("uniform", {"enc": 2, "dec": 2}, {"enc": 3, "dec": 2}) == [
         ("enc", 0, 1), ("enc", 1, 2), ("dec", 0, 0), ("dec", 1, 1)]
+    # a student deeper than twice its teacher: its first layer meets the teacher's first, not (index -1) its last
+    assert parse_layer_map("uniform", {"enc": 5, "dec": 1}, {"enc": 2, "dec": 1})[:3] == [
+        ("enc", 0, 0), ("enc", 1, 0), ("enc", 2, 0)]
 
 
 def test_explicit_map():
@@ -65,6 +68,11 @@ def test_relation_loss_is_zero_across_widths_for_the_same_relations():
     mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
     assert torch.allclose(kd_relation_loss(student, teacher, mask), torch.zeros(2, 4), atol=1e-5)
     assert (kd_relation_loss(torch.randn(2, 4, 20), teacher, mask)[mask] > 0).all()
+    # under bfloat16 autocast (--cpu-bf16) the relations are still computed in float32
+    student = torch.randn(2, 4, 20) * 4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = kd_relation_loss(student, teacher, mask)
+    assert autocast.dtype == torch.float32 and torch.allclose(autocast, kd_relation_loss(student, teacher, mask))
 
 
 def test_relation_loss_ignores_padding():
@@ -148,12 +156,15 @@ def test_student_initialised_as_the_teacher_has_zero_layer_terms(data_bin, teach
         assert log[term].item() == pytest.approx(0, abs=1e-4), (term, log[term])
 
 
-def test_narrowing_drops_only_what_the_teacher_does_not_use(data_bin):
+@pytest.mark.parametrize("positions", [(), ("--encoder-learned-pos", "--decoder-learned-pos")])
+def test_narrowing_drops_only_what_the_teacher_does_not_use(data_bin, positions):
     """FFN neurons with no weights in or out are the ones dropped: a student with half the FFN width
-    computes the teacher's function exactly."""
-    task, teacher, _ = build(data_bin, "--arch", "transformer", "--kd-alpha", 0)
+    computes the teacher's function exactly; with learned positions, a student of fewer positions takes the
+    teacher's first ones."""
+    task, teacher, _ = build(data_bin, "--arch", "transformer", "--kd-alpha", 0, *positions)
     _, student, _ = build(data_bin, "--arch", "transformer", "--kd-alpha", 0, "--encoder-ffn-embed-dim", 32,
-                          "--decoder-ffn-embed-dim", 32)
+                          "--decoder-ffn-embed-dim", 32, *positions, "--max-source-positions", 64,
+                          "--max-target-positions", 64)
     for layer in (*teacher.encoder.layers, *teacher.decoder.layers):
         unused = torch.randperm(64)[:32]
         layer.fc1.weight.data[unused] = 0

@@ -21,6 +21,9 @@ def test_multilingual_recipe(tmp_path):
     assert refused.returncode == 2 and "CONFIG=converged stops on valid BLEU" in refused.stderr
     refused = run_demo(tmp_path, "multilingual.sh", PARALLEL="yes")
     assert refused.returncode == 2 and "PARALLEL must be 0 or 1, got 'yes'" in refused.stderr
+    # before the teachers train, not at the first cache after them
+    refused = run_demo(tmp_path, "multilingual.sh", KD_TOPK="0")
+    assert refused.returncode == 2 and "KD_TOPK must be >= 1: the multilingual and low-resource students" in refused.stderr
     # one experiment trains only the teachers it needs, and the others reuse what it trained
     pivot = run_demo(tmp_path, "multilingual.sh", EXPERIMENTS="pivot", **settings)
     assert pivot.returncode == 0, pivot.stdout[-3000:] + pivot.stderr[-3000:]

@@ -54,6 +54,12 @@ def test_nat_student_trains_on_the_distilled_corpus_and_decodes_with_stock_fairs
     refused = run("fairseq-kd-export", save_dir / "checkpoint_last.pt", "--data", distilled, "--bpe-codes", codes,
                   "--out", tmp_path / "ct2", expect_ok=False)
     assert "is non-autoregressive, and CTranslate2 has no decoder for it" in refused.stderr
+    if noise == "random_mask":  # nor can it teach: it has no distribution over each next token
+        refused = run("fairseq-train", distilled, "--user-dir", PLUGIN, "--task", "translation_distillation",
+                      "--teacher-path", save_dir / "checkpoint_last.pt", "--arch", "transformer_student_tiny",
+                      "--criterion", "kd_label_smoothed_cross_entropy", "--kd-alpha", "0.5", "--max-update", "1",
+                      "--cpu", "--save-dir", tmp_path / "student", expect_ok=False)
+        assert f"fairseq_kd: error: teacher {save_dir / 'checkpoint_last.pt'}: its model (--arch {arch}) is non-autoregressive" in refused.stderr
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -61,6 +67,8 @@ def test_nat_student_trains_on_the_distilled_corpus_and_decodes_with_stock_fairs
      "--arch cmlm_transformer_student_tiny is non-autoregressive: it trains and decodes with --task translation_lev"
      " --noise random_mask"),
     (["--noise", "random_delete"], "--arch cmlm_transformer_student_tiny trains with --noise random_mask"),
+    # every target position masked: decoder inputs of the same shape, which Mask-Predict never sees
+    (["--noise", "full_mask"], "but the task's --noise is full_mask; set --noise random_mask"),
 ])
 def test_nat_student_refuses_a_task_that_does_not_feed_it(data_bin, tmp_path, flags, message):
     proc = run("fairseq-train", data_bin, *NAT_FLAGS, "--arch", "cmlm_transformer_student_tiny", "--max-update", "2",

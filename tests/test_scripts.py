@@ -9,6 +9,9 @@ from conftest import REPO
 
 
 def load_script(name):
+    """A script of scripts/ as a module, its neighbours importable as when it runs."""
+    if str(REPO / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO / "scripts"))
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -84,8 +87,7 @@ def test_distilled_corpus_from_a_hypotheses_file_is_the_one_from_the_generate_lo
     ("▁Das ▁Boot ▁ist ▁sehr ▁sehr ▁schnell .", False),  # one piece twice
     ("▁U - Bahn steig ▁am ▁Bahn hof", False),  # the same piece, not in a row
 ])
-def test_repetition_loops_are_degenerate(pieces, loops, monkeypatch):
-    monkeypatch.syspath_prepend(REPO / "scripts")  # the script imports its neighbour generate_log
+def test_repetition_loops_are_degenerate(pieces, loops):
     assert load_script("distilled_corpus").looping(pieces.split()) == loops
 
 
@@ -133,6 +135,13 @@ def test_valid_curve_has_a_column_per_multiple_and_per_last_update(tmp_path):
     empty = log("empty", [])
     refused = subprocess.run([sys.executable, REPO / "scripts" / "valid_curve.py", empty], capture_output=True, text=True)
     assert refused.returncode == 1 and "has no validation lines" in refused.stderr
+    # a run started again from scratch appends to the log of the one before: only its own validations count
+    again = tmp_path / "again.log"
+    again.write_text(long.read_text() + "| INFO | fairseq.trainer | No existing checkpoint found x/checkpoint_last.pt\n"
+                     + short.read_text())
+    out = subprocess.run([sys.executable, REPO / "scripts" / "valid_curve.py", "--every", "100", again],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == "| valid NLL (bits/token) at update | 100 | 150 |" and out[2] == "| again | 6.00 | 5.00 |"
 
 
 def test_training_speed_is_the_median_interval_of_the_last_fresh_run(tmp_path):

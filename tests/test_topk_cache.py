@@ -15,7 +15,7 @@ from fairseq_kd.kd_losses import topk_lprobs
 from fairseq_kd.build_cache import get_parser
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.teachers import Teachers
-from fairseq_kd.topk_cache import TopKCache
+from fairseq_kd.topk_cache import TopKCache, TopKCacheDataset
 from test_cli import train_student
 from test_criterion_and_task import build, first_batch
 
@@ -57,7 +57,7 @@ def test_cache_holds_the_teachers_topk(data_bin, teacher, cache):
         sample = dataset.collater([dataset[index]])
         lprobs = teacher_lprobs(teachers, sample)
         expected_values, expected_ids = topk_lprobs(lprobs[0], K)
-        values, ids = map(torch.from_numpy, cached[index])
+        values, ids = map(torch.from_numpy, cached.rows(index, len(dataset[index]["target"])))
         assert ids.shape == (len(dataset[index]["target"]), K)
         assert torch.equal(ids, expected_ids)
         torch.testing.assert_close(values, expected_values, atol=2e-3, rtol=1e-3)  # fp16 storage
@@ -74,7 +74,8 @@ def test_cache_of_a_confidence_weighted_mixture(data_bin, teacher, weak_teacher,
     dataset = task.dataset("valid")
     sample = dataset.collater([dataset[3]])
     lprobs = teacher_lprobs(mixture, sample)
-    values, ids = map(torch.from_numpy, TopKCache(str(tmp_path), "valid", dataset, task.target_dictionary)[3])
+    cached = TopKCache(str(tmp_path), "valid", dataset, task.target_dictionary)
+    values, ids = map(torch.from_numpy, cached.rows(3, len(dataset[3]["target"])))
     expected_values, expected_ids = topk_lprobs(lprobs[0], K)
     assert torch.equal(ids, expected_ids)
     torch.testing.assert_close(values, expected_values, atol=2e-3, rtol=1e-3)
@@ -105,7 +106,8 @@ def test_sharded_build_equals_unsharded(data_bin, teacher, cache, tmp_path):
     # tokens; anything beyond that would be a misaligned or lost sentence
     swapped = 0
     for index in range(len(dataset)):
-        (values_a, ids_a), (values_b, ids_b) = whole[index], parts[index]
+        length = len(dataset[index]["target"])
+        (values_a, ids_a), (values_b, ids_b) = whole.rows(index, length), parts.rows(index, length)
         assert values_a.shape == values_b.shape, index
         assert abs(values_a - values_b).max() < 0.02, index
         swapped += int((ids_a != ids_b).any(axis=-1).sum())
@@ -203,6 +205,7 @@ def damaged_copy(cache, tmp_path, damage):
     (lambda c: (c / "valid.shard0-of-1.lprobs.bin").write_bytes(
         bytes(len((c / "valid.shard0-of-1.lprobs.bin").read_bytes()))), "checksum differs"),
     (lambda c: (c / "valid.shard0-of-1.ids.idx").unlink(), "is missing its .bin or .idx file"),
+    (lambda c: (c / "valid.shard0-of-1.ids.idx").write_bytes(bytes(64)), "ids.idx is not an index file"),
     (lambda c: (c / "manifest.json").write_text('{"format_version": 2, "k": 4, "splits": []}'),
      "not a cache manifest of the expected shape"),
     (lambda c: (c / "manifest.json").write_text("[1, 2]"), "cache format None"),
@@ -214,6 +217,21 @@ def test_damaged_caches_are_refused(data_bin, teacher, cache, tmp_path, damage, 
         TopKCache(str(copy), "valid", task.dataset("valid"), task.target_dictionary)
 
 
+def test_cached_rows_that_do_not_fit_the_targets_are_refused(data_bin, teacher, cache, tmp_path):
+    """A manifest whose k was changed: every sentence's entries read as twice as few rows of 2k."""
+    def double_k(copy):
+        manifest = json.loads((copy / "manifest.json").read_text())
+        (copy / "manifest.json").write_text(json.dumps({**manifest, "k": 2 * manifest["k"]}))
+
+    task, _ = load_teachers(data_bin, teacher, "valid")
+    data = task.dataset("valid")
+    cached = TopKCacheDataset(data, TopKCache(str(damaged_copy(cache, tmp_path, double_k)), "valid", data,
+                                              task.target_dictionary), left_pad_target=False)
+    length = len(data[0]["target"])
+    with pytest.raises(FairseqKDError, match=rf"sentence 0 has {K * length} cached entries, not its {length} target tokens x k={2 * K}"):
+        cached[0]
+
+
 def test_a_build_of_another_split_keeps_the_splits_built_before(data_bin, teacher, cache, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(cache, copy)
@@ -222,10 +240,28 @@ def test_a_build_of_another_split_keeps_the_splits_built_before(data_bin, teache
     assert set(json.loads((copy / "manifest.json").read_text())["splits"]) == splits | {"test"}
 
 
-def test_force_rebuilds_a_damaged_shard(data_bin, teacher, cache, tmp_path):
-    """As the refusal advises: the shard's settings still match, so only --force builds it again."""
-    copy = damaged_copy(cache, tmp_path, lambda c: (c / "valid.shard0-of-1.lprobs.bin").write_bytes(bytes(16)))
+@pytest.mark.parametrize("damaged", ["valid.shard0-of-1.lprobs.bin", "valid.shard0-of-1.json"])
+def test_force_rebuilds_a_damaged_shard(data_bin, teacher, cache, tmp_path, damaged):
+    """As the refusal advises: the shard's settings still match (or cannot be read), so only --force builds
+    it again."""
+    copy = damaged_copy(cache, tmp_path, lambda c: (c / damaged).write_bytes(bytes(16)))
+    if damaged.endswith(".json"):
+        refused = build_cache(data_bin, teacher, copy, "--splits", "valid", expect_ok=False)
+        assert "valid.shard0-of-1.json is damaged (not the settings a build writes); pass --force" in refused.stderr
+        assert "Traceback" not in refused.stderr
     build_cache(data_bin, teacher, copy, "--splits", "valid", "--force")
     task, _ = load_teachers(data_bin, teacher, "valid")
     TopKCache(str(copy), "valid", task.dataset("valid"), task.target_dictionary)
     assert (copy / "valid.shard0-of-1.lprobs.bin").read_bytes() == (cache / "valid.shard0-of-1.lprobs.bin").read_bytes()
+
+
+def test_data_the_builder_cannot_read_is_refused(data_bin, teacher, tmp_path):
+    missing = build_cache(tmp_path / "no-such-data", teacher, tmp_path / "c1", expect_ok=False)
+    assert "no-such-data: " in missing.stderr and "check the data directory and its languages" in missing.stderr
+    empty = tmp_path / "empty-split"
+    shutil.copytree(data_bin, empty)
+    for path in empty.glob("test.*"):
+        path.write_bytes(b"")
+    refused = build_cache(empty, teacher, tmp_path / "c2", "--splits", "test", expect_ok=False)
+    assert "split 'test' of" in refused.stderr and "has no sentences; leave it out" in refused.stderr
+    assert "Traceback" not in missing.stderr + refused.stderr

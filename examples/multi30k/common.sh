@@ -38,13 +38,13 @@ if [ "$DISTILL_KEEP_LOOPS" = 1 ]; then LOOP_FLAGS=(--keep-loops); fi
 DISTILL_NBEST=${DISTILL_NBEST:-1}
 DISTILL_SELECT=${DISTILL_SELECT:-first}
 DISTILL_BACKEND=${DISTILL_BACKEND:-fairseq}  # who translates the training source: fairseq-generate or CTranslate2
-PARALLEL=${PARALLEL:-0}  # spawn, below
 read -r -a DEVICE_FLAGS <<< "${DEVICE_FLAGS---cpu}"
 # the teacher's translations for the sequence-level KD corpus: outputs longer than 1.2 x source + 10 subwords
 # are runaway repetitions that the corpus would drop anyway. fairseq drops a last batch whose size is not a
 # multiple of --required-batch-size-multiple (default 8): decoding would silently skip the longest sentences
 DECODE_FLAGS=(--max-len-a 1.2 --max-len-b 10 --required-batch-size-multiple 1 --max-tokens 8000)
-if [ -z "${MULTI30K_DIR:-}" ] && [ -d "$ROOT/../shared/data/multi30k" ]; then
+MULTI30K_DIR=${MULTI30K_DIR:-}  # empty: prepare downloads the official files
+if [ -z "$MULTI30K_DIR" ] && [ -d "$ROOT/../shared/data/multi30k" ]; then
     MULTI30K_DIR=$ROOT/../shared/data/multi30k
 fi
 DATA=$WORK/data-bin
@@ -120,8 +120,6 @@ if "$SUBWORDS" not in ("spm", "bpe"):
 for name, value in (("DISTILL_UNION", "$DISTILL_UNION"), ("DISTILL_KEEP_LOOPS", "$DISTILL_KEEP_LOOPS")):
     if value not in ("0", "1"):
         errors.append(f"{name} must be 0 or 1, got '{value}'")
-if "$PARALLEL" not in ("0", "1"):
-    errors.append("PARALLEL must be 0 or 1, got '$PARALLEL'")
 import fairseq_kd  # noqa: F401  (registers the student architectures)
 from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq_kd.tasks.distillation import cpu_has_bf16_kernels
@@ -168,18 +166,27 @@ show_progress() {  # [PREFIX]
 }
 
 # cmd COMMAND...: a command of a stage. A stage runs its commands through cmd so that it can also be listed
-# (STAGE_LIST set): its command lines, and the size and time of every existing file they name (also as
-# NAME=FILE), without running anything.
+# (STAGE_LIST set): its command lines, the size and time of every existing file they name (also as NAME=FILE
+# or in lists, a,b and PAIR:PATH), and a checksum of the names, sizes and times of the files in every
+# directory of WORK they name (the corpora, caches and exports of other stages: one rebuilt makes the stages
+# that read it stale), without running anything.
 cmd() {
     if [ -z "${STAGE_LIST:-}" ]; then
         "$@"
         return
     fi
-    local arg
+    local arg path paths
     printf '%q ' "$@" >> "$STAGE_LIST"
     printf '\n' >> "$STAGE_LIST"
     for arg in "$@"; do
-        if [ -f "${arg#*=}" ]; then echo "file ${arg#*=} $(stat -c '%s bytes, modified %y' "${arg#*=}")" >> "$STAGE_LIST"; fi
+        IFS=',:' read -r -a paths <<< "${arg#*=}"
+        for path in "${paths[@]}"; do
+            if [ -f "$path" ]; then
+                echo "file $path $(stat -c '%s bytes, modified %y' "$path")" >> "$STAGE_LIST"
+            elif [ -d "$path" ] && [[ $path == "$WORK"/?* ]]; then
+                echo "directory $path $(find "$path" -type f -printf '%P %s %T@\n' | sort | cksum)" >> "$STAGE_LIST"
+            fi
+        done
     done
 }
 
@@ -208,6 +215,21 @@ stage() {
             "use another WORK, or delete $record and the stage's outputs to run it again" >&2
         exit 1
     fi
+    # a stage stopped earlier resumes its training from checkpoint_last.pt: only with the command lines it
+    # started with (record.started), or the run would be two runs under one record
+    rm -f "$record.now"
+    list_stage "$record.now" "$@"
+    grep -v -e '^file ' -e '^directory ' "$record.now" > "$record.started.now" || true
+    rm "$record.now"
+    if [ -f "$record.started" ] && ! cmp -s "$record.started" "$record.started.now" \
+        && [ -n "$(resumed_checkpoints "$record.started.now")" ]; then
+        echo "error: stage '$name' in $WORK stopped earlier under other settings: $(changes "$record.started" "$record.started.now");" \
+            "its training would go on from $(resumed_checkpoints "$record.started.now" | head -1) under these: run it with" \
+            "the settings it started with, or delete $record.started and the stage's outputs to start it afresh" >&2
+        rm "$record.started.now"
+        exit 1
+    fi
+    mv "$record.started.now" "$record.started"
     echo "[$name] running, log: $log"
     # appended: a stage stopped earlier runs again after its log (fairseq-train resumes from its
     # checkpoint_last.pt), so that the log keeps the whole learning curve
@@ -218,38 +240,20 @@ stage() {
     rm -f "$record.tmp"
     list_stage "$record.tmp" "$@"
     mv "$record.tmp" "$record"
+    rm "$record.started"
 }
 
-# PARALLEL=1: stages a recipe starts with spawn run at once, as background jobs, each until an await names
-# it. For a GPU, which the recipes' small models leave mostly idle (BENCHMARKS.md: 20 small students at once
-# on an H100 trained 128 updates/s together, 6 at once 97); on a CPU of few cores they share its cores.
+# resumed_checkpoints LISTING: the checkpoint_last.pt files that its fairseq-train commands would resume from
+resumed_checkpoints() {
+    local dir
+    while read -r dir; do
+        eval "dir=$dir"  # as the listing quoted it (printf %q)
+        if [ -f "$dir/checkpoint_last.pt" ]; then echo "$dir/checkpoint_last.pt"; fi
+    done < <(grep -oE -- '--save-dir (\\ |[^ ])+' "$1" | sed 's/^--save-dir //')
+}
+
+# the stages multilingual.sh runs at once (PARALLEL=1, spawn): stage prefixes their progress with their names
 declare -A SPAWNED=()
-if [ "$PARALLEL" = 1 ]; then
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # torch's default, a thread per core in every process, oversubscribes
-    set -m  # each job its own process group, so that stopping the recipe stops its training processes too
-    trap 'for pid in "${SPAWNED[@]}"; do kill -- "-$pid" 2> /dev/null || true; done' EXIT
-    trap 'exit 130' INT TERM
-fi
-
-spawn() {  # NAME LOG FUNCTION ARGS...: stage NAME ..., in the background with PARALLEL=1
-    if [ "$PARALLEL" = 1 ]; then
-        SPAWNED[$1]=starting  # seen by the job: its stage prefixes its progress with its name
-        stage "$@" &
-        SPAWNED[$1]=$!
-    else
-        stage "$@"
-    fi
-}
-
-await() {  # NAME...: wait for these stages (nothing to wait for unless spawned); stop if one failed
-    local name
-    for name in "$@"; do
-        if [ -n "${SPAWNED[$name]:-}" ]; then
-            wait "${SPAWNED[$name]}" || exit 1  # the stage has said why
-            unset "SPAWNED[$name]"
-        fi
-    done
-}
 
 # stale_record RECORD FUNCTION ARGS...: how a stage's record differs from its listing with the settings and
 # input files of now (nothing when they are the same)
@@ -267,6 +271,12 @@ changes() {  # OLD NEW
     local old new
     old=$(diff "$1" "$2" | sed -n 's/^< //p' | head -1)
     new=$(diff "$1" "$2" | sed -n 's/^> //p' | head -1)
+    if [[ $old == directory* || $new == directory* ]]; then
+        old=${old:-$new}
+        old=${old#directory }
+        echo "the files in ${old% * *} are not those it read (rebuilt since)"
+        return
+    fi
     if [[ $old == file* || $new == file* ]]; then
         echo "${old:-$new} ${new:+-> now ${new#file }}"
         return
@@ -392,11 +402,23 @@ evaluate() {  # NAME MODEL
         --beam "$BEAM" --no-speed --out-prefix "$WORK/results/$1"
 }
 
+# FILES: the paths WORK/TEMPLATE with each NAME for its %s, an array (a WORK path may hold spaces)
+work_files() {  # TEMPLATE NAME...
+    local template=$1 name file
+    shift
+    FILES=()
+    for name in "$@"; do
+        printf -v file "$template" "$name"
+        FILES+=("$WORK/$file")
+    done
+}
+
 # one table (OUT.md, OUT.json) of evaluated models, the first the reference
 table() {  # OUT NAME...
     local out=$1
     shift
-    fairseq-kd-eval --merge $(printf "$WORK/results/%s.json " "$@") --out-prefix "$out"
+    work_files results/%s.json "$@"
+    fairseq-kd-eval --merge "${FILES[@]}" --out-prefix "$out"
 }
 
 # the student with the best valid BLEU among those named, by their evaluate stages' reports

@@ -55,5 +55,6 @@ echo "[layers tables] $WORK/layers.md, $WORK/results/layers.json"
 {
     table "$WORK/results/layers" teacher "${NAMES[@]}"
     echo
-    python "$ROOT/scripts/valid_curve.py" --every "$VALIDATE_EVERY" $(printf "$WORK/%s.log " "${NAMES[@]}")
+    work_files %s.log "${NAMES[@]}"
+    python "$ROOT/scripts/valid_curve.py" --every "$VALIDATE_EVERY" "${FILES[@]}"
 } | tee "$WORK/layers.md"

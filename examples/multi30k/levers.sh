@@ -34,6 +34,16 @@ for name in "${LEVERS[@]}"; do
         exit 1
     fi
 done
+# lever-dec2 is one change to transformer_student_tiny: the same parameters, a second decoder layer
+if [[ " ${LEVERS[*]} " == *" lever-dec2 "* ]] && [ "$STUDENT_ARCH" != transformer_student_tiny ]; then
+    echo "error: lever-dec2 compares transformer_student_tiny_dec2 with run.sh's transformer_student_tiny students;" \
+        "these are STUDENT_ARCH=$STUDENT_ARCH: leave lever-dec2 out of LEVERS, or use a WORK of STUDENT_ARCH=transformer_student_tiny" >&2
+    exit 1
+fi
+if ! [[ $NBEST =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: NBEST must be an integer >= 1, got '$NBEST'" >&2
+    exit 1
+fi
 if [ "$NBEST" -gt "$DISTILL_BEAM" ]; then
     echo "error: NBEST ($NBEST) cannot exceed DISTILL_BEAM ($DISTILL_BEAM): the beam holds the n-best list" >&2
     exit 1
@@ -81,6 +91,6 @@ echo "[levers table] $WORK/levers.md, $WORK/results/levers.json, learning curves
 {
     table "$WORK/results/levers" teacher student-no-kd student-word-kd student-seq-kd "${LEVERS[@]}"
     echo
-    python "$ROOT/scripts/valid_curve.py" --every "$STUDENT_UPDATES" --plot "$WORK/levers-curves.png" \
-        $(printf "$WORK/%s.log " student-no-kd student-word-kd student-seq-kd "${LEVERS[@]}")
+    work_files %s.log student-no-kd student-word-kd student-seq-kd "${LEVERS[@]}"
+    python "$ROOT/scripts/valid_curve.py" --every "$STUDENT_UPDATES" --plot "$WORK/levers-curves.png" "${FILES[@]}"
 } | tee "$WORK/levers.md"

@@ -50,6 +50,7 @@ fi
 . "$(dirname "$0")/common.sh"
 
 read -r -a EXPERIMENTS <<< "${EXPERIMENTS:-multilingual low-resource pivot}"
+want() { [[ " ${EXPERIMENTS[*]} " == *" $1 "* ]]; }
 LOW_RESOURCE_SIZE=${LOW_RESOURCE_SIZE:-5000}
 PAIRS=(en-de en-fr en-cs)
 # the threshold student's run (STUDENT_UPDATES per pair) in five: four comparisons, the last a fifth before
@@ -64,6 +65,9 @@ done
 for setting in LOW_RESOURCE_SIZE THRESHOLD_INTERVAL; do
     if ! [[ ${!setting} =~ ^[1-9][0-9]*$ ]]; then echo "error: $setting must be an integer >= 1, got '${!setting}'" >&2; exit 2; fi
 done
+if [ "$KD_TOPK" -lt 1 ] && { want multilingual || want low-resource; }; then
+    echo "error: KD_TOPK must be >= 1: the multilingual and low-resource students distil from the teachers' top-k caches" >&2; exit 2
+fi
 if ! [[ $THRESHOLD_MARGIN =~ ^[0-9]+(\.[0-9]+)?$ ]]; then
     echo "error: THRESHOLD_MARGIN must be a number >= 0, got '$THRESHOLD_MARGIN'" >&2; exit 2
 fi
@@ -71,6 +75,38 @@ if [ "$DISTILL_NBEST" != 1 ] || [ "$DISTILL_SELECT" != first ] || [ "$DISTILL_UN
     echo "error: multilingual.sh builds its sequence-level KD corpora from each teacher's best translation alone:" \
         "drop DISTILL_NBEST, DISTILL_SELECT and DISTILL_UNION (run.sh and levers.sh use them)" >&2; exit 2
 fi
+PARALLEL=${PARALLEL:-0}
+if [ "$PARALLEL" != 0 ] && [ "$PARALLEL" != 1 ]; then echo "error: PARALLEL must be 0 or 1, got '$PARALLEL'" >&2; exit 2; fi
+
+# PARALLEL=1: the stages started with spawn run at once, as background jobs, each until an await names
+# it. For a GPU, which the recipes' small models leave mostly idle (BENCHMARKS.md: 20 small students at once
+# on an H100 trained 128 updates/s together, 6 at once 97); on a CPU of few cores they share its cores.
+if [ "$PARALLEL" = 1 ]; then
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # torch's default, a thread per core in every process, oversubscribes
+    set -m  # each job its own process group, so that stopping the recipe stops its training processes too
+    trap 'for pid in "${SPAWNED[@]}"; do kill -- "-$pid" 2> /dev/null || true; done' EXIT
+    trap 'exit 130' INT TERM
+fi
+
+spawn() {  # NAME LOG FUNCTION ARGS...: stage NAME ..., in the background with PARALLEL=1
+    if [ "$PARALLEL" = 1 ]; then
+        SPAWNED[$1]=starting  # seen by the job: its stage prefixes its progress with its name
+        stage "$@" &
+        SPAWNED[$1]=$!
+    else
+        stage "$@"
+    fi
+}
+
+await() {  # NAME...: wait for these stages (nothing to wait for unless spawned); stop if one failed
+    local name
+    for name in "$@"; do
+        if [ -n "${SPAWNED[$name]:-}" ]; then
+            wait "${SPAWNED[$name]}" || exit 1  # the stage has said why
+            unset "SPAWNED[$name]"
+        fi
+    done
+}
 
 DATA=$WORK/data/data-bin
 LOW_DATA=$WORK/data/data-bin-low-resource
@@ -175,7 +211,6 @@ pair_table() {  # EXPERIMENT PAIRS MODELS PER_PAIR_MODELS COMPARISONS
 
 teacher() { echo "$WORK/teacher-$1/checkpoint_last.pt"; }
 checkpoint() { echo "$1=$WORK/$1/checkpoint_last.pt"; }
-want() { [[ " ${EXPERIMENTS[*]} " == *" $1 "* ]]; }
 kd=(--kd-alpha "$KD_ALPHA" --kd-temperature "$KD_TEMPERATURE")
 topk=(--kd-topk "$KD_TOPK")
 if [ "$KD_TOPK_STUDENT" != full ]; then topk+=(--kd-topk-student "$KD_TOPK_STUDENT"); fi

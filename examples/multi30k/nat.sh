@@ -25,6 +25,7 @@ SPEED_THREADS=${SPEED_THREADS:-1}
 
 STUDENTS=(student-no-kd student-word-kd student-seq-kd student-seq-word-kd)
 require_stages distill "${STUDENTS[@]/#/evaluate-}"
+require_current_students "${STUDENTS[@]}"
 for setting in NAT_UPDATES NAT_ITERATIONS NAT_LENGTHS SPEED_THREADS; do
     if ! [[ ${!setting} =~ ^[0-9]+$ ]] || { [ "$setting" != NAT_ITERATIONS ] && [ "${!setting}" -lt 1 ]; }; then
         echo "error: $setting must be an integer >= $([ "$setting" = NAT_ITERATIONS ] && echo 0 || echo 1), got '${!setting}'" >&2

@@ -15,6 +15,7 @@ set -euo pipefail
 PROGRESSION=${PROGRESSION:-transformer_student_small $STUDENT_ARCH}
 
 require_stages teacher student-word-kd evaluate-teacher evaluate-student-word-kd
+require_current_students student-word-kd
 
 last=${PROGRESSION##* }
 if [ "$last" != "$STUDENT_ARCH" ]; then

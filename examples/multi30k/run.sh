@@ -78,5 +78,5 @@ stage "evaluate-$DEPLOYED" "$WORK/results/$DEPLOYED.log" evaluate "$DEPLOYED" "$
 echo "[table] $WORK/results.md, $WORK/results.json"
 table "$WORK/results" teacher "${RUN_STUDENTS[@]}" "$DEPLOYED"
 echo "[learning curves] $WORK/results-curves.png"
-python "$ROOT/scripts/valid_curve.py" --every "$STUDENT_UPDATES" --plot "$WORK/results-curves.png" \
-    $(printf "$WORK/%s.log " teacher "${RUN_STUDENTS[@]}")
+work_files %s.log teacher "${RUN_STUDENTS[@]}"
+python "$ROOT/scripts/valid_curve.py" --every "$STUDENT_UPDATES" --plot "$WORK/results-curves.png" "${FILES[@]}"

@@ -50,7 +50,8 @@ then
     exit 1
 fi
 if [[ " ${STRATEGIES[*]} " == *" strategy-two-teachers"* ]] && [ -z "${SECOND_TEACHER:-}" ]; then
-    stage teacher-2 "$WORK/teacher-2.log" train_teacher "$WORK/teacher-2" --seed 2
+    # the teacher's command with the next seed: another initialisation and batch order
+    SEED=$((SEED + 1)) stage teacher-2 "$WORK/teacher-2.log" train_teacher "$WORK/teacher-2"
 fi
 TEACHERS=$TEACHER:${SECOND_TEACHER:-$WORK/teacher-2/$CHECKPOINT}
 
@@ -87,10 +88,14 @@ for name in "${STRATEGIES[@]}"; do
     fi
     stage "$name" "$WORK/$name.log" train_student "$name" "$DATA" "${flags[@]}"
 done
-# deep mutual learning yields two students: each peer is written out as a plain checkpoint and scored
+# deep mutual learning yields two students: each peer is written out as a plain checkpoint (beside the
+# training's directory, whose files the stage records hold) and scored; a stage stopped after the
+# extraction extracts again
 evaluate_peer() {  # NAME PEER
-    cmd python "$ROOT/scripts/extract_peer.py" "$WORK/$1/$CHECKPOINT" --peer "$2" --out "$WORK/$1/peer-$2.pt"
-    evaluate "$1-$2" "$WORK/$1/peer-$2.pt"
+    local peer=$WORK/$1-$2.pt
+    cmd rm -f "$peer"
+    cmd python "$ROOT/scripts/extract_peer.py" "$WORK/$1/$CHECKPOINT" --peer "$2" --out "$peer"
+    evaluate "$1-$2" "$peer"
 }
 mkdir -p "$WORK/results"
 scored=()
@@ -111,6 +116,6 @@ echo "[strategies tables] $WORK/strategies.md, $WORK/results/strategies.json, le
     table "$WORK/results/strategies" teacher student-no-kd student-word-kd "${scored[@]}"
     echo
     # the students' own valid NLL after the last update (of peer a for deep mutual learning)
-    python "$ROOT/scripts/valid_curve.py" --every "$STUDENT_UPDATES" --plot "$WORK/strategies-curves.png" \
-        $(printf "$WORK/%s.log " student-no-kd student-word-kd "${STRATEGIES[@]}")
+    work_files %s.log student-no-kd student-word-kd "${STRATEGIES[@]}"
+    python "$ROOT/scripts/valid_curve.py" --every "$STUDENT_UPDATES" --plot "$WORK/strategies-curves.png" "${FILES[@]}"
 } | tee "$WORK/strategies.md"

@@ -192,6 +192,11 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
                 "--kd-loss mi distils a teacher; deep mutual learning (--arch transformer_mutual*) uses the"
                 " symmetric KL between its peers: drop --kd-loss mi"
             )
+        if cfg.kd_topk and self.mutual:
+            raise FairseqKDError(
+                f"--kd-topk {cfg.kd_topk} keeps a teacher's top k; deep mutual learning (--arch transformer_mutual*)"
+                " distils each peer's full distribution into the other: drop --kd-topk"
+            )
         self.word_kd = WordKD(cfg, self.teachers, len(task.target_dictionary), self.padding_idx, self.ignore_prefix_size)
         if self.alpha.largest > 0 and self.teachers and self.temperature.largest > 1 and self.word_kd.asks_for_a_zero_tail:
             # at T > 1 the teacher's real distribution spreads beyond its top k

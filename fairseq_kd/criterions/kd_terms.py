@@ -177,6 +177,12 @@ class LayerKD(torch.nn.Module):
                 f" {len(teachers.models)}; a --teacher-topk-cache holds no hidden states, and a multilingual student"
                 " has a teacher per language pair)"
             )
+        if student.layer_drop:
+            raise FairseqKDError(
+                "intermediate-layer KD pairs fixed student layers with teacher layers, and"
+                f" --encoder-layerdrop/--decoder-layerdrop ({student.layer_drop:g}) skip student layers at random:"
+                " set them to 0"
+            )
         teacher_widths = layer_widths(teacher, "teacher")
         self.pairs = parse_layer_map(cfg.kd_hidden_map, student.layers, layer_counts(teacher, "teacher"))
         if self.weights["kd_attn_loss"] > 0:

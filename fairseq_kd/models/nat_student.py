@@ -29,17 +29,18 @@ class NATStudentChecks:
                 f"--arch {args.arch} is non-autoregressive: it trains and decodes with --task translation_lev"
                 f" --noise {cls.NOISE} (and --criterion nat_loss), not --task {getattr(args, 'task', '?')}"
             )
-        return super().build_model(args, task)
+        model = super().build_model(args, task)
+        # checked when training: a decoding task has no use for --noise (and keeps its default)
+        model.task_noise = str(task.cfg.noise)
+        return model
 
     def forward(self, src_tokens, src_lengths, prev_output_tokens, tgt_tokens, **kwargs):
-        # translation_lev's noise builds prev_output_tokens from the references; the wrong one trains
-        # on inputs the model never sees at decoding (or fails on their shapes)
-        masked = prev_output_tokens.eq(self.unk)
-        same_shape = prev_output_tokens.shape == tgt_tokens.shape
-        if self.training and not (same_shape and self.noise_matches(masked, tgt_tokens)):
+        # translation_lev's noise builds prev_output_tokens from the references; another one trains on
+        # inputs the model never sees at decoding (or fails on their shapes)
+        if self.training and self.task_noise != self.NOISE:
             raise FairseqKDError(
                 f"--arch {self.args.arch} trains with --noise {self.NOISE} (its decoder inputs made from the references"
-                f" that way), but the task's --noise gives other inputs; set --noise {self.NOISE}"
+                f" that way), but the task's --noise is {self.task_noise}; set --noise {self.NOISE}"
             )
         return super().forward(src_tokens, src_lengths, prev_output_tokens, tgt_tokens, **kwargs)
 
@@ -51,9 +52,6 @@ class CMLMStudentModel(NATStudentChecks, CMLMNATransformerModel):
 
     NOISE = "random_mask"
 
-    def noise_matches(self, masked, tgt_tokens):
-        return bool(masked.any())
-
 
 @register_model("nonautoregressive_transformer_student")
 class NATStudentModel(NATStudentChecks, NATransformerModel):
@@ -61,10 +59,6 @@ class NATStudentModel(NATStudentChecks, NATransformerModel):
     input, in one pass."""
 
     NOISE = "full_mask"
-
-    def noise_matches(self, masked, tgt_tokens):
-        special = tgt_tokens.eq(self.pad) | tgt_tokens.eq(self.bos) | tgt_tokens.eq(self.eos)
-        return bool((masked | special).all())
 
 
 def nat_student_tiny(args):

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
+from fairseq import utils
 
 from fairseq_kd.errors import FairseqKDError
-from fairseq_kd.features import attention_heads, layer_counts, layer_widths
+from fairseq_kd.features import attention_heads, layer_counts, layer_drop, layer_widths
 from fairseq_kd.models.transformer_mutual import TransformerMutualModel
 from fairseq_kd.teachers import Teachers
 
@@ -44,13 +45,14 @@ def check_cpu_bf16(cpu_bf16, cpu):
 @dataclass
 class Student:
     """The student as the criterion's terms see it: whether it is a pair of mutual-learning peers, and
-    its encoder and decoder layer counts, widths and attention heads (None for models without fairseq
-    Transformer layer stacks)."""
+    its encoder and decoder layer counts, widths and attention heads, and the probability of skipping a
+    layer in training (None for models without fairseq Transformer layer stacks)."""
 
     mutual: bool
     layers: Optional[Dict[str, int]] = None
     widths: Optional[Dict[str, int]] = None
     heads: Optional[Dict[str, int]] = None
+    layer_drop: Optional[float] = None
 
 
 class DistillationTaskMixin:
@@ -83,7 +85,7 @@ class DistillationTaskMixin:
             )
         if hasattr(model, "encoder") and hasattr(model.encoder, "layers"):  # a fairseq Transformer
             self.student = Student(mutual, layer_counts(model, "student"), layer_widths(model, "student"),
-                                   attention_heads(model))
+                                   attention_heads(model), layer_drop(model, "student"))
         else:
             self.student = Student(mutual)
         if self.options.init_student_from_teacher != "none" and not from_checkpoint:
@@ -134,6 +136,11 @@ class DistillationTaskMixin:
     def valid_step(self, sample, model, criterion):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.options.cpu_bf16):
             return super().valid_step(sample, model, criterion)
+
+    def max_positions(self):
+        """The base task's length limits within every teacher's, so that fairseq drops from training (and
+        refuses in validation) the pairs a teacher run online cannot read."""
+        return utils.resolve_max_positions(super().max_positions(), *(t.max_positions() for t in self.teachers.models))
 
 
 def fairseq_train_early_stopping():
