@@ -66,7 +66,7 @@ def test_mutual_information_kd_that_would_not_fit_in_memory_is_refused(data_bin,
     build(data_bin, "--teacher-path", teacher, "--kd-loss", "mi", "--max-tokens", 300)  # the defaults fit
 
 
-def test_a_resume_refuses_other_kd_settings_and_keeps_its_schedule_end(data_bin, teacher, weak_teacher, tmp_path):
+def test_a_resume_refuses_other_kd_settings_and_keeps_its_schedule_end(data_bin, teacher, tmp_path):
     kd = ("--task", "translation_distillation", "--teacher-path", teacher, "--kd-alpha", "0.9", "--kd-alpha-schedule",
           "linear", "--kd-alpha-final", "0.1")
     train_student(data_bin, tmp_path, *kd, "--max-update", "4")
@@ -75,11 +75,9 @@ def test_a_resume_refuses_other_kd_settings_and_keeps_its_schedule_end(data_bin,
         build(data_bin, *resume[:-4], "--kd-alpha-final", 0.3, "--save-dir", tmp_path, "--max-update", 8)
     with pytest.raises(FairseqKDError, match=r"--kd-hidden-weight 0.0 -> 1.0"):
         build(data_bin, *resume, "--kd-hidden-weight", 1, "--max-update", 8)
-    with pytest.raises(FairseqKDError, match=r"--teacher-weighting fixed -> confidence"):  # the task's, too
+    with pytest.raises(FairseqKDError, match=r"\(--teacher-weighting fixed -> confidence\)"):  # the task's, too
         build(data_bin, "--teacher-path", f"{teacher}:{teacher}", "--teacher-weighting", "confidence", *kd[4:],
               "--save-dir", tmp_path, "--max-update", 8)
-    with pytest.raises(FairseqKDError, match=rf"\(--teacher-path {teacher} -> {weak_teacher}\)"):  # another teacher
-        build(data_bin, "--teacher-path", weak_teacher, *kd[4:], "--save-dir", tmp_path, "--max-update", 8)
     _, _, criterion = build(data_bin, *resume, "--max-update", 8)
     assert criterion.alpha.updates == 4  # the schedule ends where the first run's ended
     train_student(data_bin, tmp_path, *kd, "--max-update", "6")  # resumed once: its checkpoints say 6 updates...

@@ -58,7 +58,7 @@ def test_nat_student_trains_on_the_distilled_corpus_and_decodes_with_stock_fairs
         refused = run("fairseq-train", distilled, "--user-dir", PLUGIN, "--task", "translation_distillation",
                       "--teacher-path", save_dir / "checkpoint_last.pt", "--arch", "transformer_student_tiny",
                       "--criterion", "kd_label_smoothed_cross_entropy", "--kd-alpha", "0.5", "--max-update", "1",
-                      "--cpu", "--save-dir", tmp_path / "student", expect_ok=False)
+                      "--max-tokens", "300", "--cpu", "--save-dir", tmp_path / "student", expect_ok=False)
         assert f"fairseq_kd: error: teacher {save_dir / 'checkpoint_last.pt'}: its model (--arch {arch}) is non-autoregressive" in refused.stderr
 
 
@@ -68,7 +68,8 @@ def test_nat_student_trains_on_the_distilled_corpus_and_decodes_with_stock_fairs
      " --noise random_mask"),
     (["--noise", "random_delete"], "--arch cmlm_transformer_student_tiny trains with --noise random_mask"),
     # every target position masked: decoder inputs of the same shape, which Mask-Predict never sees
-    (["--noise", "full_mask"], "but the task's --noise is full_mask; set --noise random_mask"),
+    (["--noise", "full_mask"], "--arch cmlm_transformer_student_tiny trains with --noise random_mask (its decoder inputs"
+                               " made from the references that way), but the task's --noise is full_mask"),
 ])
 def test_nat_student_refuses_a_task_that_does_not_feed_it(data_bin, tmp_path, flags, message):
     proc = run("fairseq-train", data_bin, *NAT_FLAGS, "--arch", "cmlm_transformer_student_tiny", "--max-update", "2",

@@ -25,7 +25,6 @@ SPEED_THREADS=${SPEED_THREADS:-1}
 
 STUDENTS=(student-no-kd student-word-kd student-seq-kd student-seq-word-kd)
 require_stages distill "${STUDENTS[@]/#/evaluate-}"
-require_current_students "${STUDENTS[@]}"
 for setting in NAT_UPDATES NAT_ITERATIONS NAT_LENGTHS SPEED_THREADS; do
     if ! [[ ${!setting} =~ ^[0-9]+$ ]] || { [ "$setting" != NAT_ITERATIONS ] && [ "${!setting}" -lt 1 ]; }; then
         echo "error: $setting must be an integer >= $([ "$setting" = NAT_ITERATIONS ] && echo 0 || echo 1), got '${!setting}'" >&2
@@ -46,6 +45,7 @@ for lang in "$SRC" "$TGT"; do
         exit 1
     fi
 done
+require_current_students "${STUDENTS[@]}"
 
 # CMLM learns from partly masked references, vanilla NAT from fully masked ones
 train_nat() {  # NAME ARCH DATA_BIN

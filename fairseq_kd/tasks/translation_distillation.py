@@ -80,9 +80,7 @@ class TranslationDistillationTask(DistillationTaskMixin, TranslationTask):
                                       cfg.teacher_topk_cache)
 
     def resumed_settings(self):
-        # whom the student learns from, and a mixture's weighting
-        return {"teacher_weighting": self.teachers.weighting,
-                **{name: getattr(self.cfg, name) for name in ("teacher_path", "teacher_weights", "teacher_topk_cache")}}
+        return {"teacher_weighting": self.teachers.weighting}  # a mixture's weighting
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         super().load_dataset(split, epoch, combine, **kwargs)

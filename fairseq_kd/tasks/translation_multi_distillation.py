@@ -39,8 +39,8 @@ logger = logging.getLogger(__name__)
 
 THRESHOLD_METRICS = ("none", "bleu", "loss")
 # the options a resumed run must keep
-RESUMED_OPTIONS = ("teacher_paths", "teacher_topk_caches", "kd_pair_weights", "kd_threshold", "kd_threshold_margin",
-                   "kd_threshold_interval", "kd_threshold_post_process", "teacher_source_lang")
+RESUMED_OPTIONS = ("kd_pair_weights", "kd_threshold", "kd_threshold_margin", "kd_threshold_interval",
+                   "kd_threshold_post_process", "teacher_source_lang")
 
 
 def parse_pair_values(text, option, lang_pairs, parse):
