@@ -8,6 +8,7 @@ import argparse
 import hashlib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -157,17 +158,24 @@ def resumed_checkpoint_path(save_dir, restore_file, suffix, continue_once):
     return restore_file.replace(".pt", suffix + ".pt") if suffix else restore_file
 
 
-def check_resumed_settings(current, path, reset_optimizer, allow_changes):
+def check_resumed_settings(current, path, reset_optimizer, allow_changes, task_state=None):
     """When ``fairseq-train`` is about to resume from ``path`` (``resumed_checkpoint_path``) without
     ``--reset-optimizer``, compare the options ``current`` ({config section: {name: value}}) with
-    those the checkpoint was trained with: a difference is refused in one line, or with ``allow_changes``
-    logged. Returns the checkpoint, ``(config, state)``, or None for a fresh run."""
+    those the checkpoint was trained with, and ``task_state`` (the task's class name and a function
+    returning {name: value}, called on a resume only) with what the task kept in the checkpoint
+    (``saved_task_state``; a value it did not keep is not compared): a difference is refused in one line,
+    or with ``allow_changes`` logged. Returns the checkpoint, ``(config, state)``, or None for a fresh run."""
     if reset_optimizer or not os.path.isfile(path):
         return None
     cfg, state = read_checkpoint(path, "--restore-file")
     changed = [f"--{name.replace('_', '-')} {saved_option(cfg, section, name)} -> {value}"
                for section, options in current.items() for name, value in options.items()
                if str(saved_option(cfg, section, name)) != str(value)]
+    if task_state is not None:
+        task_name, current_state = task_state
+        saved = saved_task_state(state, task_name)
+        changed += [f"{name} {abbreviate_sha256(saved[name])} -> {abbreviate_sha256(value)}"
+                    for name, value in current_state().items() if saved.get(name) not in (None, value)]
     if changed and not allow_changes:
         raise FairseqKDError(
             f"{path} was trained with other distillation settings ({'; '.join(changed)}): resuming would mix two"
@@ -177,6 +185,16 @@ def check_resumed_settings(current, path, reset_optimizer, allow_changes):
     for change in changed:
         logger.warning(f"resuming {path} with a changed setting (--kd-allow-changed-settings): {change}")
     return cfg, state
+
+
+def saved_task_state(checkpoint, task_name):
+    """What a task's ``get_checkpoint_dict`` kept in a checkpoint (its state dict), {} if nothing."""
+    return (checkpoint.get("extra_state") or {}).get(task_name) or {}
+
+
+def abbreviate_sha256(value):
+    """``value`` as text, each sha256 in it cut to its first 12 digits (enough to tell files apart)."""
+    return re.sub(r"\b([0-9a-f]{12})[0-9a-f]{52}\b", r"\1", str(value))
 
 
 def saved_option(cfg, section, name):

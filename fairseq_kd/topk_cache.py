@@ -93,6 +93,11 @@ def read_manifest(directory):
     return manifest
 
 
+def teachers_built_from(directory):
+    """The sha256 of each teacher checkpoint the cache in ``directory`` was built from."""
+    return [teacher["sha256"] for teacher in read_manifest(directory)["teachers"]]
+
+
 def open_shard_file(prefix, name, checksum, sentences):
     """One of a shard's indexed datasets, after checking that its data file is the one the build wrote."""
     path = data_file_path(f"{prefix}.{name}")

@@ -75,7 +75,7 @@ def test_a_resume_refuses_other_kd_settings_and_keeps_its_schedule_end(data_bin,
         build(data_bin, *resume[:-4], "--kd-alpha-final", 0.3, "--save-dir", tmp_path, "--max-update", 8)
     with pytest.raises(FairseqKDError, match=r"--kd-hidden-weight 0.0 -> 1.0"):
         build(data_bin, *resume, "--kd-hidden-weight", 1, "--max-update", 8)
-    with pytest.raises(FairseqKDError, match=r"\(--teacher-weighting fixed -> confidence\)"):  # the task's, too
+    with pytest.raises(FairseqKDError, match=r"\(--teacher-weighting fixed -> confidence; teachers"):  # the task's, too
         build(data_bin, "--teacher-path", f"{teacher}:{teacher}", "--teacher-weighting", "confidence", *kd[4:],
               "--save-dir", tmp_path, "--max-update", 8)
     _, _, criterion = build(data_bin, *resume, "--max-update", 8)
@@ -91,6 +91,23 @@ def test_a_resume_refuses_other_kd_settings_and_keeps_its_schedule_end(data_bin,
     assert fresh.alpha.updates == 8  # --reset-optimizer starts the schedules afresh
     proc = train_student(data_bin, tmp_path, *kd[:-1], "0.3", "--max-update", "8", expect_ok=False)
     assert proc.returncode != 0 and "fairseq_kd: error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_resume_refuses_another_teacher_under_the_same_path(data_bin, teacher, tmp_path):
+    # a teacher retrained into the same file: only its content tells the runs apart
+    shutil.copytree(teacher.parent, tmp_path / "teacher")
+    retrained = tmp_path / "teacher" / teacher.name
+    kd = ("--teacher-path", retrained, "--kd-alpha", "0.5")
+    train_student(data_bin, tmp_path / "student", "--task", "translation_distillation", *kd, "--max-update", "2")
+    resume = (*kd, "--save-dir", tmp_path / "student", "--max-update", 4)
+    build(data_bin, *resume)  # the same teacher resumes
+    state = torch.load(retrained, weights_only=False)
+    state["model"]["decoder.layers.0.fc1.bias"] += 0.1
+    torch.save(state, retrained)
+    with pytest.raises(FairseqKDError, match=r"other distillation settings \(teachers \['[0-9a-f]{12}'\] ->"
+                                             r" \['[0-9a-f]{12}'\]\)"):
+        build(data_bin, *resume)
+    build(data_bin, *resume, "--kd-allow-changed-settings")
 
 
 def test_a_resume_with_a_checkpoint_suffix_is_checked_against_that_checkpoint(data_bin, teacher, tmp_path):
@@ -177,8 +194,12 @@ def test_any_kd_options_train_a_step_or_fail_in_one_line(data_bin, teacher, alph
     """A property over the criterion's options: either a training step runs with a finite loss and
     gradients, or the options are refused with a FairseqKDError (the one-line error) before training."""
     options = {"kd-alpha": alpha, "kd-temperature": temperature, "kd-topk": topk, "kd-loss": loss,
-               "kd-mi-negatives": negatives, "kd-alpha-schedule": alpha_schedule, "kd-selection": selection,
-               "kd-selection-rate": rate, "kd-hidden-weight": hidden, "kd-schedule-updates": schedule_updates}
+               "kd-alpha-schedule": alpha_schedule, "kd-selection": selection, "kd-hidden-weight": hidden,
+               "kd-schedule-updates": schedule_updates}
+    if loss == "mi":  # each option of a term off is refused (test_criterion_and_task.py)
+        options["kd-mi-negatives"] = negatives
+    if selection != "none":
+        options["kd-selection-rate"] = rate
     if alpha_final is not None:
         options["kd-alpha-final"] = alpha_final
     flags = ["--teacher-path", teacher, *(f"--{name}={value}" for name, value in options.items())]

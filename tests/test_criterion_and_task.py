@@ -246,6 +246,13 @@ def test_teacher_options_are_refused_for_mutual_learning(data_bin, flags, messag
         (["--kd-selection", "batch", "--kd-selection-rate", "0"], "--kd-selection-rate must be in (0, 1]"),
         (["--kd-selection", "global", "--kd-selection-queue-size", "0"], "--kd-selection-queue-size must be > 0"),
         (["--kd-loss", "mi", "--kd-mi-negatives", "0"], "--kd-mi-negatives must be > 0"),
+        # an option of a term left off
+        (["--kd-selection-rate", "0.3"], "--kd-selection-rate 0.3 has no effect without --kd-selection batch or"),
+        (["--kd-selection", "batch", "--kd-selection-queue-size", "9"], "queue-size 9 has no effect without --kd-selection global"),
+        (["--kd-mi-negatives", "7"], "--kd-mi-negatives 7 has no effect without --kd-loss mi"),
+        (["--kd-hidden-distance", "cosine", "--kd-attn-weight", "1"], "cosine has no effect without --kd-hidden-weight > 0"),
+        (["--kd-attn-distance", "mse", "--kd-hidden-weight", "1"], "mse has no effect without --kd-attn-weight > 0"),
+        (["--kd-hidden-map", "enc:0-0"], "--kd-hidden-map enc:0-0 has no effect without --kd-hidden-weight, --kd-relation"),
         # not-a-number and infinity fail every range check
         (["--kd-temperature", "nan"], "--kd-temperature must be > 0 and finite, got nan"),
         (["--kd-temperature", "inf"], "--kd-temperature must be > 0 and finite, got inf"),

@@ -9,6 +9,7 @@ from fairseq import checkpoint_utils, options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from conftest import PLUGIN, TINY_TRANSFORMER, TRAIN_FLAGS, run
+from fairseq_kd.checkpoints import sha256
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.kd_losses import kd_mi_loss
 from fairseq_kd.teachers import PairTeachers
@@ -194,6 +195,9 @@ def test_cache_is_keyed_by_pair_and_equals_the_teachers(ml_data, ml_teachers, ml
     distilled = online.teachers.position_weights(sample).gt(0) & sample["target"].ne(1)
     assert torch.equal(ids[distilled], cached_ids[distilled])
     assert torch.allclose(values[distilled], cached_values[distilled], atol=2e-3)  # stored as float16
+    # a resume checks the teachers by content: the caches are the same teachers, per pair
+    assert cached.resumed_state() == online.resumed_state() == {"teachers": {
+        pair: [sha256(ml_teachers[pair])] for pair in ("en-de", "en-fr")}}
     with pytest.raises(FairseqKDError, match="the cache holds the en-fr teacher's top-k; build one for en-de"):
         build(ml_data, "--teacher-topk-caches", f"en-de:{ml_caches['en-fr']}", "--kd-topk", 4)[0].load_dataset("valid")
 

@@ -5,6 +5,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -103,19 +104,23 @@ def test_sigkill_mid_epoch_then_resume_loses_nothing(data_bin, teacher, tmp_path
         torch.testing.assert_close(restarted[key], straight[key], msg=key)
 
 
-def test_resumed_run_stops_early_where_an_uninterrupted_one_does(data_bin, tmp_path):
+@pytest.mark.parametrize("entry_point", ["fairseq-train", "python -m fairseq_cli.train"])
+def test_resumed_run_stops_early_where_an_uninterrupted_one_does(data_bin, tmp_path, entry_point):
     """fairseq-train keeps --patience's count in memory only; the task saves it with each checkpoint. Here the
     best validation "score" is the highest loss, so epoch 1 is the best of a loss that falls every epoch, and
     patience 2 stops after epoch 3, whether or not the run was cut after epoch 2 (restarting the count would
     take epoch 3 as the best and stop after epoch 5)."""
     flags = ["--kd-alpha", "0", "--patience", "2", "--maximize-best-checkpoint-metric"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def command(*extra):
+        command = student_command(data_bin, tmp_path / "cut", *flags, *extra)
+        return command if entry_point == "fairseq-train" else [sys.executable, "-m", "fairseq_cli.train", *command[1:]]
+
     straight = subprocess.run(student_command(data_bin, tmp_path / "straight", *flags, "--max-epoch", "8"),
                               capture_output=True, text=True, env=env)
-    subprocess.run(student_command(data_bin, tmp_path / "cut", *flags, "--max-epoch", "2"), check=True,
-                   capture_output=True, env=env)
-    resumed = subprocess.run(student_command(data_bin, tmp_path / "cut", *flags, "--max-epoch", "8"),
-                             capture_output=True, text=True, env=env)
+    subprocess.run(command("--max-epoch", "2"), check=True, capture_output=True, env=env)
+    resumed = subprocess.run(command("--max-epoch", "8"), capture_output=True, text=True, env=env)
     losses = [float(loss) for loss in re.findall(r"\| valid on 'valid' subset \| loss ([\d.]+)", straight.stdout)]
     assert losses == sorted(losses, reverse=True) and len(losses) == 3, straight.stdout[-3000:]
     assert "early stop since valid performance hasn't improved for last 2 runs" in resumed.stdout

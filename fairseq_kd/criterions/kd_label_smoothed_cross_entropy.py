@@ -162,6 +162,26 @@ class KDLabelSmoothedCrossEntropyCriterionConfig(LabelSmoothedCrossEntropyCriter
     reset_optimizer: bool = II("checkpoint.reset_optimizer")
 
 
+def check_options_in_use(cfg):
+    """An option set away from its default that only a term switched off reads (a forgotten --kd-selection,
+    a weight left at 0) would train something else without a word: refused, as --kd-NAME-final is with a
+    constant schedule."""
+    layer_kd = cfg.kd_hidden_weight > 0 or cfg.kd_relation_weight > 0 or cfg.kd_attn_weight > 0
+    read_only_with = {
+        "kd_mi_negatives": ("--kd-loss mi", str(cfg.kd_loss) == "mi"),
+        "kd_selection_rate": ("--kd-selection batch or global", str(cfg.kd_selection) != "none"),
+        "kd_selection_queue_size": ("--kd-selection global", str(cfg.kd_selection) == "global"),
+        "kd_hidden_distance": ("--kd-hidden-weight > 0", cfg.kd_hidden_weight > 0),
+        "kd_attn_distance": ("--kd-attn-weight > 0", cfg.kd_attn_weight > 0),
+        "kd_hidden_map": ("--kd-hidden-weight, --kd-relation-weight or --kd-attn-weight > 0", layer_kd),
+    }
+    for name, (needed, in_use) in read_only_with.items():
+        value, default = getattr(cfg, name), getattr(KDLabelSmoothedCrossEntropyCriterionConfig, name)
+        if not in_use and str(value) != str(default):
+            option = "--" + name.replace("_", "-")
+            raise FairseqKDError(f"{option} {value} has no effect without {needed}: add that, or drop {option}")
+
+
 @register_criterion("kd_label_smoothed_cross_entropy", dataclass=KDLabelSmoothedCrossEntropyCriterionConfig)
 class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     """Label-smoothed cross-entropy plus KD from the teachers of a distillation task (see the module)."""
@@ -207,6 +227,7 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             )
         self.selection = TokenSelection(cfg.kd_selection, cfg.kd_selection_rate, cfg.kd_selection_queue_size)
         self.layer_kd = LayerKD(cfg, self.teachers, student, self.padding_idx)
+        check_options_in_use(cfg)
         self.learned_mixture = self.teachers.weighting == "learned"
         if self.learned_mixture:
             # trained by fairseq's optimizer with the student and saved in its checkpoints' criterion state
@@ -216,18 +237,19 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         """The update at which the alpha/T schedules end. A resumed run keeps the end its first run started
         with (a distillation task keeps it in the checkpoints), so that a larger --max-update extends training
         at the final values instead of stretching the schedules backwards, however often it is resumed; any
-        other changed --kd-* option, or one of the task's resumed_settings(), is refused
-        (checkpoints.check_resumed_settings)."""
+        other changed --kd-* option, one of the task's resumed_settings(), or its teachers (resumed_state()), is
+        refused (checkpoints.check_resumed_settings)."""
         settings = {name: getattr(cfg, name) for name in cfg if name.startswith("kd_")
                     and name not in ("kd_allow_changed_settings", "kd_schedule_updates")}
         settings["label_smoothing"] = cfg.label_smoothing
         if cfg.kd_schedule_updates:
             settings["kd_schedule_updates"] = cfg.kd_schedule_updates
-        current = {"criterion": settings}
+        current, task_state = {"criterion": settings}, None
         if isinstance(self.task, DistillationTaskMixin):
             current["task"] = self.task.resumed_settings()
+            task_state = (type(self.task).__name__, self.task.resumed_state)
         resumed = resumed_checkpoint_path(cfg.save_dir, cfg.restore_file, cfg.checkpoint_suffix, cfg.continue_once)
-        saved = check_resumed_settings(current, resumed, cfg.reset_optimizer, cfg.kd_allow_changed_settings)
+        saved = check_resumed_settings(current, resumed, cfg.reset_optimizer, cfg.kd_allow_changed_settings, task_state)
         if saved is None or cfg.kd_schedule_updates:
             return cfg.kd_schedule_updates or cfg.max_update
         saved_cfg, state = saved

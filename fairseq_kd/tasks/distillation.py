@@ -4,11 +4,14 @@
 - ``student``: a ``Student`` describing the model ``build_model`` built (None before);
 - ``num_updates``: the update count of the latest training step, which the criterion's schedules follow;
 - ``kd_schedule_end``: the update at which they end, which the criterion sets and the task keeps in its
-  checkpoints (``saved_kd_schedule_end``): every resume of a run keeps its first run's end.
+  checkpoints (``saved_kd_schedule_end``): every resume of a run keeps its first run's end;
+- ``teachers_sha256``: the teachers' checkpoints by content, kept in its checkpoints: a resume with other
+  teachers is refused like one with other options (``resumed_state``).
 
 Its checkpoints also hold fairseq-train's early-stopping count (--patience), which fairseq keeps only in
 memory: a resumed run stops where the uninterrupted one would have.
 """
+import functools
 import sys
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -16,6 +19,7 @@ from typing import Dict, Optional
 import torch
 from fairseq import utils
 
+from fairseq_kd.checkpoints import saved_task_state
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.features import attention_heads, layer_counts, layer_drop, layer_widths
 from fairseq_kd.models.transformer_mutual import TransformerMutualModel
@@ -58,7 +62,7 @@ class Student:
 class DistillationTaskMixin:
     """Mixed into a fairseq task before it (``class T(DistillationTaskMixin, TranslationTask)``); the task's
     ``__init__`` sets ``self.teachers`` (``Teachers`` or ``PairTeachers``), its options have
-    ``init_student_from_teacher`` and ``cpu_bf16``."""
+    ``init_student_from_teacher`` and ``cpu_bf16``, and it defines ``teachers_sha256``."""
 
     teachers: Teachers
     student: Optional[Student] = None
@@ -74,6 +78,19 @@ class DistillationTaskMixin:
         """The task's options that a resumed run must keep ({name: value}), which the criterion checks with
         its own (``checkpoints.check_resumed_settings``)."""
         return {}
+
+    @functools.cached_property
+    def teachers_sha256(self):
+        """The sha256 of each teacher checkpoint (of a cache: those it was built from); empty without
+        teachers."""
+        raise NotImplementedError
+
+    def resumed_state(self):
+        """What a resumed run must find again that its options do not say ({name: value}), kept in the
+        checkpoints: the teachers by content, since a retrained teacher under the same path (or the cache of
+        another) would continue the run with another teacher. A cache and the teachers it was built from are
+        the same teachers."""
+        return {"teachers": self.teachers_sha256} if self.teachers_sha256 else {}
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
@@ -109,7 +126,7 @@ class DistillationTaskMixin:
 
     def get_checkpoint_dict(self):
         """What fairseq saves for the task in each checkpoint (``extra_state[task class name]``)."""
-        state = {}
+        state = self.resumed_state()
         if self.kd_schedule_end is not None:
             state["kd_schedule_end"] = self.kd_schedule_end
         early_stopping = fairseq_train_early_stopping()
@@ -120,7 +137,7 @@ class DistillationTaskMixin:
     @classmethod
     def saved_kd_schedule_end(cls, checkpoint):
         """The ``kd_schedule_end`` a checkpoint (its state dict) kept, or None."""
-        return (checkpoint.get("extra_state") or {}).get(cls.__name__, {}).get("kd_schedule_end")
+        return saved_task_state(checkpoint, cls.__name__).get("kd_schedule_end")
 
     def set_checkpoint_dict(self, state):
         """Restores a resumed run's early-stopping count, but only where fairseq restored the best score
@@ -145,5 +162,9 @@ class DistillationTaskMixin:
 
 def fairseq_train_early_stopping():
     """fairseq-train's ``should_stop_early``, which keeps the best validation score and the validations since
-    in attributes of itself (None outside fairseq-train: nothing to save or restore)."""
-    return getattr(sys.modules.get("fairseq_cli.train"), "should_stop_early", None)
+    in attributes of itself (None outside fairseq-train: nothing to save or restore). ``python -m
+    fairseq_cli.train`` runs the module as ``__main__``."""
+    for module in (sys.modules.get("__main__"), sys.modules.get("fairseq_cli.train")):
+        if getattr(getattr(module, "__spec__", None), "name", None) == "fairseq_cli.train":
+            return getattr(module, "should_stop_early", None)
+    return None

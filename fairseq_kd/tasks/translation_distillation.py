@@ -1,4 +1,5 @@
 """``translation_distillation``: fairseq's ``translation`` plus the teachers a student distils from."""
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -9,9 +10,11 @@ from omegaconf import II
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+from fairseq_kd.checkpoints import sha256
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.tasks.distillation import DistillationTaskMixin, check_cpu_bf16
 from fairseq_kd.teachers import TEACHER_WEIGHTINGS, Teachers
+from fairseq_kd.topk_cache import teachers_built_from
 
 @dataclass
 class TranslationDistillationConfig(TranslationConfig):
@@ -81,6 +84,12 @@ class TranslationDistillationTask(DistillationTaskMixin, TranslationTask):
 
     def resumed_settings(self):
         return {"teacher_weighting": self.teachers.weighting}  # a mixture's weighting
+
+    @functools.cached_property
+    def teachers_sha256(self):
+        if self.cfg.teacher_topk_cache:
+            return teachers_built_from(self.cfg.teacher_topk_cache)
+        return [sha256(path) for path in utils.split_paths(self.cfg.teacher_path)] if self.cfg.teacher_path else []
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         super().load_dataset(split, epoch, combine, **kwargs)

@@ -12,6 +12,7 @@ student beats its teacher on that pair's validation data (Tan et al., 2019). ``-
 lets a teacher teach a pair whose source language it cannot read, from the same sentences in its own
 source language (cross-lingual, pivot KD).
 """
+import functools
 import logging
 import os
 
@@ -33,7 +34,7 @@ from fairseq_kd.inference import check_post_process
 from fairseq_kd.tasks.distillation import DistillationTaskMixin, check_cpu_bf16
 from fairseq_kd.tasks.translation_distillation import check_save_dir
 from fairseq_kd.teachers import PairTeachers, Teachers, load_teacher
-from fairseq_kd.topk_cache import TopKCache, TopKCacheDataset, collate_topk, read_manifest
+from fairseq_kd.topk_cache import TopKCache, TopKCacheDataset, collate_topk, read_manifest, teachers_built_from
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +218,14 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
     def resumed_settings(self):
         return {name: getattr(self.args, name) for name in RESUMED_OPTIONS}  # its per-pair KD control
 
+    @functools.cached_property
+    def teachers_sha256(self):
+        """{pair: the sha256 of its teacher (of its cache: those it was built from)}, for the taught pairs."""
+        checksums = {pair: [sha256(path)] for pair, path in self.teacher_paths.items()}
+        checksums.update({self.lang_pairs[index]: teachers_built_from(directory)
+                          for index, directory in self.cache_dirs.items()})
+        return checksums
+
     def load_teachers(self, args):
         if args.teacher_paths and args.teacher_topk_caches and args.kd_threshold == "none":
             raise FairseqKDError(
@@ -385,8 +394,7 @@ def check_caches_built_from_teachers(caches, paths):
     """--kd-threshold with both --teacher-paths and --teacher-topk-caches (the same pairs): each cache built
     from that pair's teacher (the checkpoint hash its manifest records)."""
     for pair, directory in caches.items():
-        built_from = [teacher["sha256"] for teacher in read_manifest(directory)["teachers"]]
-        if built_from != [sha256(paths[pair])]:
+        if teachers_built_from(directory) != [sha256(paths[pair])]:
             raise FairseqKDError(
                 f"--teacher-topk-caches {pair}:{directory} was built from another teacher than --teacher-paths"
                 f" {pair}:{paths[pair]}; give the teacher the cache was built from, or rebuild the cache from it"
@@ -430,7 +438,7 @@ class ThresholdControl:
         self.measured_with = {
             "metric": self.metric, "split": self.split,
             "post_process": self.post_process if self.metric == "bleu" else None,
-            "teachers": {pair: sha256(task.teacher_paths[pair]) for pair in self.pairs.values()},
+            "teachers": {pair: task.teachers_sha256[pair] for pair in self.pairs.values()},
         }
 
     def state_dict(self):
