@@ -25,7 +25,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.logging import progress_bar
 from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
 
-from fairseq_kd.checkpoints import sha256
+from fairseq_kd.checkpoints import load_split, sha256
 from fairseq_kd.errors import FairseqKDError, make_writable_directory
 from fairseq_kd.teachers import TEACHER_WEIGHTINGS, Teachers
 from fairseq_kd.topk_cache import FORMAT_VERSION, MANIFEST, dictionary_fingerprint, shard_prefix, shard_range, split_fingerprint
@@ -271,17 +271,7 @@ def main(argv=None):
     # every split is loaded and checked before the first shard is built
     src, tgt = langs or (task.cfg.source_lang, task.cfg.target_lang)
     for split in splits:
-        # fairseq cannot open an empty binarized split (memory-mapping an empty file fails)
-        sources = [os.path.join(utils.split_paths(args.data)[0], f"{split}.{pair}.{src}.bin") for pair in (f"{src}-{tgt}", f"{tgt}-{src}")]
-        if any(os.path.isfile(source) and os.path.getsize(source) == 0 for source in sources):
-            raise FairseqKDError(f"--splits: split '{split}' of {args.data} has no sentences; leave it out, or binarize a non-empty one")
-        try:
-            task.load_dataset(split)
-        except FileNotFoundError:
-            raise FairseqKDError(
-                f"--splits: {args.data} has no split '{split}' for {src}-{tgt};"
-                " name binarized splits (train, valid, test, ...)"
-            ) from None
+        load_split(task, split, args.data, src, tgt, "--splits")
         dataset = split_dataset(task, split)
         if len(dataset) < num_shards:  # an empty shard could not be read (memory-mapping an empty file fails)
             raise FairseqKDError(

@@ -139,6 +139,25 @@ def data_language_pairs(directory):
     return sorted(pairs)
 
 
+def load_split(task, split, data, src, tgt, option):
+    """``task.load_dataset(split)`` of the ``src``-``tgt`` data in ``data``, with a missing or empty split
+    refused in one line (fairseq cannot even open an empty binarized split: it memory-maps an empty file);
+    ``option`` names the command-line option that chose the split."""
+    empty = FairseqKDError(f"{option}: split '{split}' of {data} has no sentences; leave it out, or binarize a non-empty one")
+    directory = utils.split_paths(data)[0]
+    sources = [os.path.join(directory, f"{split}.{pair}.{src}.bin") for pair in (f"{src}-{tgt}", f"{tgt}-{src}")]
+    if any(os.path.isfile(source) and os.path.getsize(source) == 0 for source in sources):
+        raise empty
+    try:
+        task.load_dataset(split)
+    except FileNotFoundError:
+        raise FairseqKDError(
+            f"{option}: {data} has no split '{split}' for {src}-{tgt}; name binarized splits (train, valid, test, ...)"
+        ) from None
+    if len(task.dataset(split)) == 0:
+        raise empty
+
+
 def check_language_pair(label, recorded, langs):
     """A checkpoint that records its languages must translate in the data's direction."""
     if None not in recorded and None not in langs and tuple(recorded) != tuple(langs):

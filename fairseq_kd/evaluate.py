@@ -48,7 +48,7 @@ from fairseq.data import data_utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from sacrebleu.metrics import BLEU, CHRF, TER
 
-from fairseq_kd.checkpoints import check_language_pair, data_language_pairs, sha256
+from fairseq_kd.checkpoints import check_language_pair, data_language_pairs, load_split, sha256
 from fairseq_kd.errors import FairseqKDError, make_writable_directory
 from fairseq_kd.inference import (
     CTranslate2Translator,
@@ -197,19 +197,10 @@ def setup_task(args, splits):
     cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_generation_parser(), fairseq_args))
     try:
         task = tasks.setup_task(cfg.task)
-        src, tgt = task.cfg.source_lang, task.cfg.target_lang
-        for split in splits:
-            empty = FairseqKDError(f"split '{split}' of {args.data} has no sentences; binarize a non-empty split")
-            # fairseq cannot even open an empty binarized split (mmap of an empty file)
-            for pair in (f"{src}-{tgt}", f"{tgt}-{src}"):
-                source_file = os.path.join(utils.split_paths(args.data)[0], f"{split}.{pair}.{src}.bin")
-                if os.path.isfile(source_file) and os.path.getsize(source_file) == 0:
-                    raise empty
-            task.load_dataset(split)
-            if len(task.dataset(split)) == 0:
-                raise empty
     except FileNotFoundError as e:
-        raise FairseqKDError(f"{args.data}: {e}; check the data directory, --split and the languages") from None
+        raise FairseqKDError(f"{args.data}: {e}; check the data directory and the languages") from None
+    for split in splits:
+        load_split(task, split, args.data, task.cfg.source_lang, task.cfg.target_lang, "--split")
     return task
 
 

@@ -151,13 +151,14 @@ def test_empty_split(tmp_path):
     (("--max-len-b", "0"), "--max-len-b >= 1"),
     (("--split", "test,valid", "--reference", "{tmp}/a.de"), "--reference names 1 files for 2 splits"),
     (("--source-lang", "src"), "give both --source-lang and --target-lang"),
+    (("--split", "test,nosuch"), "--split: {data} has no split 'nosuch' for src-tgt"),
     (("--post-process", "sentencepiece"), "the dictionary has no sentencepiece pieces"),
 ])
 def test_bad_settings_are_refused_before_decoding(data_bin, teacher, tmp_path, extra, message):
     extra = [e.format(tmp=tmp_path) for e in extra]
     proc = evaluate(data_bin, f"teacher={teacher}", out=tmp_path / "eval", expect_ok=False, extra=extra)
-    assert proc.returncode != 0 and message.format(tmp=tmp_path) in proc.stderr and "Traceback" not in proc.stderr
-    assert "translating" not in proc.stdout
+    assert proc.returncode != 0 and message.format(tmp=tmp_path, data=data_bin) in proc.stderr
+    assert "Traceback" not in proc.stderr and "translating" not in proc.stdout
 
 
 def test_export_with_another_vocabulary_and_duplicate_names(report, teacher, tmp_path):
