@@ -28,7 +28,8 @@ from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleE
 from fairseq_kd.checkpoints import load_split, sha256
 from fairseq_kd.errors import FairseqKDError, make_writable_directory
 from fairseq_kd.teachers import TEACHER_WEIGHTINGS, Teachers
-from fairseq_kd.topk_cache import FORMAT_VERSION, MANIFEST, dictionary_fingerprint, shard_prefix, shard_range, split_fingerprint
+from fairseq_kd.topk_cache import (FORMAT_VERSION, MANIFEST, check_one_data_directory, dictionary_fingerprint, shard_prefix,
+                                   shard_range, split_fingerprint)
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +247,7 @@ def main(argv=None):
     if not 0 <= shard_id < num_shards:
         raise FairseqKDError(f"--shard-id must be in [0, --num-shards={num_shards}), got {shard_id}")
     utils.import_user_module(cfg.common)
+    check_one_data_directory(args.data, "DATA")
     try:
         task = tasks.setup_task(cfg.task)
     except FileNotFoundError as e:
@@ -271,7 +273,8 @@ def main(argv=None):
     # every split is loaded and checked before the first shard is built
     src, tgt = langs or (task.cfg.source_lang, task.cfg.target_lang)
     for split in splits:
-        load_split(task, split, args.data, src, tgt, "--splits")
+        # as fairseq-train reads them: its training split with SPLIT1, SPLIT2, ... appended
+        load_split(task, split, args.data, src, tgt, "--splits", combine=split == cfg.dataset.train_subset)
         dataset = split_dataset(task, split)
         if len(dataset) < num_shards:  # an empty shard could not be read (memory-mapping an empty file fails)
             raise FairseqKDError(

@@ -139,17 +139,25 @@ def data_language_pairs(directory):
     return sorted(pairs)
 
 
-def load_split(task, split, data, src, tgt, option):
-    """``task.load_dataset(split)`` of the ``src``-``tgt`` data in ``data``, with a missing or empty split
-    refused in one line (fairseq cannot even open an empty binarized split: it memory-maps an empty file);
-    ``option`` names the command-line option that chose the split."""
+def load_split(task, split, data, src, tgt, option, combine=False):
+    """``task.load_dataset(split, combine=combine)`` of the ``src``-``tgt`` data in ``data``, with a missing or
+    empty split refused in one line (fairseq cannot even open an empty binarized split: it memory-maps an
+    empty file); ``option`` names the command-line option that chose the split."""
     empty = FairseqKDError(f"{option}: split '{split}' of {data} has no sentences; leave it out, or binarize a non-empty one")
     directory = utils.split_paths(data)[0]
-    sources = [os.path.join(directory, f"{split}.{pair}.{src}.bin") for pair in (f"{src}-{tgt}", f"{tgt}-{src}")]
+    pairs = (f"{src}-{tgt}", f"{tgt}-{src}")
+    sources = [os.path.join(directory, f"{split}.{pair}.{src}.bin") for pair in pairs]
     if any(os.path.isfile(source) and os.path.getsize(source) == 0 for source in sources):
         raise empty
+    appended = [os.path.join(directory, f"{split}1.{pair}.{src}.bin") for pair in pairs]
+    if combine and getattr(getattr(task, "cfg", None), "upsample_primary", 1) < 1 and any(map(os.path.isfile, appended)):
+        # fairseq's default -1 fails on them (numpy.tile of a negative count), in fairseq-train as well
+        raise FairseqKDError(
+            f"{option}: {data} holds '{split}1' beside '{split}', which fairseq-train appends to its training data"
+            " only with --upsample-primary N (1: each sentence once); pass the one the training uses"
+        )
     try:
-        task.load_dataset(split)
+        task.load_dataset(split, combine=combine)
     except FileNotFoundError:
         raise FairseqKDError(
             f"{option}: {data} has no split '{split}' for {src}-{tgt}; name binarized splits (train, valid, test, ...)"

@@ -26,6 +26,7 @@ import os
 
 import numpy as np
 import torch
+from fairseq import utils
 from fairseq.data import BaseWrapperDataset
 from fairseq.data.indexed_dataset import MMapIndexedDataset, data_file_path, index_file_path
 
@@ -91,6 +92,18 @@ def read_manifest(directory):
     if not well_formed:
         raise FairseqKDError(f"{path}: not a cache manifest of the expected shape; rebuild the cache")
     return manifest
+
+
+def check_one_data_directory(data, option):
+    """A cache holds the sentences of one data directory, but fairseq-train reads a DATA of several
+    (``d1:d2:...``) one per epoch for its training split: refused, since no rebuild could follow it."""
+    directories = utils.split_paths(data)
+    if len(directories) > 1:
+        raise FairseqKDError(
+            f"{option}: a cache holds the sentences of one data directory, but {data} names {len(directories)},"
+            " which fairseq-train reads one per epoch; binarize the training data into one directory, or distil"
+            " from the teachers online"
+        )
 
 
 def teachers_built_from(directory):

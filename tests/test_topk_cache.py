@@ -84,6 +84,26 @@ def test_cache_of_a_confidence_weighted_mixture(data_bin, teacher, weak_teacher,
     assert "a cache cannot hold them" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_cache_holds_the_training_split_fairseq_train_reads(data_bin, teacher, tmp_path):
+    """fairseq-train appends train1, train2, ... to its training split: the cache holds them too. A DATA of
+    several directories, which it reads one per epoch, no cache can follow: refused."""
+    combined = tmp_path / "combined"
+    shutil.copytree(data_bin, combined)
+    for path in data_bin.glob("valid.*"):
+        shutil.copy(path, combined / path.name.replace("valid", "train1", 1))
+    unsaid = build_cache(combined, teacher, tmp_path / "cache", expect_ok=False)  # as fairseq-train, which fails
+    assert "holds 'train1' beside 'train', which fairseq-train appends" in unsaid.stderr and "Traceback" not in unsaid.stderr
+    build_cache(combined, teacher, tmp_path / "cache", "--upsample-primary", "1")
+    train_student(combined, tmp_path / "student", "--task", "translation_distillation", "--teacher-topk-cache",
+                  tmp_path / "cache", "--kd-topk", K, "--max-update", "1", "--upsample-primary", "1")
+    one_per_epoch = f"{data_bin}:{combined}"
+    refused = build_cache(one_per_epoch, teacher, tmp_path / "other", expect_ok=False)
+    assert "DATA: a cache holds the sentences of one data directory, but" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "other").exists()
+    with pytest.raises(FairseqKDError, match="--teacher-topk-cache: a cache holds the sentences of one data directory"):
+        build(one_per_epoch, "--teacher-topk-cache", tmp_path / "cache", "--kd-topk", K)
+
+
 def test_sharded_build_equals_unsharded(data_bin, teacher, cache, tmp_path):
     sharded = tmp_path / "sharded"
     build_cache(data_bin, teacher, sharded, "--num-shards", "2", "--shard-id", "1")

@@ -14,7 +14,7 @@ from fairseq_kd.checkpoints import sha256
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.tasks.distillation import DistillationTaskMixin, check_cpu_bf16
 from fairseq_kd.teachers import TEACHER_WEIGHTINGS, Teachers
-from fairseq_kd.topk_cache import teachers_built_from
+from fairseq_kd.topk_cache import check_one_data_directory, teachers_built_from
 
 @dataclass
 class TranslationDistillationConfig(TranslationConfig):
@@ -81,6 +81,8 @@ class TranslationDistillationTask(DistillationTaskMixin, TranslationTask):
         check_cpu_bf16(cfg.cpu_bf16, cfg.cpu)
         self.teachers = Teachers.load(cfg.teacher_path, cfg.teacher_weights, cfg.teacher_weighting, self,
                                       cfg.teacher_topk_cache)
+        if cfg.teacher_topk_cache:
+            check_one_data_directory(cfg.data, "--teacher-topk-cache")
 
     def resumed_settings(self):
         return {"teacher_weighting": self.teachers.weighting}  # a mixture's weighting

@@ -34,7 +34,8 @@ from fairseq_kd.inference import check_post_process
 from fairseq_kd.tasks.distillation import DistillationTaskMixin, check_cpu_bf16
 from fairseq_kd.tasks.translation_distillation import check_save_dir
 from fairseq_kd.teachers import PairTeachers, Teachers, load_teacher
-from fairseq_kd.topk_cache import TopKCache, TopKCacheDataset, collate_topk, read_manifest, teachers_built_from
+from fairseq_kd.topk_cache import (TopKCache, TopKCacheDataset, check_one_data_directory, collate_topk, read_manifest,
+                                   teachers_built_from)
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +250,8 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
             )
         paths = parse_pair_values(args.teacher_paths, "--teacher-paths", self.lang_pairs, str)
         caches = parse_pair_values(args.teacher_topk_caches, "--teacher-topk-caches", self.lang_pairs, str)
+        if caches:
+            check_one_data_directory(args.data, "--teacher-topk-caches")
         weights = parse_pair_values(args.kd_pair_weights, "--kd-pair-weights", self.lang_pairs, pair_weight)
         if paths and caches and set(caches) != set(paths):
             raise FairseqKDError(
