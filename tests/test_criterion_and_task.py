@@ -227,8 +227,13 @@ def test_mi_term_runs_on_the_real_tokens_only(data_bin, teacher, topk):
     assert torch.allclose(criterion(model, sample)[0], loss)
 
 
-@pytest.mark.parametrize("flags, message", [(["--kd-loss", "mi"], "drop --kd-loss mi"),
-                                             (["--kd-topk", "4"], "drop --kd-topk")])
+@pytest.mark.parametrize("flags, message", [
+    (["--kd-loss", "mi"], "drop --kd-loss mi"),
+    (["--kd-topk", "4"], "drop --kd-topk"),
+    # the peers learn from each other only in the KD criterion, which a distillation task hands the student
+    (["--task", "translation"], "got --task translation --criterion kd_label_smoothed_cross_entropy: only peer a"),
+    (["--criterion", "label_smoothed_cross_entropy"], "got --task translation_distillation --criterion label_smoothed"),
+])
 def test_teacher_options_are_refused_for_mutual_learning(data_bin, flags, message):
     with pytest.raises(FairseqKDError, match=message):
         build(data_bin, "--arch", "transformer_mutual_student_tiny", *flags)

@@ -8,6 +8,7 @@ embeddings. ``scripts/extract_peer.py`` writes either peer as a plain ``transfor
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerModel, base_architecture
 
+from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.models.transformer_student import transformer_student_tiny, transformer_student_tiny_dec2
 
 
@@ -16,8 +17,21 @@ class TransformerMutualModel(TransformerModel):
     """Peer A, with peer B as ``self.peer``. ``forward`` runs both and returns A's output with B's
     ``(logits, extra)`` in ``extra["peer_output"]``; decoding uses A's encoder and decoder only."""
 
+    # the peers learn from each other only through this criterion, given the student by a distillation task
+    TRAINED_BY = {"task": ("translation_distillation", "translation_multi_distillation"),
+                  "criterion": ("kd_label_smoothed_cross_entropy",)}
+
     @classmethod
     def build_model(cls, args, task):
+        # a legacy model's args are the whole command line: its task and criterion too (a checkpoint's: those
+        # it was trained with)
+        other = {name: getattr(args, name, None) for name in cls.TRAINED_BY}
+        if any(value is not None and value not in cls.TRAINED_BY[name] for name, value in other.items()):
+            raise FairseqKDError(
+                f"--arch {args.arch} trains its two peers together only with --task translation_distillation (or"
+                f" translation_multi_distillation) and --criterion kd_label_smoothed_cross_entropy, got --task"
+                f" {other['task']} --criterion {other['criterion']}: only peer a would learn"
+            )
         model = super().build_model(args, task)
         model.add_module("peer", TransformerModel.build_model(args, task))
         return model
