@@ -292,6 +292,8 @@ def test_nat_students_beside_the_autoregressive_one(demo):
         dictionary.write_text(original)
         os.utime(dictionary, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert refused.returncode == 1 and "the distilled corpus was binarized with another dictionary" in refused.stderr
+    refused = run_demo(demo[0], "nat.sh", NAT_ARCHS="cmlm_transformer_student_tiny cmlm_transformer")
+    assert refused.returncode == 1 and "whose stages would share the names nat-cmlm-*" in refused.stderr
     run_after_demo(demo, "nat.sh", NAT_ARCHS="cmlm_transformer_student_tiny", NAT_UPDATES="2")
     assert "--noise random_mask" in (work / ".stage-nat-cmlm-distilled").read_text()
     report = json.loads((work / "results" / "nat.json").read_text())

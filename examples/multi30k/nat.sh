@@ -31,11 +31,19 @@ for setting in NAT_UPDATES NAT_ITERATIONS NAT_LENGTHS SPEED_THREADS; do
         exit 1
     fi
 done
+declare -A ARCH_OF_KIND=()  # a stage is named by the kind of its model (nat-cmlm-original, ...)
 for arch in "${NAT_ARCHS[@]}"; do
     if [[ $arch != cmlm_* && $arch != nonautoregressive_* ]]; then
         echo "error: NAT_ARCHS names '$arch'; give cmlm_transformer* or nonautoregressive_transformer* architectures" >&2
         exit 1
     fi
+    kind=${arch%%_transformer*}
+    if [ -n "${ARCH_OF_KIND[$kind]:-}" ]; then
+        echo "error: NAT_ARCHS names ${ARCH_OF_KIND[$kind]} and $arch, whose stages would share the names nat-$kind-*;" \
+            "give one $kind architecture per run (another in another WORK)" >&2
+        exit 1
+    fi
+    ARCH_OF_KIND[$kind]=$arch
 done
 # the two corpora must be binarized with one dictionary, or the comparison is of two vocabularies
 for lang in "$SRC" "$TGT"; do
@@ -58,9 +66,8 @@ train_nat() {  # NAME ARCH DATA_BIN
 
 names=()
 for arch in "${NAT_ARCHS[@]}"; do
-    short=${arch%%_transformer*}
     for corpus in original distilled; do
-        name=nat-$short-$corpus
+        name=nat-${arch%%_transformer*}-$corpus
         data=$DATA
         if [ "$corpus" = distilled ]; then data=$DISTILLED/data-bin; fi
         stage "$name" "$WORK/$name.log" train_nat "$name" "$arch" "$data"
