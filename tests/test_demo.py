@@ -110,8 +110,9 @@ def test_bad_settings_are_refused_before_any_stage(tmp_path):
     assert "KD_TEMPERATURE must be a number > 0, got '0'" in proc.stderr
     assert "LR must be a number > 0, got 'fast'" in proc.stderr
     assert "CPU_BF16=1 autocasts CPU training; with DEVICE_FLAGS='' set CPU_BF16=0" in proc.stderr
-    proc = run_demo(tmp_path, CPU_BF16="yes", STUDENT_DROPOUT="1", KD_TOPK_STUDENT="tail")
+    proc = run_demo(tmp_path, CPU_BF16="yes", STUDENT_DROPOUT="1", KD_TOPK_STUDENT="tail", KD_ALPHA='0"5\\')
     assert proc.returncode == 2 and "CPU_BF16 must be 0, 1 or auto, got 'yes'" in proc.stderr
+    assert "KD_ALPHA must be a number in [0, 1], got '0\"5\\'" in proc.stderr and "Traceback" not in proc.stderr
     assert "STUDENT_DROPOUT must be a number in [0, 1), got '1'" in proc.stderr
     assert "KD_TOPK_STUDENT must be full or renormalised, got 'tail'" in proc.stderr
 

@@ -79,56 +79,66 @@ STUDENT_FLAGS=(--arch "$STUDENT_ARCH" --share-all-embeddings --dropout "$STUDENT
 
 # every setting checked before the first stage spends time on data or a teacher; prints CPU_BF16, auto
 # resolved: 1 on a CPU with bfloat16 kernels (AVX-512) when training on it, else 0
-CPU_BF16=$(python - "$STUDENT_ARCH" <<CHECK
-import math, sys
+CPU_BF16=$(env CONFIG="$CONFIG" TEACHER_UPDATES="$TEACHER_UPDATES" STUDENT_UPDATES="$STUDENT_UPDATES" \
+    MAX_TOKENS="$MAX_TOKENS" TRAIN_SENTENCES="$TRAIN_SENTENCES" WARMUP_UPDATES="$WARMUP_UPDATES" \
+    DISTILL_BEAM="$DISTILL_BEAM" BEAM="$BEAM" VOCAB_SIZE="$VOCAB_SIZE" KD_TOPK="$KD_TOPK" \
+    DISTILL_NBEST="$DISTILL_NBEST" SEED="$SEED" DISTILL_SELECT="$DISTILL_SELECT" \
+    DISTILL_BACKEND="$DISTILL_BACKEND" KD_ALPHA="$KD_ALPHA" KD_TEMPERATURE="$KD_TEMPERATURE" LR="$LR" \
+    STUDENT_DROPOUT="$STUDENT_DROPOUT" SRC="$SRC" TGT="$TGT" KD_TOPK_STUDENT="$KD_TOPK_STUDENT" \
+    SUBWORDS="$SUBWORDS" DISTILL_UNION="$DISTILL_UNION" DISTILL_KEEP_LOOPS="$DISTILL_KEEP_LOOPS" \
+    CPU_BF16="$CPU_BF16" PATIENCE="${PATIENCE:-10}" KD_SCHEDULE_UPDATES="${KD_SCHEDULE_UPDATES:-1}" \
+    DEVICE_FLAGS="${DEVICE_FLAGS[*]}" \
+    python - "$STUDENT_ARCH" <<'CHECK'
+import math, os, sys
+s = os.environ  # the settings, as the shell passed them: any text is a value, never code
 errors = []
 def integer(name, value, least):
     if not value.isdigit() or int(value) < least:
         errors.append(f"{name} must be an integer >= {least}, got '{value}'")
-updates = 0 if "$CONFIG" == "converged" else 1  # converged: 0 is no limit
-for name, value, least in (("TEACHER_UPDATES", "$TEACHER_UPDATES", updates), ("STUDENT_UPDATES", "$STUDENT_UPDATES", updates),
-                           ("MAX_TOKENS", "$MAX_TOKENS", 1), ("TRAIN_SENTENCES", "$TRAIN_SENTENCES", 0),
-                           ("WARMUP_UPDATES", "$WARMUP_UPDATES", 0), ("DISTILL_BEAM", "$DISTILL_BEAM", 1),
-                           ("BEAM", "$BEAM", 1), ("VOCAB_SIZE", "$VOCAB_SIZE", 10), ("KD_TOPK", "$KD_TOPK", 0),
-                           ("DISTILL_NBEST", "$DISTILL_NBEST", 1), ("PATIENCE", "${PATIENCE:-10}", 1),
-                           ("KD_SCHEDULE_UPDATES", "${KD_SCHEDULE_UPDATES:-1}", 1), ("SEED", "$SEED", 1)):
+updates = 0 if s["CONFIG"] == "converged" else 1  # converged: 0 is no limit
+for name, value, least in (("TEACHER_UPDATES", s["TEACHER_UPDATES"], updates), ("STUDENT_UPDATES", s["STUDENT_UPDATES"], updates),
+                           ("MAX_TOKENS", s["MAX_TOKENS"], 1), ("TRAIN_SENTENCES", s["TRAIN_SENTENCES"], 0),
+                           ("WARMUP_UPDATES", s["WARMUP_UPDATES"], 0), ("DISTILL_BEAM", s["DISTILL_BEAM"], 1),
+                           ("BEAM", s["BEAM"], 1), ("VOCAB_SIZE", s["VOCAB_SIZE"], 10), ("KD_TOPK", s["KD_TOPK"], 0),
+                           ("DISTILL_NBEST", s["DISTILL_NBEST"], 1), ("PATIENCE", s["PATIENCE"], 1),
+                           ("KD_SCHEDULE_UPDATES", s["KD_SCHEDULE_UPDATES"], 1), ("SEED", s["SEED"], 1)):
     integer(name, value, least)
-if "$DISTILL_NBEST".isdigit() and "$DISTILL_BEAM".isdigit() and int("$DISTILL_NBEST") > int("$DISTILL_BEAM"):
-    errors.append("DISTILL_NBEST ($DISTILL_NBEST) cannot exceed DISTILL_BEAM ($DISTILL_BEAM): the beam holds the n-best list")
-if "$DISTILL_SELECT" not in ("first", "bestbleu", "bestchrf"):
-    errors.append("DISTILL_SELECT must be first, bestbleu or bestchrf, got '$DISTILL_SELECT'")
-if "$DISTILL_BACKEND" not in ("fairseq", "ctranslate2"):
-    errors.append("DISTILL_BACKEND must be fairseq or ctranslate2, got '$DISTILL_BACKEND'")
-elif "$DISTILL_BACKEND" == "ctranslate2" and ("$DISTILL_NBEST" != "1" or "$DISTILL_SELECT" != "first"):
+if s["DISTILL_NBEST"].isdigit() and s["DISTILL_BEAM"].isdigit() and int(s["DISTILL_NBEST"]) > int(s["DISTILL_BEAM"]):
+    errors.append(f"DISTILL_NBEST ({s['DISTILL_NBEST']}) cannot exceed DISTILL_BEAM ({s['DISTILL_BEAM']}): the beam holds the n-best list")
+if s["DISTILL_SELECT"] not in ("first", "bestbleu", "bestchrf"):
+    errors.append(f"DISTILL_SELECT must be first, bestbleu or bestchrf, got '{s['DISTILL_SELECT']}'")
+if s["DISTILL_BACKEND"] not in ("fairseq", "ctranslate2"):
+    errors.append(f"DISTILL_BACKEND must be fairseq or ctranslate2, got '{s['DISTILL_BACKEND']}'")
+elif s["DISTILL_BACKEND"] == "ctranslate2" and (s["DISTILL_NBEST"] != "1" or s["DISTILL_SELECT"] != "first"):
     errors.append("DISTILL_BACKEND=ctranslate2 keeps the teacher's best translation alone; an n-best list"
                   " (DISTILL_NBEST, DISTILL_SELECT) needs DISTILL_BACKEND=fairseq")
-for name, value, ok, wanted in (("KD_ALPHA", "$KD_ALPHA", lambda v: 0 <= v <= 1, "in [0, 1]"),
-                                ("KD_TEMPERATURE", "$KD_TEMPERATURE", lambda v: 0 < v < math.inf, "> 0"),
-                                ("LR", "$LR", lambda v: 0 < v < math.inf, "> 0"),
-                                ("STUDENT_DROPOUT", "$STUDENT_DROPOUT", lambda v: 0 <= v < 1, "in [0, 1)")):
+for name, value, ok, wanted in (("KD_ALPHA", s["KD_ALPHA"], lambda v: 0 <= v <= 1, "in [0, 1]"),
+                                ("KD_TEMPERATURE", s["KD_TEMPERATURE"], lambda v: 0 < v < math.inf, "> 0"),
+                                ("LR", s["LR"], lambda v: 0 < v < math.inf, "> 0"),
+                                ("STUDENT_DROPOUT", s["STUDENT_DROPOUT"], lambda v: 0 <= v < 1, "in [0, 1)")):
     try:
         if not ok(float(value)):
             raise ValueError
     except ValueError:
         errors.append(f"{name} must be a number {wanted}, got '{value}'")
-if "$SRC" == "$TGT" or not {"$SRC", "$TGT"} <= {"en", "de", "fr", "cs"}:
-    errors.append("SRC and TGT must be two different languages of en, de, fr, cs, got '$SRC' and '$TGT'")
-if "$KD_TOPK_STUDENT" not in ("full", "renormalised"):
-    errors.append("KD_TOPK_STUDENT must be full or renormalised, got '$KD_TOPK_STUDENT'")
-if "$SUBWORDS" not in ("spm", "bpe"):
-    errors.append("SUBWORDS must be spm or bpe, got '$SUBWORDS'")
-for name, value in (("DISTILL_UNION", "$DISTILL_UNION"), ("DISTILL_KEEP_LOOPS", "$DISTILL_KEEP_LOOPS")):
+if s["SRC"] == s["TGT"] or not {s["SRC"], s["TGT"]} <= {"en", "de", "fr", "cs"}:
+    errors.append(f"SRC and TGT must be two different languages of en, de, fr, cs, got '{s['SRC']}' and '{s['TGT']}'")
+if s["KD_TOPK_STUDENT"] not in ("full", "renormalised"):
+    errors.append(f"KD_TOPK_STUDENT must be full or renormalised, got '{s['KD_TOPK_STUDENT']}'")
+if s["SUBWORDS"] not in ("spm", "bpe"):
+    errors.append(f"SUBWORDS must be spm or bpe, got '{s['SUBWORDS']}'")
+for name, value in (("DISTILL_UNION", s["DISTILL_UNION"]), ("DISTILL_KEEP_LOOPS", s["DISTILL_KEEP_LOOPS"])):
     if value not in ("0", "1"):
         errors.append(f"{name} must be 0 or 1, got '{value}'")
 import fairseq_kd  # noqa: F401  (registers the student architectures)
 from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq_kd.tasks.distillation import cpu_has_bf16_kernels
-cpu = "--cpu" in "${DEVICE_FLAGS[*]}".split()
-cpu_bf16 = str(int(cpu and cpu_has_bf16_kernels())) if "$CPU_BF16" == "auto" else "$CPU_BF16"
+cpu = "--cpu" in s["DEVICE_FLAGS"].split()
+cpu_bf16 = str(int(cpu and cpu_has_bf16_kernels())) if s["CPU_BF16"] == "auto" else s["CPU_BF16"]
 if cpu_bf16 not in ("0", "1"):
-    errors.append("CPU_BF16 must be 0, 1 or auto, got '$CPU_BF16'")
+    errors.append(f"CPU_BF16 must be 0, 1 or auto, got '{s['CPU_BF16']}'")
 elif cpu_bf16 == "1" and not cpu:
-    errors.append("CPU_BF16=1 autocasts CPU training; with DEVICE_FLAGS='${DEVICE_FLAGS[*]}' set CPU_BF16=0")
+    errors.append(f"CPU_BF16=1 autocasts CPU training; with DEVICE_FLAGS='{s['DEVICE_FLAGS']}' set CPU_BF16=0")
 elif cpu_bf16 == "1" and not cpu_has_bf16_kernels():
     errors.append("CPU_BF16=1: this CPU has no bfloat16 matrix kernels (they need AVX-512), where autocast makes"
                   " training many times slower; set CPU_BF16=0")
