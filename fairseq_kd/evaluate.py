@@ -57,6 +57,7 @@ from fairseq_kd.inference import (
     check_export_vocabulary,
     check_post_process,
     read_export_manifest,
+    requested_language_pair,
     translate_all,
 )
 
@@ -181,8 +182,7 @@ def check_arguments(args):
 
 def setup_task(args, splits):
     """A ``translation`` task with the splits loaded."""
-    if bool(args.source_lang) != bool(args.target_lang):
-        raise FairseqKDError("give both --source-lang and --target-lang, or neither (a data-bin of one pair)")
+    requested_language_pair(args.source_lang, args.target_lang)
     directory = utils.split_paths(args.data)[0]
     pairs = data_language_pairs(directory) if not args.source_lang and os.path.isdir(directory) else []
     if len(pairs) > 1:  # fairseq would take whichever the directory lists first

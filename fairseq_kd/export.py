@@ -28,7 +28,14 @@ from scipy import sparse
 
 from fairseq_kd.checkpoints import count_parameters, inference_state, model_name, read_checkpoint, sha256
 from fairseq_kd.errors import FairseqKDError, make_writable_directory
-from fairseq_kd.inference import EXPORT_MANIFEST, Subwords, checked_dictionaries, import_ctranslate2, language_token_pieces
+from fairseq_kd.inference import (
+    EXPORT_MANIFEST,
+    Subwords,
+    checked_dictionaries,
+    import_ctranslate2,
+    language_token_pieces,
+    requested_language_pair,
+)
 
 logger = logging.getLogger("fairseq_kd.export")
 
@@ -149,6 +156,7 @@ def vocabulary_map(data, langs, dictionaries, per_token, common):
 
 def export(args):
     check_output(args)
+    pair = requested_language_pair(args.source_lang, args.target_lang)
     ctranslate2 = import_ctranslate2()
     from ctranslate2.converters import FairseqConverter
 
@@ -159,7 +167,6 @@ def export(args):
     del original_state
     model_args = state["args"]
     check_convertible(args.checkpoint, model_args)
-    pair = (args.source_lang, args.target_lang) if args.source_lang and args.target_lang else None
     langs, dictionaries, tokens = checked_dictionaries(args.checkpoint, original_cfg.task, state, args.data, pair)
     subwords.check_dictionary(dictionaries[0])
     source_token, target_token = language_token_pieces(tokens)

@@ -28,6 +28,7 @@ from fairseq_kd.checkpoints import (
     build_saved_model,
     check_checkpoint_dictionaries,
     check_language_pair,
+    data_language_pairs,
     inference_state,
     is_non_autoregressive,
     language_tokens,
@@ -221,20 +222,28 @@ def language_token_pieces(tokens):
     return [tokens.source] if tokens.source else [], [tokens.target] if tokens.target else []
 
 
-def language_pair(args, data):
-    """The checkpoint's languages, or, when it was trained without -s/-t, those of the data directory."""
-    if args.source_lang and args.target_lang:
-        return args.source_lang, args.target_lang
+def requested_language_pair(source_lang, target_lang):
+    """``(source, target)`` named by --source-lang and --target-lang, or None when neither is given."""
+    if bool(source_lang) != bool(target_lang):
+        raise FairseqKDError("give both --source-lang and --target-lang, or neither (a model or data-bin of one pair)")
+    return (source_lang, target_lang) if source_lang else None
+
+
+def single_language_pair(task_cfg, data):
+    """The pair of a model of one pair: as its config records it (or its training data's file names), else
+    the data-bin ``data``'s only pair."""
+    langs = trained_language_pair(task_cfg)
+    if None not in langs:
+        return langs
     if not os.path.isdir(data):
         raise FairseqKDError(f"--data {data}: no such directory; give the fairseq data-bin the model was trained on")
-    langs = data_utils.infer_language_pair(data)
-    if None in langs:
+    pairs = data_language_pairs(data)
+    if len(pairs) != 1:
+        found = f"it holds {', '.join('-'.join(p) for p in pairs)}" if pairs else "no binarized split SPLIT.SRC-TGT.*"
         raise FairseqKDError(
-            f"--data {data}: cannot tell the language pair (no binarized split named SPLIT.SRC-TGT.*, or several"
-            " pairs); give the fairseq data-bin the model was trained on, and for a multilingual model"
-            " --source-lang and --target-lang"
+            f"--data {data}: cannot tell the language pair ({found}); name it with --source-lang and --target-lang"
         )
-    return langs
+    return pairs[0]
 
 
 def checked_dictionaries(checkpoint, task_cfg, state, data, langs=None):
@@ -250,7 +259,7 @@ def checked_dictionaries(checkpoint, task_cfg, state, data, langs=None):
                 f"{label}: a multilingual model of several pairs ({task_cfg.lang_pairs}); name the pair to translate"
                 " with --source-lang and --target-lang"
             )
-    langs = langs or language_pair(state["args"], data)
+    langs = langs or single_language_pair(task_cfg, data)
     check_language_pair(label, trained_language_pair(task_cfg), langs)
     tokens = language_tokens(label, task_cfg, langs, data)
     dictionaries = load_dictionaries(data, *langs)

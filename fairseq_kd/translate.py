@@ -27,6 +27,7 @@ from fairseq_kd.inference import (
     FairseqTranslator,
     Subwords,
     export_subwords,
+    requested_language_pair,
     translate_all,
 )
 
@@ -42,7 +43,8 @@ def get_parser():
     subwords = parser.add_mutually_exclusive_group()
     subwords.add_argument("--sentencepiece-model", help="checkpoint only: the sentencepiece model of the data")
     subwords.add_argument("--bpe-codes", help="checkpoint only: the subword-nmt BPE codes of the data")
-    parser.add_argument("--peer", choices=("a", "b"), default="a", help="checkpoint only: peer of a transformer_mutual model")
+    parser.add_argument("--peer", choices=("a", "b"),
+                        help="checkpoint only: peer of a transformer_mutual model (default: a)")
     parser.add_argument("-s", "--source-lang", help="checkpoint only: the source language (a multilingual model's pair)")
     parser.add_argument("-t", "--target-lang", help="checkpoint only: the target language (see --source-lang)")
     parser.add_argument("--input", default="-", help="raw text file, one sentence per line (default: stdin)")
@@ -65,8 +67,9 @@ def get_parser():
 def load(args, options):
     """``(translator, subwords)`` for MODEL."""
     checkpoint_only = [flag for flag, value in (("--data", args.data), ("--sentencepiece-model", args.sentencepiece_model),
-                                                ("--bpe-codes", args.bpe_codes), ("--source-lang", args.source_lang),
-                                                ("--target-lang", args.target_lang)) if value]
+                                                ("--bpe-codes", args.bpe_codes), ("--peer", args.peer),
+                                                ("--source-lang", args.source_lang), ("--target-lang", args.target_lang))
+                       if value]
     if os.path.isdir(args.model):
         if checkpoint_only:
             raise FairseqKDError(
@@ -91,10 +94,8 @@ def load(args, options):
     elif args.bpe_codes:
         subwords = Subwords("bpe", args.bpe_codes)
     torch.set_num_threads(args.threads)
-    if bool(args.source_lang) != bool(args.target_lang):
-        raise FairseqKDError("give both --source-lang and --target-lang, or neither (a model of one pair)")
-    langs = (args.source_lang, args.target_lang) if args.source_lang else None
-    translator = FairseqTranslator(args.model, args.data, options, peer=args.peer, device=args.device, langs=langs)
+    langs = requested_language_pair(args.source_lang, args.target_lang)
+    translator = FairseqTranslator(args.model, args.data, options, peer=args.peer or "a", device=args.device, langs=langs)
     if subwords is not None:
         subwords.check_dictionary(translator.src_dict)
     return translator, subwords

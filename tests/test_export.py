@@ -192,6 +192,7 @@ def edited_checkpoints(teacher, tmp_path_factory):
     ("quant noise", "--quant-noise-pq 0.1; train the model without it"),
     ("output projection", "--decoder-output-dim 16 with --decoder-embed-dim 32"),
     ("peer b of a single model", "not the two peers"),
+    ("source language alone", "give both --source-lang and --target-lang, or neither"),
     ("missing checkpoint", "no such file"),
     ("missing codes", "--bpe-codes: no such file"),
     ("missing dictionary", "no dict.tgt.txt"),
@@ -205,6 +206,8 @@ def test_export_refusals(data_bin, teacher, codes, edited_checkpoints, tmp_path,
         checkpoint = edited_checkpoints[case]
     elif case == "peer b of a single model":
         extra = ["--peer", "b"]
+    elif case == "source language alone":  # the model's own pair would be exported without a word
+        extra = ["--source-lang", "src"]
     elif case == "missing checkpoint":
         checkpoint = tmp_path / "nope.pt"
     elif case == "missing codes":
@@ -270,6 +273,7 @@ def exported_teacher(data_bin, teacher, codes, tmp_path_factory):
     (["{tmp}/half-export"], "lacks max_target_positions, vmap"),
     (["{tmp}/truncated"], "CTranslate2 cannot load"),
     (["{ct2}", "-s", "src", "-t", "tgt"], "language pair: drop them"),
+    (["{ct2}", "--peer", "b"], "--peer apply to a fairseq checkpoint"),  # an export holds one peer
     (["{teacher}", "--data", "{data}", "--bpe-codes", "{codes}", "-s", "src"], "give both --source-lang and --target-lang"),
     (["{teacher}", "--data", "{data}", "--bpe-codes", "{codes}", "-s", "tgt", "-t", "src"], "it translates src->tgt"),
 ])
@@ -286,6 +290,26 @@ def test_translate_refusals(data_bin, teacher, codes, exported_teacher, tmp_path
     values = dict(tmp=tmp_path, teacher=teacher, data=data_bin, codes=codes, ct2=exported_teacher)
     with pytest.raises(FairseqKDError, match=re.escape(message)):
         translate_main([a.format(**values) for a in args])
+
+
+def test_a_checkpoint_without_its_languages_translates_the_data_bins_only_pair(data_bin, teacher, codes, tmp_path):
+    """Its pair is the data-bin's when that holds one; of several, none is picked by directory order."""
+    state = torch.load(teacher, map_location="cpu")
+    # as a run without -s/-t whose data directory is gone records it
+    state["cfg"]["task"].update(source_lang=None, target_lang=None, data=str(tmp_path / "gone"))
+    state["cfg"]["model"].source_lang = state["cfg"]["model"].target_lang = None
+    torch.save(state, tmp_path / "unlabelled.pt")
+    (tmp_path / "source.txt").write_text("s1 s2 s3\ns4\n")
+    subwords = ("--data", data_bin, "--bpe-codes", codes)
+    assert (translate_here(tmp_path / "unlabelled.pt", tmp_path / "source.txt", tmp_path, *subwords)
+            == translate_here(teacher, tmp_path / "source.txt", tmp_path, *subwords))
+    two_pairs = tmp_path / "two-pairs"
+    two_pairs.mkdir()
+    for f in data_bin.iterdir():
+        (two_pairs / f.name).symlink_to(f)
+    (two_pairs / "train.tgt-src.tgt.bin").symlink_to(data_bin / "train.src-tgt.tgt.bin")
+    with pytest.raises(FairseqKDError, match=re.escape("cannot tell the language pair (it holds src-tgt, tgt-src); name it")):
+        translate_here(tmp_path / "unlabelled.pt", tmp_path / "source.txt", tmp_path, "--data", two_pairs, "--bpe-codes", codes)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="refused where there is no CUDA device")
