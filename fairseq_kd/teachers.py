@@ -231,7 +231,6 @@ class PairTeachers:
     PAIR_KEY = "pair"
     TEACHER_INPUT_KEY = "teacher_net_input"
     weighting = "fixed"
-    weights = None
     layer_teacher = None  # a teacher per pair, not one teacher's layers
 
     def __init__(self, teachers: Dict[int, Teachers], cache_k, pair_weights, vocab_size, skip_language_token):

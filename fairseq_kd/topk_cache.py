@@ -86,6 +86,7 @@ def read_manifest(directory):
                     and len(entry["content_sha256"]) == entry["num_shards"] > 0
                     for entry in manifest["splits"].values())
             and all(isinstance(teacher["sha256"], str) for teacher in manifest["teachers"])
+            and isinstance(manifest["teacher_weights"], list) and isinstance(manifest["teacher_weighting"], str)
         )
     except (KeyError, TypeError, AttributeError):
         well_formed = False
@@ -109,6 +110,12 @@ def check_one_data_directory(data, option):
 def teachers_built_from(directory):
     """The sha256 of each teacher checkpoint the cache in ``directory`` was built from."""
     return [teacher["sha256"] for teacher in read_manifest(directory)["teachers"]]
+
+
+def teacher_mixture_built_with(directory):
+    """``[weights, weighting]`` of the teachers' distributions that the cache in ``directory`` holds."""
+    manifest = read_manifest(directory)
+    return [manifest["teacher_weights"], manifest["teacher_weighting"]]
 
 
 def open_shard_file(prefix, name, checksum, sentences):

@@ -75,7 +75,8 @@ def test_a_resume_refuses_other_kd_settings_and_keeps_its_schedule_end(data_bin,
         build(data_bin, *resume[:-4], "--kd-alpha-final", 0.3, "--save-dir", tmp_path, "--max-update", 8)
     with pytest.raises(FairseqKDError, match=r"--kd-hidden-weight 0.0 -> 1.0"):
         build(data_bin, *resume, "--kd-hidden-weight", 1, "--max-update", 8)
-    with pytest.raises(FairseqKDError, match=r"\(--teacher-weighting fixed -> confidence; teachers"):  # the task's, too
+    with pytest.raises(FairseqKDError, match=r"teachers \['[0-9a-f]{12}'\] -> \['[0-9a-f]{12}', '[0-9a-f]{12}'\];"
+                                             r" teacher_mixture \[\[1.0\], 'fixed'\] -> \[\[0.5, 0.5\], 'confidence'\]"):
         build(data_bin, "--teacher-path", f"{teacher}:{teacher}", "--teacher-weighting", "confidence", *kd[4:],
               "--save-dir", tmp_path, "--max-update", 8)
     _, _, criterion = build(data_bin, *resume, "--max-update", 8)
@@ -108,6 +109,27 @@ def test_a_resume_refuses_another_teacher_under_the_same_path(data_bin, teacher,
                                              r" \['[0-9a-f]{12}'\]\)"):
         build(data_bin, *resume)
     build(data_bin, *resume, "--kd-allow-changed-settings")
+
+
+def test_a_resume_refuses_another_mixture_of_the_same_teachers(data_bin, teacher, weak_teacher, tmp_path):
+    """Online, and from a cache rebuilt (--force) from the same checkpoints with other weights."""
+    teachers, weights = f"{teacher}:{weak_teacher}", ("--teacher-weights", "0.3,0.7")
+    changed = re.escape("(teacher_mixture [[0.3, 0.7], 'fixed'] -> [[0.5, 0.5], 'fixed'])")
+    online = ("--teacher-path", teachers, "--kd-alpha", "0.5", "--save-dir", tmp_path / "online")
+    train_student(data_bin, tmp_path / "online", "--task", "translation_distillation", *online[:-2], *weights,
+                  "--max-update", "2")
+    build(data_bin, *online, *weights, "--max-update", 4)
+    with pytest.raises(FairseqKDError, match=changed):
+        build(data_bin, *online, "--max-update", 4)
+    cache = ("fairseq-kd-build-cache", data_bin, "--teacher-path", teachers, "--topk", 4, "--out", tmp_path / "cache",
+             "--cpu")
+    run(*cache, *weights)
+    cached = ("--teacher-topk-cache", tmp_path / "cache", "--kd-topk", 4, "--kd-alpha", "0.5",
+              "--save-dir", tmp_path / "cached")
+    train_student(data_bin, tmp_path / "cached", "--task", "translation_distillation", *cached[:-2], "--max-update", "2")
+    run(*cache, "--force")
+    with pytest.raises(FairseqKDError, match=changed):
+        build(data_bin, *cached, "--max-update", 4)
 
 
 def test_a_resume_with_a_checkpoint_suffix_is_checked_against_that_checkpoint(data_bin, teacher, tmp_path):

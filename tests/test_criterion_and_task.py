@@ -249,12 +249,17 @@ def test_teacher_options_are_refused_for_mutual_learning(data_bin, flags, messag
         (["--kd-temperature-schedule", "cosine", "--kd-temperature-final", "1", "--max-update", "0"],
          "needs to know when to end: set --kd-schedule-updates N"),
         (["--kd-selection", "batch", "--kd-selection-rate", "0"], "--kd-selection-rate must be in (0, 1]"),
-        (["--kd-selection", "global", "--kd-selection-queue-size", "0"], "--kd-selection-queue-size must be > 0"),
+        (["--kd-selection", "global", "--kd-selection-queue-size", "0"], "--kd-selection-queue-size must be in [1, 16777216]"),
+        # torch.quantile refuses more values: training would stop once the queue held them
+        (["--kd-selection", "global", "--kd-selection-queue-size", str(2**24 + 1)], "must be in [1, 16777216], got 16777217"),
+        (["--kd-alpha-schedule", "linear", "--kd-alpha-final", "0.1", "--kd-schedule-updates=-5"],
+         "--kd-schedule-updates must be >= 0 (0: --max-update), got -5"),
         (["--kd-loss", "mi", "--kd-mi-negatives", "0"], "--kd-mi-negatives must be > 0"),
         # an option of a term left off
         (["--kd-selection-rate", "0.3"], "--kd-selection-rate 0.3 has no effect without --kd-selection batch or"),
         (["--kd-selection", "batch", "--kd-selection-queue-size", "9"], "queue-size 9 has no effect without --kd-selection global"),
         (["--kd-mi-negatives", "7"], "--kd-mi-negatives 7 has no effect without --kd-loss mi"),
+        (["--kd-schedule-updates", "100"], "--kd-schedule-updates 100 has no effect without --kd-alpha-schedule or"),
         (["--kd-hidden-distance", "cosine", "--kd-attn-weight", "1"], "cosine has no effect without --kd-hidden-weight > 0"),
         (["--kd-attn-distance", "mse", "--kd-hidden-weight", "1"], "mse has no effect without --kd-attn-weight > 0"),
         (["--kd-hidden-map", "enc:0-0"], "--kd-hidden-map enc:0-0 has no effect without --kd-hidden-weight, --kd-relation"),
@@ -277,6 +282,13 @@ def test_impossible_strategy_options_are_refused(data_bin, teacher, flags, messa
     with pytest.raises(FairseqKDError) as error:
         build(data_bin, "--teacher-path", teacher, *flags)
     assert message in str(error.value)
+
+
+def test_per_position_losses_are_refused(data_bin, teacher):
+    """The layer and teacher-mixture terms are sums over the batch: a loss per position would repeat them."""
+    task, model, criterion = build(data_bin, "--teacher-path", teacher)
+    with pytest.raises(ValueError, match=r"summed loss only \(reduce=True\)"):
+        criterion(model, first_batch(task), reduce=False)
 
 
 def test_confidence_weighting_favours_the_teacher_that_predicts_the_reference(data_bin, teacher, weak_teacher):

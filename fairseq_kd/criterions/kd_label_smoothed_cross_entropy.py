@@ -167,7 +167,9 @@ def check_options_in_use(cfg):
     a weight left at 0) would train something else without a word: refused, as --kd-NAME-final is with a
     constant schedule."""
     layer_kd = cfg.kd_hidden_weight > 0 or cfg.kd_relation_weight > 0 or cfg.kd_attn_weight > 0
+    scheduled = str(cfg.kd_alpha_schedule) != "constant" or str(cfg.kd_temperature_schedule) != "constant"
     read_only_with = {
+        "kd_schedule_updates": ("--kd-alpha-schedule or --kd-temperature-schedule other than constant", scheduled),
         "kd_mi_negatives": ("--kd-loss mi", str(cfg.kd_loss) == "mi"),
         "kd_selection_rate": ("--kd-selection batch or global", str(cfg.kd_selection) != "none"),
         "kd_selection_queue_size": ("--kd-selection global", str(cfg.kd_selection) == "global"),
@@ -188,6 +190,8 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
 
     def __init__(self, cfg: KDLabelSmoothedCrossEntropyCriterionConfig, task):
         super().__init__(task, cfg.sentence_avg, cfg.label_smoothing, cfg.ignore_prefix_size, cfg.report_accuracy)
+        if cfg.kd_schedule_updates < 0:
+            raise FairseqKDError(f"--kd-schedule-updates must be >= 0 (0: --max-update), got {cfg.kd_schedule_updates}")
         # any other task (e.g. translation) has no teachers: the criterion is then label-smoothed CE
         distillation = isinstance(task, DistillationTaskMixin)
         self.teachers = task.teachers if distillation else Teachers([])
@@ -257,19 +261,21 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         return kept or saved_cfg.criterion.get("kd_schedule_updates") or saved_cfg.optimization.max_update
 
     def forward(self, model, sample, reduce=True):
+        if not reduce:  # the layer and teacher-mixture terms are sums over the batch, not per position
+            raise ValueError("kd_label_smoothed_cross_entropy gives the batch's summed loss only (reduce=True)")
         mixture_weights = torch.softmax(self.teacher_weight_logits.detach().float(), 0) if self.learned_mixture else None
         teacher = self.teachers.predict(sample, model, mixture_weights, self.layer_kd.active, self.layer_kd.needs_attention)
         with self.layer_kd.capture(model) as student_layers:
             net_output = model(**sample["net_input"])
         lprobs, target = self.get_lprobs_and_target(model, net_output, sample)
-        weights = None if teacher is None else teacher.position_weights
-        if weights is None:
-            loss, nll_loss = label_smoothed_nll_loss(lprobs, target, self.eps, ignore_index=self.padding_idx, reduce=reduce)
+        position_weights = None if teacher is None else teacher.position_weights
+        if position_weights is None:
+            loss, nll_loss = label_smoothed_nll_loss(lprobs, target, self.eps, ignore_index=self.padding_idx)
         else:  # each position's cross-entropy is mixed into the KD term below: one pass over the vocabulary for both
-            weights = weights[:, self.ignore_prefix_size :].reshape(-1).to(target.device)
+            position_weights = position_weights[:, self.ignore_prefix_size :].reshape(-1).to(target.device)
             position_ce, nll_loss = label_smoothed_nll_loss(lprobs, target, self.eps, ignore_index=self.padding_idx,
                                                             reduce=False)
-            loss, nll_loss = (position_ce.sum(), nll_loss.sum()) if reduce else (position_ce, nll_loss)
+            loss, nll_loss = position_ce.sum(), nll_loss.sum()
         log = {
             "nll_loss": nll_loss.data,
             "ntokens": sample["ntokens"],
@@ -280,22 +286,22 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             alpha, temperature = self.alpha.at(self.task.num_updates), self.temperature.at(self.task.num_updates)
             lprobs_t = self.lprobs_at(lprobs, temperature)
             if self.mutual:  # deep mutual learning: both peers' cross-entropies, KL both ways
-                peer_loss, lprobs_peer_t, log["peer_nll_loss"] = self.peer_terms(model, net_output, sample, temperature,
-                                                                                 reduce)
+                peer_loss, lprobs_peer_t, log["peer_nll_loss"] = self.peer_terms(model, net_output, sample, temperature)
                 loss = loss + peer_loss
                 kd = mutual_kl_loss(lprobs_t, lprobs_peer_t, temperature)
             else:
                 kd = self.word_kd(lprobs_t, teacher, target, temperature)
             real = target.ne(self.padding_idx)
-            distil = self.selection(lprobs, target, real if weights is None else real & weights.gt(0), model.training)
+            distil = self.selection(lprobs, target, real if position_weights is None else real & position_weights.gt(0),
+                                    model.training)
             kd = kd.masked_fill(~distil, 0.0)
             log["kd_loss"] = kd.sum().data
-            if weights is not None:  # each position's alpha scaled by its weight: the rest keeps its cross-entropy
-                kd = weights * kd + (1.0 - weights) * position_ce.squeeze(-1)
-            kd = kd.sum() if reduce else kd.unsqueeze(-1)
+            if position_weights is not None:  # each position's alpha scaled by its weight: the rest keeps its CE
+                kd = position_weights * kd + (1.0 - position_weights) * position_ce.squeeze(-1)
+            kd = kd.sum()
             loss = (1.0 - alpha) * loss + alpha * kd
             # token-weighted, so that the logs stay summable across workers
-            distilled_share = sample["ntokens"] if weights is None else (weights * real).sum().data
+            distilled_share = sample["ntokens"] if position_weights is None else (position_weights * real).sum().data
             log.update(kd_alpha=alpha * distilled_share, kd_temperature=temperature * sample["ntokens"],
                        kd_distilled=distil.sum().data)
         if self.layer_kd.active:
@@ -304,8 +310,8 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
                 log[key] = term.data
         if teacher is not None and teacher.weights is not None:  # several teachers: mean weight per token
             nonpad = sample["target"].ne(self.padding_idx)
-            for k, weights in enumerate(teacher.weights):
-                log[f"teacher_weight_{k}"] = weights[nonpad].sum().data
+            for k, teacher_weights in enumerate(teacher.weights):
+                log[f"teacher_weight_{k}"] = teacher_weights[nonpad].sum().data
         log["loss"] = loss.data
         if self.learned_mixture and teacher is not None:
             nonpad = sample["target"].ne(self.padding_idx)
@@ -318,12 +324,11 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             log.update(n_correct=n_correct.item(), total=total.item())
         return loss, log["sample_size"], log
 
-    def peer_terms(self, model, net_output, sample, temperature, reduce):
+    def peer_terms(self, model, net_output, sample, temperature):
         """Mutual learning's second peer: ``(label-smoothed CE, log-probabilities at T, NLL for the log)``."""
         peer_output = net_output[1]["peer_output"]
         lprobs_peer, target = self.get_lprobs_and_target(model.peer, peer_output, sample)
-        peer_loss, peer_nll_loss = label_smoothed_nll_loss(lprobs_peer, target, self.eps, ignore_index=self.padding_idx,
-                                                           reduce=reduce)
+        peer_loss, peer_nll_loss = label_smoothed_nll_loss(lprobs_peer, target, self.eps, ignore_index=self.padding_idx)
         return peer_loss, self.lprobs_at(lprobs_peer, temperature), peer_nll_loss.data
 
     @staticmethod

@@ -73,8 +73,8 @@ class TokenSelection:
     def __init__(self, kind, rate, queue_size):
         if not 0.0 < rate <= 1.0:
             raise FairseqKDError(f"--kd-selection-rate must be in (0, 1], got {rate}")
-        if queue_size <= 0:
-            raise FairseqKDError(f"--kd-selection-queue-size must be > 0, got {queue_size}")
+        if not 0 < queue_size <= 2**24:  # torch.quantile takes at most 2^24 values
+            raise FairseqKDError(f"--kd-selection-queue-size must be in [1, {2**24}], got {queue_size}")
         self.kind, self.rate, self.queue_size = str(kind), rate, queue_size
         self.recent_nll = torch.empty(0)
 

@@ -68,6 +68,7 @@ class DistillationTaskMixin:
     student: Optional[Student] = None
     num_updates: int = 0
     kd_schedule_end: Optional[int] = None
+    teacher_mixture: Optional[list] = None  # [weights, weighting] of the teachers' distributions, where mixed
 
     @property
     def options(self):
@@ -88,9 +89,12 @@ class DistillationTaskMixin:
     def resumed_state(self):
         """What a resumed run must find again that its options do not say ({name: value}), kept in the
         checkpoints: the teachers by content, since a retrained teacher under the same path (or the cache of
-        another) would continue the run with another teacher. A cache and the teachers it was built from are
-        the same teachers."""
-        return {"teachers": self.teachers_sha256} if self.teachers_sha256 else {}
+        another) would continue the run with another teacher, and their mixture (a cache holds the one it was
+        built with). A cache and the teachers it was built from, mixed alike, are the same teachers."""
+        state = {"teachers": self.teachers_sha256} if self.teachers_sha256 else {}
+        if self.teacher_mixture is not None:
+            state["teacher_mixture"] = self.teacher_mixture
+        return state
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)

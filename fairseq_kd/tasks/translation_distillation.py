@@ -14,7 +14,7 @@ from fairseq_kd.checkpoints import sha256
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.tasks.distillation import DistillationTaskMixin, check_cpu_bf16
 from fairseq_kd.teachers import TEACHER_WEIGHTINGS, Teachers
-from fairseq_kd.topk_cache import check_one_data_directory, teachers_built_from
+from fairseq_kd.topk_cache import check_one_data_directory, teacher_mixture_built_with, teachers_built_from
 
 @dataclass
 class TranslationDistillationConfig(TranslationConfig):
@@ -84,8 +84,15 @@ class TranslationDistillationTask(DistillationTaskMixin, TranslationTask):
         if cfg.teacher_topk_cache:
             check_one_data_directory(cfg.data, "--teacher-topk-cache")
 
-    def resumed_settings(self):
-        return {"teacher_weighting": self.teachers.weighting}  # a mixture's weighting
+    @functools.cached_property
+    def teacher_mixture(self):
+        if self.cfg.teacher_topk_cache:
+            weights, weighting = teacher_mixture_built_with(self.cfg.teacher_topk_cache)
+        elif self.cfg.teacher_path:  # the weighting option is a fairseq enum, which a checkpoint cannot pickle
+            weights, weighting = self.teachers.weights.tolist(), str(self.teachers.weighting)
+        else:
+            return None
+        return [[round(w, 6) for w in weights], weighting]  # float32 weights, compared as written
 
     @functools.cached_property
     def teachers_sha256(self):
