@@ -229,12 +229,8 @@ def requested_language_pair(source_lang, target_lang):
     return (source_lang, target_lang) if source_lang else None
 
 
-def single_language_pair(task_cfg, data):
-    """The pair of a model of one pair: as its config records it (or its training data's file names), else
-    the data-bin ``data``'s only pair."""
-    langs = trained_language_pair(task_cfg)
-    if None not in langs:
-        return langs
+def data_language_pair(data):
+    """The only language pair of the data-bin ``data``, for a model that records none."""
     if not os.path.isdir(data):
         raise FairseqKDError(f"--data {data}: no such directory; give the fairseq data-bin the model was trained on")
     pairs = data_language_pairs(data)
@@ -252,15 +248,16 @@ def checked_dictionaries(checkpoint, task_cfg, state, data, langs=None):
     task config and ``inference_state``) was trained with, extended for a multilingual model with its
     language tokens (``LanguageTokens``; None for a bilingual model)."""
     label = f"checkpoint {checkpoint}"
-    if langs is None and task_name(task_cfg) in MULTILINGUAL_TASKS:
-        langs = trained_language_pair(task_cfg)  # a model of one pair
-        if None in langs:
+    recorded = trained_language_pair(task_cfg)  # its config's, or its training data's only pair
+    if langs is None and None in recorded:
+        if task_name(task_cfg) in MULTILINGUAL_TASKS:
             raise FairseqKDError(
                 f"{label}: a multilingual model of several pairs ({task_cfg.lang_pairs}); name the pair to translate"
                 " with --source-lang and --target-lang"
             )
-    langs = langs or single_language_pair(task_cfg, data)
-    check_language_pair(label, trained_language_pair(task_cfg), langs)
+        langs = data_language_pair(data)
+    langs = langs or recorded
+    check_language_pair(label, recorded, langs)
     tokens = language_tokens(label, task_cfg, langs, data)
     dictionaries = load_dictionaries(data, *langs)
     for dictionary in dictionaries if tokens else []:
