@@ -70,6 +70,18 @@ def test_a_failing_stage_stops_the_demo_and_names_its_log(demo):
     assert "[teacher] running" in failed.stdout and "[student-no-kd]" not in failed.stdout
 
 
+def test_a_stage_stops_at_its_first_failing_command(tmp_path):
+    """A stage of several commands (decode, select, binarize) fails with the first that fails: bash ignores
+    errexit where the stage runs, and the next command would have used its missing or stale output."""
+    (tmp_path / "work").mkdir()
+    script = (f"set -euo pipefail; . {REPO}/examples/multi30k/common.sh; "
+              f"two_commands() {{ cmd false; cmd touch {tmp_path}/second; }}; stage two {tmp_path}/two.log two_commands")
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "WORK": str(tmp_path / "work")})
+    assert proc.returncode == 1 and f"error: stage 'two' failed; see {tmp_path}/two.log" in proc.stderr
+    assert not (tmp_path / "second").exists() and not (tmp_path / "work" / ".stage-two").exists()
+
+
 def teacher_command(tmp_path, **env):
     """The teacher's fairseq-train command line as the recipes' stage record lists it, for these settings."""
     return listed_command(tmp_path, f"train_teacher {tmp_path}/teacher", **env)

@@ -182,7 +182,9 @@ show_progress() {  # [PREFIX]
 # that read it stale), without running anything.
 cmd() {
     if [ -z "${STAGE_LIST:-}" ]; then
-        "$@"
+        # exit, not errexit: bash ignores errexit in the condition that runs a stage (stage), and the next
+        # command would run on this one's missing or stale outputs
+        "$@" || exit
         return
     fi
     local arg path paths
