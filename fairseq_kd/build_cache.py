@@ -18,14 +18,14 @@ import tempfile
 
 import numpy as np
 import torch
-from fairseq import options, tasks, utils
+from fairseq import options, utils
 from fairseq.data import data_utils
 from fairseq.data.indexed_dataset import MMapIndexedDatasetBuilder, best_fitting_int_dtype, data_file_path, index_file_path
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.logging import progress_bar
 from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
 
-from fairseq_kd.checkpoints import load_split, sha256
+from fairseq_kd.checkpoints import load_split, setup_data_task, sha256
 from fairseq_kd.errors import FairseqKDError, make_writable_directory
 from fairseq_kd.teachers import TEACHER_WEIGHTINGS, Teachers
 from fairseq_kd.topk_cache import (FORMAT_VERSION, MANIFEST, check_one_data_directory, dictionary_fingerprint, shard_prefix,
@@ -102,6 +102,14 @@ def differences(recorded, settings):
     )
 
 
+def shard_files_intact(prefix, checksums):
+    """Whether a shard's data files are there with the ``checksums`` its build recorded, and their indexes."""
+    return isinstance(checksums, dict) and all(
+        os.path.isfile(index_file_path(f"{prefix}.{name}")) and os.path.isfile(data_file_path(f"{prefix}.{name}"))
+        and sha256(data_file_path(f"{prefix}.{name}")) == checksums.get(name) for name in ("ids", "lprobs")
+    )
+
+
 def build_shard(task, teachers, settings, directory, shard_id, num_shards, max_tokens, device, dtype, log_format,
                 force):
     """Write one shard of the cache of ``settings["split"]`` from ``teachers``. A complete shard built with
@@ -115,6 +123,11 @@ def build_shard(task, teachers, settings, directory, shard_id, num_shards, max_t
             raise FairseqKDError(f"{prefix}.json is damaged (not the settings a build writes); pass --force to rebuild the shard")
         changed = differences(built, settings) if built is not None else ["settings"]
         if not changed and not force:
+            if not shard_files_intact(prefix, built.get("content_sha256")):
+                raise FairseqKDError(
+                    f"{prefix}: its files are not those its build wrote (missing, or their checksum differs); pass"
+                    " --force to rebuild the shard"
+                )
             logger.info(f"{prefix}: complete, skipping")
             return
         if not force:
@@ -248,10 +261,7 @@ def main(argv=None):
         raise FairseqKDError(f"--shard-id must be in [0, --num-shards={num_shards}), got {shard_id}")
     utils.import_user_module(cfg.common)
     check_one_data_directory(args.data, "DATA")
-    try:
-        task = tasks.setup_task(cfg.task)
-    except FileNotFoundError as e:
-        raise FairseqKDError(f"{args.data}: {e}; check the data directory and its languages") from None
+    task = setup_data_task(cfg.task, args.data)
     multilingual = isinstance(task, TranslationMultiSimpleEpochTask)
     if multilingual and len(task.lang_pairs) != 1:
         raise FairseqKDError(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
-from fairseq import checkpoint_utils, models, utils
+from fairseq import checkpoint_utils, models, tasks, utils
 from fairseq.data import Dictionary
 from fairseq.data.multilingual.multilingual_data_manager import MultilingualDatasetManager
 from fairseq.data.multilingual.multilingual_utils import augment_dictionary, get_lang_tok
@@ -22,7 +22,7 @@ from fairseq.models import ARCH_MODEL_NAME_REGISTRY, ARCH_MODEL_REGISTRY
 from fairseq.models.nat import FairseqNATModel
 from fairseq.models.transformer import TransformerModel
 
-from fairseq_kd.errors import FairseqKDError
+from fairseq_kd.errors import FairseqKDError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,14 @@ def read_checkpoint(path, option):
         ) from e
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise FairseqKDError(f"{option}: {path!r} holds no model weights; give a checkpoint written by fairseq-train")
+    # NaN weights translate every sentence into nothing (or trip an assertion deep in fairseq's beam search)
+    diverged = next((name for name, weight in state["model"].items() if torch.is_tensor(weight)
+                     and weight.is_floating_point() and not torch.isfinite(weight).all()), None)
+    if diverged is not None:
+        raise FairseqKDError(
+            f"{option}: {path!r} holds weights that are not finite ({diverged} has NaN or infinite values): the"
+            " training that wrote it diverged, or the file was edited; give a checkpoint from before"
+        )
     if state.get("cfg") is not None:
         return state["cfg"], state
     if state.get("args") is None:
@@ -139,6 +147,34 @@ def data_language_pairs(directory):
     return sorted(pairs)
 
 
+def load_dictionary(path):
+    """fairseq's ``Dictionary`` of the file ``path``; a file that is not one (a line without a count, a word
+    twice, binary content), refused."""
+    try:
+        return Dictionary.load(path)
+    except (ValueError, RuntimeError) as e:  # UnicodeDecodeError is a ValueError
+        raise FairseqKDError(
+            f"{path}: not a fairseq dictionary ({one_line(e)}); give the dict.LANG.txt fairseq-preprocess wrote"
+        ) from None
+
+
+def setup_data_task(task_cfg, data):
+    """fairseq's task for the data-bin ``data`` (``task_cfg``), its dictionaries read; a path that is not a
+    data-bin, refused."""
+    directory = utils.split_paths(data)[0]
+    if not os.path.isdir(directory):
+        raise FairseqKDError(f"{data}: no such directory; give a fairseq data-bin (fairseq-preprocess's --destdir)")
+    try:
+        return tasks.setup_task(task_cfg)
+    except FairseqKDError:
+        raise
+    except Exception as e:  # a missing or damaged dictionary, no binarized pair to infer the languages from, ...
+        raise FairseqKDError(
+            f"{data}: cannot read it as a fairseq data-bin ({one_line(e)}); check the directory and the"
+            " languages, or binarize the data again with fairseq-preprocess"
+        ) from None
+
+
 def load_split(task, split, data, src, tgt, option, combine=False):
     """``task.load_dataset(split, combine=combine)`` of the ``src``-``tgt`` data in ``data``, with a missing or
     empty split refused in one line (fairseq cannot even open an empty binarized split: it memory-maps an
@@ -161,6 +197,11 @@ def load_split(task, split, data, src, tgt, option, combine=False):
     except FileNotFoundError:
         raise FairseqKDError(
             f"{option}: {data} has no split '{split}' for {src}-{tgt}; name binarized splits (train, valid, test, ...)"
+        ) from None
+    except Exception as e:  # a truncated or overwritten .bin or .idx file
+        raise FairseqKDError(
+            f"{option}: cannot read split '{split}' of {data} ({one_line(e)});"
+            " its files are damaged: binarize it again with fairseq-preprocess"
         ) from None
     if len(task.dataset(split)) == 0:
         raise empty
@@ -258,7 +299,7 @@ def check_checkpoint_dictionaries(path, label, trained_on, model_state, langs, d
         dict_files = [os.path.join(d, f"dict.{lang}.txt") for d in search]
         dict_file = next((f for f in dict_files if os.path.isfile(f)), None)
         if dict_file is not None:
-            checkpoint_symbols = Dictionary.load(dict_file).symbols + list(added_symbols)
+            checkpoint_symbols = load_dictionary(dict_file).symbols + list(added_symbols)
             index = first_difference(checkpoint_symbols, data_dict.symbols)
             if index is not None:
                 raise FairseqKDError(

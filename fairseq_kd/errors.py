@@ -1,10 +1,21 @@
 """One clear line, not a traceback, for mistakes a user can fix."""
 import os
 import sys
+import warnings
+
+# fairseq 0.12 composes its config through Hydra 1.3's deprecated API: six warnings, about 20 lines on stderr
+# in every run, before the one line of an error
+warnings.filterwarnings("ignore", category=UserWarning, module=r"hydra\.")
+warnings.filterwarnings("ignore", message=r"\s*'config' is validated against ConfigStore schema", category=UserWarning)
 
 
 class FairseqKDError(ValueError):
     """A bad option, file or input; the message names the problem and the fix."""
+
+
+def one_line(error):
+    """An exception's message on one line (its type where it has none), to quote inside a refusal."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def make_writable_directory(option, value, directory):

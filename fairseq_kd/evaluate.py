@@ -43,12 +43,12 @@ import traceback
 
 import fairseq
 import torch
-from fairseq import options, tasks, utils
+from fairseq import options, utils
 from fairseq.data import data_utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from sacrebleu.metrics import BLEU, CHRF, TER
 
-from fairseq_kd.checkpoints import check_language_pair, data_language_pairs, load_split, sha256
+from fairseq_kd.checkpoints import check_language_pair, data_language_pairs, load_split, setup_data_task, sha256
 from fairseq_kd.errors import FairseqKDError, make_writable_directory
 from fairseq_kd.inference import (
     CTranslate2Translator,
@@ -136,6 +136,10 @@ def parse_checkpoints(items):
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise FairseqKDError(f"--checkpoints takes NAME=MODEL items, got {item!r}")
+        if "/" in name or name in (".", ".."):
+            raise FairseqKDError(
+                f"--checkpoints: the name {name!r} goes into file names (PREFIX.NAME.SPLIT.txt); give one without '/'"
+            )
         if not os.path.exists(path):
             raise FairseqKDError(
                 f"--checkpoints: no such file {path!r} (for {name}); give a checkpoint .pt file or a directory"
@@ -176,8 +180,16 @@ def check_arguments(args):
                                iter_decode_max_iter=args.iter_decode_max_iter,
                                iter_decode_with_beam=args.iter_decode_with_beam)
     decoding.check()
-    make_writable_directory("--out-prefix", args.out_prefix, os.path.dirname(os.path.abspath(args.out_prefix)))
+    check_out_prefix(args.out_prefix)
     return splits, references, ([] if args.no_speed else batch_sizes), decoding
+
+
+def check_out_prefix(out_prefix):
+    """PREFIX.json, .md and .png can be written, before anything is decoded or merged."""
+    make_writable_directory("--out-prefix", out_prefix, os.path.dirname(os.path.abspath(out_prefix)))
+    for suffix in (".json", ".md", ".png"):
+        if os.path.isdir(out_prefix + suffix):
+            raise FairseqKDError(f"--out-prefix {out_prefix}: {out_prefix + suffix} is a directory; choose another prefix")
 
 
 def setup_task(args, splits):
@@ -195,10 +207,7 @@ def setup_task(args, splits):
         if value:
             fairseq_args += [option, value]
     cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_generation_parser(), fairseq_args))
-    try:
-        task = tasks.setup_task(cfg.task)
-    except FileNotFoundError as e:
-        raise FairseqKDError(f"{args.data}: {e}; check the data directory and the languages") from None
+    task = setup_data_task(cfg.task, args.data)
     for split in splits:
         load_split(task, split, args.data, task.cfg.source_lang, task.cfg.target_lang, "--split")
     return task
@@ -468,14 +477,29 @@ def read_translations(path):
         raise FairseqKDError(f"--merge: cannot read the translations {path} ({e.strerror}); evaluate again") from None
 
 
+def check_report(report):
+    """What a merged table reads of a report, there (a ValueError naming what is missing)."""
+    splits = report["settings"]["splits"]
+    if not isinstance(report["models"], list) or not report["models"]:
+        raise ValueError("no models")
+    for model in report["models"]:
+        if not isinstance(model, dict):
+            raise ValueError(f"a model that is {model!r}")
+        missing = [field for field in ("name", "backend", "params", "translations") if field not in model]
+        missing += [f"{split} BLEU" for split in splits if "bleu" not in (model.get(split) or {})]
+        if missing:
+            raise ValueError(f"model {model.get('name', '?')!r} lacks {', '.join(missing)}")
+
+
 def merge(paths, out_prefix):
     """One report from the reports of earlier runs, their models in order."""
+    check_out_prefix(out_prefix)
     reports = []
     for path in paths:
         try:
             with open(path) as f:
                 reports.append(json.load(f))
-            reports[-1]["settings"]["splits"]
+            check_report(reports[-1])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise FairseqKDError(f"--merge: {path} is not a fairseq-kd-eval report ({e}); give PREFIX.json files") from None
     first = reports[0]["settings"]

@@ -27,7 +27,7 @@ from fairseq.data import data_utils
 from scipy import sparse
 
 from fairseq_kd.checkpoints import count_parameters, inference_state, model_name, read_checkpoint, sha256
-from fairseq_kd.errors import FairseqKDError, make_writable_directory
+from fairseq_kd.errors import FairseqKDError, make_writable_directory, one_line
 from fairseq_kd.inference import (
     EXPORT_MANIFEST,
     Subwords,
@@ -114,6 +114,13 @@ def check_convertible(path, model_args):
         raise FairseqKDError(
             f"{path}: CTranslate2 cannot run a Transformer with {'; '.join(problems)}; train the model without it"
         )
+    for option in ("max_source_positions", "max_target_positions"):  # the export's length limits
+        value = getattr(model_args, option, None)
+        if type(value) is not int or value < 1:
+            raise FairseqKDError(
+                f"{path}: its config's {option} is {value!r}, not a number of positions >= 1; the file was edited"
+                " or damaged: give the checkpoint as fairseq-train wrote it"
+            )
 
 
 def vocabulary_map(data, langs, dictionaries, per_token, common):
@@ -195,8 +202,8 @@ def export(args):
         converter = FairseqConverter(clean, dictionary_dir, source_lang=langs[0], target_lang=langs[1])
         try:
             converter.convert(staged, vmap=vmap, quantization=args.quantization)
-        except (ValueError, NotImplementedError, RuntimeError) as e:  # RuntimeError: weights unlike the config
-            raise FairseqKDError(f"CTranslate2 cannot convert {args.checkpoint}: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # whatever a config or weights it cannot map make the converter raise
+            raise FairseqKDError(f"CTranslate2 cannot convert {args.checkpoint}: {one_line(e)}") from None
         shutil.copyfile(subwords.path, os.path.join(staged, os.path.basename(subwords.path)))
         params, embedding_params, _ = count_parameters(state["model"])
         manifest = {

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
-from fairseq.data import Dictionary, data_utils
+from fairseq.data import data_utils
 from fairseq.iterative_refinement_generator import IterativeRefinementGenerator
 from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq.models.transformer import TransformerModel
@@ -32,12 +32,13 @@ from fairseq_kd.checkpoints import (
     inference_state,
     is_non_autoregressive,
     language_tokens,
+    load_dictionary,
     load_saved_weights,
     read_checkpoint,
     task_name,
     trained_language_pair,
 )
-from fairseq_kd.errors import FairseqKDError
+from fairseq_kd.errors import FairseqKDError, one_line
 
 EXPORT_MANIFEST = "fairseq_kd_export.json"
 
@@ -123,16 +124,21 @@ class Subwords:
             ) from None
 
     def check_dictionary(self, dictionary):
-        """Refuse a sentencepiece model that cannot write most of the dictionary's pieces: not the one the
-        data was encoded with, so that most source pieces would be <unk>."""
-        if self.kind != "sentencepiece":
-            return
+        """Refuse a subword model that cannot write most of the dictionary's pieces: not the one the data was
+        encoded with, so that most source pieces would be <unk>."""
         symbols = dictionary.symbols[dictionary.nspecial:]
-        unknown = sum(self._model.piece_to_id(symbol) == self._model.unk_id() for symbol in symbols)
+        if self.kind == "sentencepiece":
+            unknown = sum(self._model.piece_to_id(symbol) == self._model.unk_id() for symbol in symbols)
+        else:  # a piece of more than one character is the result of a merge: "ab@@" of (a, b), "ab" of (a, b</w>)
+            merged = {a + b for a, b in self._model.bpe_codes}
+            writable = {m[:-len("</w>")] if m.endswith("</w>") else m + "@@" for m in merged}
+            unknown = sum(len(symbol.removesuffix("@@")) > 1 and symbol not in writable for symbol in symbols)
         if unknown > len(symbols) / 2:
+            option = "--sentencepiece-model" if self.kind == "sentencepiece" else "--bpe-codes"
             raise FairseqKDError(
-                f"--sentencepiece-model {self.path} knows only {len(symbols) - unknown} of the dictionary's"
-                f" {len(symbols)} pieces; give the sentencepiece model the data was encoded with"
+                f"{option} {self.path} writes only {len(symbols) - unknown} of the dictionary's {len(symbols)}"
+                f" pieces; give the {'sentencepiece model' if self.kind == 'sentencepiece' else 'BPE codes'} the data"
+                " was encoded with"
             )
 
     def encode(self, line):
@@ -276,7 +282,7 @@ def load_dictionaries(data, source_lang, target_lang):
             raise FairseqKDError(
                 f"--data {data}: no dict.{lang}.txt; give the fairseq data-bin the checkpoint was trained on"
             )
-        dictionaries.append(Dictionary.load(path))
+        dictionaries.append(load_dictionary(path))
     return dictionaries
 
 
@@ -301,7 +307,7 @@ class CTranslate2Translator:
         try:
             self.translator = ctranslate2.Translator(model_dir, device=device, intra_threads=threads, inter_threads=1)
         except (RuntimeError, ValueError) as e:  # e.g. a missing or truncated model.bin
-            raise FairseqKDError(f"CTranslate2 cannot load {model_dir} ({str(e).splitlines()[0]}); export the model again") from None
+            raise FairseqKDError(f"CTranslate2 cannot load {model_dir} ({one_line(e)}); export the model again") from None
 
     def translate(self, batch):
         # a multilingual model's (exports of bilingual models record none)

@@ -312,5 +312,7 @@ def parse_weights(text, num_teachers):
         raise FairseqKDError(f"--teacher-weights has {len(weights)} values but --teacher-path names {num_teachers} teachers")
     if not all(0 <= w < math.inf for w in weights) or sum(weights) <= 0:
         raise FairseqKDError(f"--teacher-weights must be non-negative and finite with a positive sum, got {text!r}")
-    weights = torch.tensor(weights)
-    return weights / weights.sum()
+    # normalised in float64, scaled by the largest first: 1e39 or a sum beyond float range would turn NaN
+    largest = max(weights)
+    total = sum(w / largest for w in weights)
+    return torch.tensor([w / largest / total for w in weights])

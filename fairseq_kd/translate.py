@@ -122,6 +122,17 @@ def read_lines(path):
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
+def files_read(args):
+    """The files a run reads: the input, the model (an export's files), the data-bin's and the subword model."""
+    paths = [args.sentencepiece_model, args.bpe_codes, None if args.input == "-" else args.input]
+    for path in (args.model, args.data):
+        if path and os.path.isdir(path):
+            paths += [os.path.join(path, name) for name in os.listdir(path)]
+        else:
+            paths.append(path)
+    return [path for path in paths if path and os.path.isfile(path)]
+
+
 def main(argv=None):
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.WARNING,
                         stream=sys.stderr, force=True)
@@ -132,10 +143,11 @@ def main(argv=None):
         if value < 1:
             raise FairseqKDError(f"{option} must be >= 1, got {value}")
     if args.output != "-":
-        if os.path.abspath(args.output) in (os.path.abspath(args.input), os.path.abspath(args.model)):
-            raise FairseqKDError(f"--output {args.output} is an input; choose another file")
         if os.path.isdir(args.output):
             raise FairseqKDError(f"--output {args.output} is a directory; give a file name")
+        read = [path for path in files_read(args) if os.path.exists(args.output) and os.path.samefile(path, args.output)]
+        if read:
+            raise FairseqKDError(f"--output {args.output} is an input of this run ({read[0]}); choose another file")
     translator, subwords = load(args, options)
     lines = read_lines(args.input)
     if args.output != "-":  # made once the model and input are read, before any translation is spent on it

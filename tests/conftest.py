@@ -41,6 +41,14 @@ def run(tool, *args, expect_ok=True, env=None):
     return proc
 
 
+def one_error(proc, message):
+    """A refusal as the plugin's tools make it: a failed exit and stderr that is one line, ``fairseq_kd: error:``
+    naming the problem (``message`` in it), with no traceback or warnings around it."""
+    assert proc.returncode != 0
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fairseq_kd: error:") and message in lines[0], proc.stderr[-2000:]
+
+
 # the recipe files take most of the suite's time: run first (pytest.ini keeps this order for pytest-xdist),
 # they start at once on separate workers while the short files fill in around them
 LONGEST_FIRST = ("test_multilingual_recipe.py", "test_demo.py")

@@ -11,6 +11,7 @@ from conftest import PLUGIN, TINY_TRANSFORMER
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.tasks import distillation
 from fairseq_kd.kd_losses import kd_kl_loss, kd_mi_loss, lprobs_at_temperature
+from fairseq_kd.teachers import parse_weights
 
 
 def build(data_bin, *extra):
@@ -129,6 +130,12 @@ def test_teacher_ensemble_weights(data_bin, teacher):
     # two copies of one teacher average to that teacher
     assert torch.allclose(teacher_output(task, model, sample).lprobs, teacher_output(single, model, sample).lprobs,
                           atol=1e-5)
+
+
+def test_teacher_weights_beyond_float32_range_still_sum_to_one():
+    # normalised in float32 these were [nan, 0] and [0, 0]
+    assert parse_weights("1e39,1", 2).tolist() == pytest.approx([1.0, 1e-39], rel=1e-3)
+    assert parse_weights("1e308,1e308", 2).tolist() == [0.5, 0.5]
 
 
 def test_the_student_starts_from_the_same_weights_with_or_without_a_teacher(data_bin, teacher):

@@ -3,6 +3,7 @@ inputs give one clear error."""
 import json
 import multiprocessing
 import os
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -10,10 +11,10 @@ import pytest
 import torch
 from fairseq.data import Dictionary
 
-from conftest import binarize, run, write_parallel
+from conftest import binarize, one_error, run, write_parallel
 from test_cli import train_student
 from fairseq_kd.errors import FairseqKDError
-from fairseq_kd.evaluate import load_references, run_in_child
+from fairseq_kd.evaluate import load_references, main as evaluate_main, run_in_child
 from test_export import export
 
 
@@ -107,6 +108,36 @@ def test_reports_of_separate_runs_merge_into_one_table(report, data_bin, teacher
     assert proc.returncode != 0 and "other settings than" in proc.stderr and "(references)" in proc.stderr
 
 
+def without_models(report):
+    report["models"] = []
+
+
+def without_test_scores(report):
+    del report["models"][0]["test"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (without_models, "is not a fairseq-kd-eval report (no models)"),
+    (without_test_scores, "lacks test BLEU"),
+    (None, "all.json is a directory; choose another prefix"),
+])
+def test_damaged_reports_and_outputs_are_refused_before_merging(report, tmp_path, damage, message):
+    saved = json.loads((report[0] / "eval.json").read_text())
+    if damage is None:
+        (tmp_path / "all.json").mkdir()
+    else:
+        damage(saved)
+    (tmp_path / "saved.json").write_text(json.dumps(saved))
+    with pytest.raises(FairseqKDError, match=re.escape(message)):
+        evaluate_main(["--merge", str(tmp_path / "saved.json"), "--out-prefix", str(tmp_path / "all")])
+    assert not (tmp_path / "all.md").exists()
+
+
+def test_a_model_name_that_would_make_a_directory_is_refused(teacher, tmp_path):
+    with pytest.raises(FairseqKDError, match="give one without '/'"):
+        evaluate_main(["data", "--checkpoints", f"a/b={teacher}", "--out-prefix", str(tmp_path / "eval")])
+
+
 def test_an_export_scored_with_another_post_processing_is_refused(report, data_bin, tmp_path):
     """BPE pieces left apart (or joined as sentencepiece's) would be scored as other text than the references."""
     tmp, _ = report
@@ -126,8 +157,32 @@ def test_a_failing_model_leaves_the_report_of_those_before_it(data_bin, teacher,
 
 
 def test_missing_checkpoint(data_bin, tmp_path):
-    proc = evaluate(data_bin, f"teacher={tmp_path / 'nope.pt'}", out=tmp_path / "eval", expect_ok=False)
-    assert proc.returncode != 0 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
+    one_error(evaluate(data_bin, f"teacher={tmp_path / 'nope.pt'}", out=tmp_path / "eval", expect_ok=False), "no such file")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("a file", "no such directory; give a fairseq data-bin"),
+    ("raw text only", "cannot read it as a fairseq data-bin (Could not infer language pair"),
+    ("a dictionary line without a count", "cannot read it as a fairseq data-bin (Incorrect dictionary format"),
+    ("a damaged index", "cannot read split 'test' of"),
+])
+def test_a_damaged_data_bin_is_refused_before_decoding(data_bin, teacher, tmp_path, damage, message):
+    data = tmp_path / "data"
+    shutil.copytree(data_bin, data)
+    if damage == "a file":
+        data = data / "dict.src.txt"
+    elif damage == "raw text only":
+        for binarized in [*data.glob("*.bin"), *data.glob("*.idx")]:
+            binarized.unlink()
+    elif damage == "a dictionary line without a count":
+        with open(data / "dict.tgt.txt", "a") as f:
+            f.write("word\n")
+    else:
+        (data / "test.src-tgt.src.idx").write_bytes(b"not an index")
+    with pytest.raises(FairseqKDError, match=re.escape(message)):
+        evaluate_main([str(data), "--checkpoints", f"teacher={teacher}", "--split", "test", "--cpu", "--no-speed",
+                       "--out-prefix", str(tmp_path / "eval")])
+    assert not list(tmp_path.glob("eval*"))
 
 
 def test_dictionary_mismatch(teacher, tmp_path):

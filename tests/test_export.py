@@ -14,7 +14,7 @@ import torch
 from fairseq.data import Dictionary
 
 import fairseq_kd  # noqa: F401  (torch.load of fairseq checkpoints below relies on its allowlist)
-from conftest import BIN, PLUGIN, run
+from conftest import BIN, PLUGIN, one_error, run
 from fairseq_kd.checkpoints import count_parameters
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.export import main as export_main
@@ -59,13 +59,6 @@ def translate(model, text, *extra, expect_ok=True):
     if expect_ok:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def one_error(proc, message):
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("fairseq_kd: error:")]
-    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("name", ["teacher", "student", "mutual-a", "mutual-b"])
@@ -173,12 +166,13 @@ def test_training_does_not_import_ctranslate2():
 
 @pytest.fixture(scope="module")
 def edited_checkpoints(teacher, tmp_path_factory):
-    """The teacher with an architecture, activation or layer CTranslate2 cannot run (its converter would
+    """The teacher with an architecture, activation or layer CTranslate2 cannot run, or no positions (its converter would
     leave out Quant-Noise's trained layer, and fails on a decoder output projection)."""
     tmp = tmp_path_factory.mktemp("edited")
     paths = {}
     for name, option, value in (("lstm", "arch", "lstm_wiseman_iwslt_de_en"), ("tanh", "activation_fn", "tanh"),
-                                ("quant noise", "quant_noise_pq", 0.1), ("output projection", "decoder_output_dim", 16)):
+                                ("quant noise", "quant_noise_pq", 0.1), ("output projection", "decoder_output_dim", 16),
+                                ("no positions", "max_source_positions", 0)):
         state = torch.load(teacher, map_location="cpu")
         setattr(state["cfg"]["model"], option, value)
         paths[name] = tmp / f"{name}.pt"
@@ -191,6 +185,7 @@ def edited_checkpoints(teacher, tmp_path_factory):
     ("tanh", "--activation-fn tanh (supported: relu"),
     ("quant noise", "--quant-noise-pq 0.1; train the model without it"),
     ("output projection", "--decoder-output-dim 16 with --decoder-embed-dim 32"),
+    ("no positions", "its config's max_source_positions is 0, not a number of positions >= 1"),
     ("peer b of a single model", "not the two peers"),
     ("source language alone", "give both --source-lang and --target-lang, or neither"),
     ("missing checkpoint", "no such file"),
@@ -270,6 +265,11 @@ def exported_teacher(data_bin, teacher, codes, tmp_path_factory):
     (["{ct2}", "--input", "{tmp}/latin1.txt", "--output", "{tmp}"], "is a directory; give a file name"),
     (["{tmp}/deeper.pt", "--data", "{data}", "--bpe-codes", "{codes}"], "its weights do not fit the model its own config"),
     (["{ct2}", "--input", "{tmp}/latin1.txt", "--output", "{tmp}/latin1.txt"], "is an input"),
+    # nothing the translator reads is overwritten: an export's files, the data-bin's, the subword model, a link
+    (["{tmp}/truncated", "--output", "{tmp}/truncated/model.bin"], "is an input of this run"),
+    (["{teacher}", "--data", "{data}", "--bpe-codes", "{codes}", "--output", "{data}/dict.tgt.txt"], "is an input"),
+    (["{teacher}", "--data", "{data}", "--bpe-codes", "{codes}", "--output", "{codes}"], "is an input"),
+    (["{ct2}", "--input", "{tmp}/latin1.txt", "--output", "{tmp}/link.txt"], "is an input"),
     (["{tmp}/half-export"], "lacks max_target_positions, vmap"),
     (["{tmp}/truncated"], "CTranslate2 cannot load"),
     (["{ct2}", "-s", "src", "-t", "tgt"], "language pair: drop them"),
@@ -282,6 +282,7 @@ def test_translate_refusals(data_bin, teacher, codes, exported_teacher, tmp_path
     model = tmp_path / "truncated" / "model.bin"
     model.write_bytes(model.read_bytes()[:1000])
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (tmp_path / "link.txt").symlink_to(tmp_path / "latin1.txt")
     (tmp_path / "half-export").mkdir()
     (tmp_path / "half-export" / "fairseq_kd_export.json").write_text('{"subwords": {"kind": "bpe"}}')
     state = torch.load(teacher, map_location="cpu")
@@ -331,8 +332,19 @@ def test_a_sentencepiece_model_of_other_data_is_refused(data_bin, tmp_path):
     for line in text.read_text().splitlines():
         own.encode_line(" ".join(subwords.encode(line)), add_if_not_exist=True)
     subwords.check_dictionary(own)
-    with pytest.raises(FairseqKDError, match=r"knows only \d+ of the dictionary's \d+ pieces; give the sentencepiece model"):
+    with pytest.raises(FairseqKDError, match=r"writes only \d+ of the dictionary's \d+ pieces; give the sentencepiece model"):
         subwords.check_dictionary(Dictionary.load(str(data_bin / "dict.src.txt")))
+
+
+def test_bpe_codes_of_other_data_are_refused(data_bin, codes, tmp_path):
+    dictionary = Dictionary.load(str(data_bin / "dict.src.txt"))
+    Subwords("bpe", str(codes)).check_dictionary(dictionary)
+    other_text = " ".join(word[::-1] + "xq" for word in dictionary.symbols[dictionary.nspecial:])
+    other = subprocess.run([str(BIN / "subword-nmt"), "learn-bpe", "-s", "100"], input=other_text, capture_output=True,
+                           text=True, check=True).stdout
+    (tmp_path / "other.codes").write_text(other)
+    with pytest.raises(FairseqKDError, match=r"--bpe-codes .* writes only \d+ of the dictionary's \d+ pieces; give the BPE codes"):
+        Subwords("bpe", str(tmp_path / "other.codes")).check_dictionary(dictionary)
 
 
 def test_a_line_longer_than_the_model_reads_is_refused_by_its_number(data_bin, teacher, codes, exported_teacher, tmp_path):
