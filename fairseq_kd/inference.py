@@ -338,6 +338,16 @@ def read_export_manifest(model_dir):
         raise FairseqKDError(f"{path} is not a fairseq-kd-export manifest ({e}); export the model again") from None
     if missing:
         raise FairseqKDError(f"{path} lacks {', '.join(missing)}; export the model again")
+    wrong = [key for key in ("max_source_positions", "max_target_positions")
+             if key in manifest and (type(manifest[key]) is not int or manifest[key] < 1)]
+    tokens = manifest.get("language_tokens", [[], []])
+    if not (isinstance(tokens, list) and len(tokens) == 2
+            and all(isinstance(side, list) and all(isinstance(token, str) for token in side) for side in tokens)):
+        wrong.append("language_tokens")
+    if not isinstance(manifest["vmap"], bool):
+        wrong.append("vmap")
+    if wrong:
+        raise FairseqKDError(f"{path}: its {', '.join(wrong)} are not what fairseq-kd-export writes; export the model again")
     return manifest
 
 

@@ -62,6 +62,14 @@ def shard_range(num_sentences, shard_id, num_shards):
     return num_sentences * shard_id // num_shards, num_sentences * (shard_id + 1) // num_shards
 
 
+def well_formed_split(entry):
+    """Whether a manifest's entry of one split has the fields, and the types, a build writes."""
+    return (isinstance(entry["sentences"], int) and isinstance(entry["data_sha256"], str)
+            and isinstance(entry["num_shards"], int) and len(entry["content_sha256"]) == entry["num_shards"] > 0
+            and all(isinstance(checksums, dict) and all(isinstance(checksums.get(name), str) for name in ("ids", "lprobs"))
+                    for checksums in entry["content_sha256"]))
+
+
 def read_manifest(directory):
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
@@ -82,11 +90,11 @@ def read_manifest(directory):
     try:
         well_formed = (
             isinstance(manifest["k"], int) and manifest["k"] > 0 and isinstance(manifest["target_dictionary_sha256"], str)
-            and all(isinstance(entry["sentences"], int) and isinstance(entry["data_sha256"], str)
-                    and len(entry["content_sha256"]) == entry["num_shards"] > 0
-                    for entry in manifest["splits"].values())
+            and all(map(well_formed_split, manifest["splits"].values()))
             and all(isinstance(teacher["sha256"], str) for teacher in manifest["teachers"])
-            and isinstance(manifest["teacher_weights"], list) and isinstance(manifest["teacher_weighting"], str)
+            and isinstance(manifest["teacher_weights"], list)
+            and all(type(weight) in (int, float) for weight in manifest["teacher_weights"])
+            and isinstance(manifest["teacher_weighting"], str)
         )
     except (KeyError, TypeError, AttributeError):
         well_formed = False

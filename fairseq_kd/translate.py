@@ -169,8 +169,11 @@ def main(argv=None):
     if args.output == "-":
         sys.stdout.write(text)
     else:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text)
+        try:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:  # a full disk, a file that cannot be replaced
+            raise FairseqKDError(f"--output {args.output}: cannot write the translations ({e.strerror})") from None
 
 
 if __name__ == "__main__":

@@ -270,7 +270,10 @@ def exported_teacher(data_bin, teacher, codes, tmp_path_factory):
     (["{teacher}", "--data", "{data}", "--bpe-codes", "{codes}", "--output", "{data}/dict.tgt.txt"], "is an input"),
     (["{teacher}", "--data", "{data}", "--bpe-codes", "{codes}", "--output", "{codes}"], "is an input"),
     (["{ct2}", "--input", "{tmp}/latin1.txt", "--output", "{tmp}/link.txt"], "is an input"),
+    pytest.param(["{ct2}", "--input", "{tmp}/ascii.txt", "--output", "/dev/full"], "cannot write the translations (No space",
+                 marks=pytest.mark.skipif(not os.access("/dev", os.W_OK), reason="/dev/full: a full disk, where /dev is writable")),
     (["{tmp}/half-export"], "lacks max_target_positions, vmap"),
+    (["{tmp}/edited-export"], "its max_source_positions, language_tokens are not what fairseq-kd-export writes"),
     (["{tmp}/truncated"], "CTranslate2 cannot load"),
     (["{ct2}", "-s", "src", "-t", "tgt"], "language pair: drop them"),
     (["{ct2}", "--peer", "b"], "--peer apply to a fairseq checkpoint"),  # an export holds one peer
@@ -283,8 +286,13 @@ def test_translate_refusals(data_bin, teacher, codes, exported_teacher, tmp_path
     model.write_bytes(model.read_bytes()[:1000])
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     (tmp_path / "link.txt").symlink_to(tmp_path / "latin1.txt")
+    (tmp_path / "ascii.txt").write_text("s1\n")
     (tmp_path / "half-export").mkdir()
     (tmp_path / "half-export" / "fairseq_kd_export.json").write_text('{"subwords": {"kind": "bpe"}}')
+    manifest = json.loads((exported_teacher / "fairseq_kd_export.json").read_text())
+    (tmp_path / "edited-export").mkdir()
+    (tmp_path / "edited-export" / "fairseq_kd_export.json").write_text(
+        json.dumps({**manifest, "max_source_positions": "1024", "language_tokens": "en"}))
     state = torch.load(teacher, map_location="cpu")
     state["cfg"]["model"].decoder_layers = 2  # a config its weights do not fit
     torch.save(state, tmp_path / "deeper.pt")

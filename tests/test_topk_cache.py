@@ -221,6 +221,12 @@ def damaged_copy(cache, tmp_path, damage):
     return copy
 
 
+def edit_manifest(cache, edit):
+    manifest = json.loads((cache / "manifest.json").read_text())
+    edit(manifest)
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda c: (c / "valid.shard0-of-1.lprobs.bin").write_bytes(
         bytes(len((c / "valid.shard0-of-1.lprobs.bin").read_bytes()))), "checksum differs"),
@@ -229,6 +235,10 @@ def damaged_copy(cache, tmp_path, damage):
     (lambda c: (c / "manifest.json").write_text('{"format_version": 2, "k": 4, "splits": []}'),
      "not a cache manifest of the expected shape"),
     (lambda c: (c / "manifest.json").write_text("[1, 2]"), "cache format None"),
+    # fields of other types: a weight that is text failed at the first checkpoint, after an epoch of training
+    (lambda c: edit_manifest(c, lambda m: m.update(teacher_weights=["x"])), "not a cache manifest of the expected shape"),
+    (lambda c: edit_manifest(c, lambda m: m["splits"]["valid"].update(content_sha256=["ab"])),
+     "not a cache manifest of the expected shape"),
 ])
 def test_damaged_caches_are_refused(data_bin, teacher, cache, tmp_path, damage, message):
     copy = damaged_copy(cache, tmp_path, damage)
