@@ -125,3 +125,9 @@ def test_resumed_run_stops_early_where_an_uninterrupted_one_does(data_bin, tmp_p
     assert losses == sorted(losses, reverse=True) and len(losses) == 3, straight.stdout[-3000:]
     assert "early stop since valid performance hasn't improved for last 2 runs" in resumed.stdout
     assert "Loaded checkpoint" in resumed.stdout and re.findall(r"epoch (\d+) \| valid on", resumed.stdout) == ["003"]
+    # the same command once more (as a recipe re-runs a stage cut before its record): it ends as it ended
+    checkpoints = {name: (tmp_path / "cut" / name).read_bytes() for name in ("checkpoint_best.pt", "checkpoint_last.pt")}
+    again = subprocess.run(command("--max-epoch", "8"), capture_output=True, text=True, env=env)
+    assert again.returncode == 0 and "this run stopped early: no better validation for 2 runs" in again.stdout
+    assert "valid on" not in again.stdout
+    assert checkpoints == {name: (tmp_path / "cut" / name).read_bytes() for name in checkpoints}

@@ -12,6 +12,7 @@ Its checkpoints also hold fairseq-train's early-stopping count (--patience), whi
 memory: a resumed run stops where the uninterrupted one would have.
 """
 import functools
+import logging
 import sys
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -24,6 +25,8 @@ from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.features import attention_heads, layer_counts, layer_drop, layer_widths
 from fairseq_kd.models.transformer_mutual import TransformerMutualModel
 from fairseq_kd.teachers import Teachers
+
+logger = logging.getLogger(__name__)
 
 
 def cpu_has_bf16_kernels():
@@ -145,7 +148,9 @@ class DistillationTaskMixin:
 
     def set_checkpoint_dict(self, state):
         """Restores a resumed run's early-stopping count, but only where fairseq restored the best score
-        beside it: --reset-meters and --reset-optimizer start both afresh."""
+        beside it: --reset-meters and --reset-optimizer start both afresh. A run that had stopped early (the
+        count at --patience) ends here, as it ended before: fairseq-train would train an epoch before it
+        looked at the count again, and could find a new best that the uninterrupted run never trained."""
         from fairseq import checkpoint_utils  # imported by its caller: here already loaded
 
         early_stopping = fairseq_train_early_stopping()
@@ -153,6 +158,10 @@ class DistillationTaskMixin:
         if early_stopping is not None and restored_best and "early_stopping" in state:
             early_stopping.best = state["early_stopping"]["best"]
             early_stopping.num_runs = state["early_stopping"]["num_runs"]
+            if 0 < self.options.patience <= early_stopping.num_runs:
+                logger.info(f"this run stopped early: no better validation for {early_stopping.num_runs} runs"
+                            f" (--patience {self.options.patience}); nothing to train")
+                sys.exit(0)
 
     def valid_step(self, sample, model, criterion):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.options.cpu_bf16):

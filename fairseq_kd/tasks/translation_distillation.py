@@ -68,6 +68,7 @@ class TranslationDistillationConfig(TranslationConfig):
     )
     save_dir: str = II("checkpoint.save_dir")
     cpu: bool = II("common.cpu")
+    patience: int = II("checkpoint.patience")
 
 
 @register_task("translation_distillation", dataclass=TranslationDistillationConfig)
