@@ -10,6 +10,8 @@ hypotheses differently (README, "Deploy"): those that reach the length limit (fa
 end of sentence, CTranslate2 stops), and models that give the first end of sentence real probability
 (fairseq masks it, CTranslate2 masks and renormalises). ``ctranslate2`` is imported only by its backend.
 """
+import contextlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -115,9 +117,10 @@ class Subwords:
             else:
                 from subword_nmt.apply_bpe import BPE
 
-                with open(path, encoding="utf-8") as codes:
+                # subword-nmt prints its own lines before it exits on a malformed codes file
+                with open(path, encoding="utf-8") as codes, contextlib.redirect_stderr(io.StringIO()):
                     self._model = BPE(codes)
-        except (Exception, SystemExit) as e:  # subword-nmt exits on a malformed codes file
+        except (Exception, SystemExit) as e:
             reason = "malformed codes" if isinstance(e, SystemExit) else e
             raise FairseqKDError(
                 f"cannot read {path!r} as a {kind} model ({reason}); give the file the data was made with"

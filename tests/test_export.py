@@ -344,6 +344,13 @@ def test_a_sentencepiece_model_of_other_data_is_refused(data_bin, tmp_path):
         subwords.check_dictionary(Dictionary.load(str(data_bin / "dict.src.txt")))
 
 
+def test_malformed_bpe_codes_are_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "empty.codes").write_text("")
+    with pytest.raises(FairseqKDError, match=r"cannot read .* as a bpe model \(malformed codes\)"):
+        Subwords("bpe", str(tmp_path / "empty.codes"))
+    assert capsys.readouterr().err == ""  # subword-nmt's own lines, before it exits, are not shown
+
+
 def test_bpe_codes_of_other_data_are_refused(data_bin, codes, tmp_path):
     dictionary = Dictionary.load(str(data_bin / "dict.src.txt"))
     Subwords("bpe", str(codes)).check_dictionary(dictionary)
