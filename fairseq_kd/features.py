@@ -48,6 +48,12 @@ def layer_drop(model, label) -> float:
     return max(getattr(layers, "p", 0.0) for layers in layer_stacks(model, label).values())
 
 
+def recomputes_layers(model, label) -> bool:
+    """Whether fairseq's --checkpoint-activations (or --offload-activations) wraps the layers: each runs first
+    without gradients and again in the backward pass."""
+    return any(hasattr(layer, "precheckpoint_forward") for layers in layer_stacks(model, label).values() for layer in layers)
+
+
 ATTENTIONS = {"enc_self": ("enc", "self_attn"), "dec_self": ("dec", "self_attn"), "dec_cross": ("dec", "encoder_attn")}
 
 

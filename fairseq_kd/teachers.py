@@ -68,6 +68,8 @@ class Teachers:
     The models live here, not in the student: they are never wrapped in DDP, never trained and never saved
     in student checkpoints."""
 
+    skip_language_token = False  # a bilingual target has none (PairTeachers: the decoder's language token)
+
     def __init__(self, teacher_models, weights=None, weighting="fixed", cache_dir=None):
         self.models = teacher_models
         self.weights = weights  # (K,), summing to 1; None without models
@@ -226,7 +228,7 @@ class PairTeachers:
     it), 0 on the target language token that the decoder is given as its first output.
 
     It answers the criterion like ``Teachers``: ``predict``, ``cache_k``, ``models``, ``weighting``,
-    ``layer_teacher``."""
+    ``layer_teacher``, ``skip_language_token`` (which mutual learning, with no teachers, follows too)."""
 
     PAIR_KEY = "pair"
     TEACHER_INPUT_KEY = "teacher_net_input"

@@ -279,6 +279,8 @@ def test_teacher_options_are_refused_for_mutual_learning(data_bin, flags, messag
         (["--kd-hidden-weight", "nan"], "--kd-hidden-weight must be >= 0 and finite, got nan"),
         (["--kd-relation-weight", "inf"], "--kd-relation-weight must be >= 0 and finite, got inf"),
         (["--kd-hidden-weight", "1", "--decoder-layerdrop", "0.2"], "--decoder-layerdrop (0.2) skip student layers"),
+        # the attention is read in the layers' first pass, which activation checkpointing runs without gradients
+        (["--kd-attn-weight", "1", "--checkpoint-activations"], "--offload-activations run without gradients"),
         (["--teacher-path", "{teacher}:{teacher}", "--teacher-weights", "nan,1"], "must be non-negative and finite"),
         (["--init-student-from-teacher", "first", "--arch", "transformer", "--encoder-attention-heads", "4",
           "--decoder-attention-heads", "4"], "the student's attention heads {'enc': 4, 'dec': 4} differ"),

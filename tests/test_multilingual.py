@@ -11,7 +11,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from conftest import PLUGIN, TINY_TRANSFORMER, TRAIN_FLAGS, run
 from fairseq_kd.checkpoints import sha256
 from fairseq_kd.errors import FairseqKDError
-from fairseq_kd.kd_losses import kd_mi_loss
+from fairseq_kd.kd_losses import kd_mi_loss, mutual_kl_loss
 from fairseq_kd.teachers import PairTeachers
 
 # every language spells the same words with its own letter; fr in reverse order
@@ -140,6 +140,34 @@ def test_mi_negatives_are_the_distilled_positions_only(ml_data, ml_teachers):
     _, _, log = criterion(student, sample)
     lprobs = student.get_normalized_probs(student(**sample["net_input"]), log_probs=True)
     expected = kd_mi_loss(lprobs[distilled], teacher.lprobs[distilled], 1.0, 15).sum()
+    assert log["kd_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_teachers_of_different_lengths_are_named(ml_data, ml_teachers, tmp_path, caplog):
+    """The task has one length limit, the shortest teacher's: the rows of every pair beyond it are dropped."""
+    state = torch.load(ml_teachers["en-de"], map_location="cpu")
+    state["cfg"]["model"].max_source_positions = 6
+    torch.save(state, tmp_path / "short.pt")
+    build(ml_data, "--teacher-paths", f"en-de:{tmp_path / 'short.pt'},en-fr:{ml_teachers['en-fr']}")
+    assert "the pairs' teachers read different lengths (en-de: (6, 1024), en-fr: (1024, 1024))" in caplog.text
+
+
+def test_mutual_peers_are_not_distilled_on_the_language_token(ml_data):
+    """Without teachers there are no position weights, but the decoder is still given the target language
+    token: the peers' KL leaves it out as a teacher's KD does (with --ignore-prefix-size 1 it is gone anyway)."""
+    task, student = build(ml_data, "--arch", "transformer_mutual", "--kd-alpha", "0.5",
+                          "--dropout", "0")
+    criterion = task.build_criterion(convert_namespace_to_omegaconf(task.args).criterion)
+    sample = whole_split(task)
+    student.eval()
+    _, _, log = criterion(student, sample)
+    output = student(**sample["net_input"])
+    lprobs = student.get_normalized_probs(output, log_probs=True)
+    lprobs_peer = student.peer.get_normalized_probs(output[1]["peer_output"], log_probs=True)
+    distilled = sample["target"].ne(task.target_dictionary.pad())
+    distilled[:, 0] = False
+    assert log["kd_distilled"] == distilled.sum()
+    expected = mutual_kl_loss(lprobs[distilled], lprobs_peer[distilled], 1.0).sum()
     assert log["kd_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 

@@ -292,8 +292,12 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             else:
                 kd = self.word_kd(lprobs_t, teacher, target, temperature)
             real = target.ne(self.padding_idx)
-            distil = self.selection(lprobs, target, real if position_weights is None else real & position_weights.gt(0),
-                                    model.training)
+            distillable = real if position_weights is None else real & position_weights.gt(0)
+            if position_weights is None and self.teachers.skip_language_token:  # mutual peers: not the language token
+                language_token = torch.zeros_like(sample["target"], dtype=torch.bool)
+                language_token[:, 0] = True
+                distillable = distillable & ~language_token[:, self.ignore_prefix_size :].reshape(-1).to(real.device)
+            distil = self.selection(lprobs, target, distillable, model.training)
             kd = kd.masked_fill(~distil, 0.0)
             log["kd_loss"] = kd.sum().data
             if position_weights is not None:  # each position's alpha scaled by its weight: the rest keeps its CE

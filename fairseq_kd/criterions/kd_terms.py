@@ -187,6 +187,12 @@ class LayerKD(torch.nn.Module):
         self.pairs = parse_layer_map(cfg.kd_hidden_map, student.layers, layer_counts(teacher, "teacher"))
         if self.weights["kd_attn_loss"] > 0:
             check_heads(student.heads, attention_heads(teacher))
+            if student.recomputes_layers:
+                raise FairseqKDError(
+                    "--kd-attn-weight reads the student's attention in the first pass of its layers, which"
+                    " --checkpoint-activations/--offload-activations run without gradients (the term would be"
+                    " logged and never learned): drop those options, or set --kd-attn-weight 0"
+                )
         logger.info("intermediate-layer KD, student layer <- teacher layer (0-based): "
                     + "; ".join(f"{side} {s} <- {t}" for side, s, t in self.pairs))
         if self.weights["kd_hidden_loss"] > 0:

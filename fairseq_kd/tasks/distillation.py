@@ -22,7 +22,7 @@ from fairseq import utils
 
 from fairseq_kd.checkpoints import saved_task_state
 from fairseq_kd.errors import FairseqKDError
-from fairseq_kd.features import attention_heads, layer_counts, layer_drop, layer_widths
+from fairseq_kd.features import attention_heads, layer_counts, layer_drop, layer_widths, recomputes_layers
 from fairseq_kd.models.transformer_mutual import TransformerMutualModel
 from fairseq_kd.teachers import Teachers
 
@@ -52,14 +52,16 @@ def check_cpu_bf16(cpu_bf16, cpu):
 @dataclass
 class Student:
     """The student as the criterion's terms see it: whether it is a pair of mutual-learning peers, and
-    its encoder and decoder layer counts, widths and attention heads, and the probability of skipping a
-    layer in training (None for models without fairseq Transformer layer stacks)."""
+    its encoder and decoder layer counts, widths and attention heads, the probability of skipping a layer in
+    training (None for models without fairseq Transformer layer stacks), and whether its layers run twice
+    (activation checkpointing)."""
 
     mutual: bool
     layers: Optional[Dict[str, int]] = None
     widths: Optional[Dict[str, int]] = None
     heads: Optional[Dict[str, int]] = None
     layer_drop: Optional[float] = None
+    recomputes_layers: bool = False  # --checkpoint-activations
 
 
 class DistillationTaskMixin:
@@ -109,7 +111,8 @@ class DistillationTaskMixin:
             )
         if hasattr(model, "encoder") and hasattr(model.encoder, "layers"):  # a fairseq Transformer
             self.student = Student(mutual, layer_counts(model, "student"), layer_widths(model, "student"),
-                                   attention_heads(model), layer_drop(model, "student"))
+                                   attention_heads(model), layer_drop(model, "student"),
+                                   recomputes_layers(model, "student"))
         else:
             self.student = Student(mutual)
         if self.options.init_student_from_teacher != "none" and not from_checkpoint:

@@ -278,6 +278,12 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
                                                      torch.ones(1))
         if paths and caches:  # the threshold strategy's: after loading, which says what is wrong with a path
             check_caches_built_from_teachers(caches, paths)
+        limits = {pair: models[self.pair_index[pair]].models[0].max_positions() for pair in paths}
+        if len(set(limits.values())) > 1:  # the task's one limit (max_positions) is the shortest teacher's
+            logger.warning(
+                f"the pairs' teachers read different lengths ({', '.join(f'{p}: {l}' for p, l in limits.items())}):"
+                f" fairseq drops the training rows of every pair that are longer than the shortest teacher reads"
+            )
         pair_weights = torch.tensor([weights.get(pair, 1.0) if pair in taught else 0.0 for pair in self.lang_pairs])
         return PairTeachers(models, cache_k.pop() if cache_k else None, pair_weights, len(self.target_dictionary),
                             skip_language_token=bool(args.decoder_langtok))
