@@ -77,7 +77,7 @@ def test_a_stage_stops_at_its_first_failing_command(tmp_path):
     script = (f"set -euo pipefail; . {REPO}/examples/multi30k/common.sh; "
               f"two_commands() {{ cmd false; cmd touch {tmp_path}/second; }}; stage two {tmp_path}/two.log two_commands")
     proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
-                          env={**os.environ, "WORK": str(tmp_path / "work")})
+                          env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "WORK": str(tmp_path / "work")})
     assert proc.returncode == 1 and f"error: stage 'two' failed; see {tmp_path}/two.log" in proc.stderr
     assert not (tmp_path / "second").exists() and not (tmp_path / "work" / ".stage-two").exists()
 

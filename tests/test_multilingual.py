@@ -502,7 +502,9 @@ def test_multilingual_student_evaluates_and_exports_per_pair(ml_data, ml_student
     # exported for one pair, CTranslate2 writes the same greedy translations (its beam search ranks without
     # the given language token's score, so beams > 1 may differ)
     codes = tmp_path / "codes"
-    codes.write_text("#version: 0.2\nq z\n")  # one merge that never applies: the toy words stay whole
+    # a merge per toy word (a letter and a digit): each stays one piece, as the data-bin holds it
+    codes.write_text("#version: 0.2\n" + "".join(f"{letter} {digit}</w>\n" for letter in LANGUAGES.values()
+                                                  for digit in range(10)))
     run("fairseq-kd-export", ml_student, "--data", ml_data, "--bpe-codes", codes, *pair, "--quantization", "float32",
         "--out", tmp_path / "ct2")
     run("fairseq-kd-eval", ml_data, "--checkpoints", f"fairseq={ml_student}", f"ct2={tmp_path / 'ct2'}", "--split",
