@@ -1,5 +1,6 @@
 """Reading fairseq checkpoints: one place for loading, dictionary checks, building a model from a
-checkpoint, parameter counts and the clean inference checkpoint that export and translation start from.
+checkpoint, parameter counts and the clean inference checkpoint that export and translation start from;
+and reading the data-bins they are used with (a task for one, its splits, checked to be whole).
 
 Reading keeps torch's ``weights_only=True`` (the plugin's allowlist, ``safe_load``, makes fairseq
 checkpoints load under it).
@@ -9,12 +10,14 @@ import hashlib
 import logging
 import os
 import re
+import traceback
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 from fairseq import checkpoint_utils, models, tasks, utils
 from fairseq.data import Dictionary
+from fairseq.data import indexed_dataset
 from fairseq.data.multilingual.multilingual_data_manager import MultilingualDatasetManager
 from fairseq.data.multilingual.multilingual_utils import augment_dictionary, get_lang_tok
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
@@ -32,8 +35,9 @@ INFERENCE_MODELS = ("transformer", "transformer_student", "transformer_mutual")
 PEER_PREFIX = "peer."
 
 
-def read_checkpoint(path, option):
-    """``(cfg, state)`` of a fairseq checkpoint; ``option`` names where the path came from in errors."""
+def read_checkpoint(path, option, unreadable_fix="give a checkpoint written by fairseq-train"):
+    """``(cfg, state)`` of a fairseq checkpoint; ``option`` names where the path came from in errors, and
+    ``unreadable_fix`` what to do about a file that torch cannot read."""
     if not os.path.isfile(path):
         raise FairseqKDError(f"{option}: no such file {path!r}; give a checkpoint .pt file written by fairseq-train")
     try:
@@ -44,8 +48,7 @@ def read_checkpoint(path, option):
         lines = [line for line in lines if not line.startswith("Check the documentation")]
         reason = lines[-1] if lines else type(e).__name__
         raise FairseqKDError(
-            f"{option}: cannot read {path!r} as a fairseq checkpoint ({reason}); give a checkpoint"
-            " written by fairseq-train"
+            f"{option}: cannot read {path!r} as a fairseq checkpoint ({reason}); {unreadable_fix}"
         ) from e
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise FairseqKDError(f"{option}: {path!r} holds no model weights; give a checkpoint written by fairseq-train")
@@ -205,6 +208,40 @@ def load_split(task, split, data, src, tgt, option, combine=False):
         ) from None
     if len(task.dataset(split)) == 0:
         raise empty
+    check_binarized(task.dataset(split))
+
+
+def raised_reading_binarized(error):
+    """Whether ``error`` came from fairseq's reader of binarized files (a truncated or overwritten .idx)."""
+    return traceback.extract_tb(error.__traceback__)[-1].filename == indexed_dataset.__file__
+
+
+def check_binarized(dataset):
+    """Refuse a dataset (or one it wraps) read from a .bin file shorter than its .idx says: a truncated copy,
+    or an index of other data. fairseq memory-maps the file and would fail only when a batch reaches the
+    missing sentences, in the middle of a training or an evaluation."""
+    seen, todo = set(), [dataset]
+    while todo:
+        item = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, indexed_dataset.MMapIndexedDataset):
+            index = item._index
+            written = len(item._bin_buffer)
+            needed = int((index._pointers + index.sizes * index.dtype().itemsize).max(initial=0))
+            if written < needed:
+                raise FairseqKDError(
+                    f"{item._path}.bin has {written} bytes, but its index {item._path}.idx needs {needed}: the file"
+                    " was cut short (an interrupted copy?) or the index is of other data; binarize it again with"
+                    " fairseq-preprocess"
+                )
+        elif isinstance(item, (list, tuple)):
+            todo.extend(item)
+        elif isinstance(item, dict):
+            todo.extend(item.values())
+        elif isinstance(item, torch.utils.data.Dataset):  # fairseq's wrappers hold the datasets they wrap
+            todo.extend(vars(item).values())
 
 
 def check_language_pair(label, recorded, langs):
@@ -235,7 +272,11 @@ def check_resumed_settings(current, path, reset_optimizer, allow_changes, task_s
     or with ``allow_changes`` logged. Returns the checkpoint, ``(config, state)``, or None for a fresh run."""
     if reset_optimizer or not os.path.isfile(path):
         return None
-    cfg, state = read_checkpoint(path, "--restore-file")
+    # fairseq-train writes checkpoint_best.pt, then copies it over checkpoint_last.pt: a run killed during
+    # that copy leaves the copy cut short, and the best one whole
+    cfg, state = read_checkpoint(path, "--restore-file", "this run cannot resume from it: copy an intact checkpoint"
+                                 " of the run over it (checkpoint_best.pt, after a run stopped while saving), or"
+                                 " delete it to train afresh")
     changed = [f"--{name.replace('_', '-')} {saved_option(cfg, section, name)} -> {value}"
                for section, options in current.items() for name, value in options.items()
                if str(saved_option(cfg, section, name)) != str(value)]

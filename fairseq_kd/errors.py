@@ -36,3 +36,14 @@ def _excepthook(exc_type, exc, tb, _previous=sys.excepthook):
 
 
 sys.excepthook = _excepthook
+
+
+def _unraisablehook(unraisable, _previous=sys.unraisablehook):
+    # fairseq's MMapIndexedDataset.__del__ closes a memory map that its constructor opens after reading the .idx
+    # file: for a damaged .idx, which the refusal names, it would add "Exception ignored in" and a traceback
+    if unraisable.exc_type is AttributeError and getattr(unraisable.object, "__qualname__", "") == "MMapIndexedDataset.__del__":
+        return
+    _previous(unraisable)
+
+
+sys.unraisablehook = _unraisablehook

@@ -26,7 +26,7 @@ import torch
 from fairseq.data import data_utils
 from scipy import sparse
 
-from fairseq_kd.checkpoints import count_parameters, inference_state, model_name, read_checkpoint, sha256
+from fairseq_kd.checkpoints import check_binarized, count_parameters, inference_state, model_name, read_checkpoint, sha256
 from fairseq_kd.errors import FairseqKDError, make_writable_directory, one_line
 from fairseq_kd.inference import (
     EXPORT_MANIFEST,
@@ -134,6 +134,7 @@ def vocabulary_map(data, langs, dictionaries, per_token, common):
         dataset = data_utils.load_indexed_dataset(prefix, dictionary)
         if dataset is None or len(dataset) == 0:
             raise FairseqKDError(f"--vmap: {data} has no binarized training split {prefix}.*; the map is built from it")
+        check_binarized(dataset)
         rows, cols = [], []
         for i in range(len(dataset)):
             symbols = np.unique(dataset[i].numpy())

@@ -64,6 +64,24 @@ def test_damaged_teachers_are_refused(data_bin, teacher, tmp_path, damage, messa
         build(data_bin, "--teacher-path", damaged_teacher(teacher, tmp_path, damage))
 
 
+def halve(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damaged, message", [
+    ("train.src-tgt.src.bin", "train.src-tgt.src.idx needs"),  # fairseq: mid-epoch
+    ("train.src-tgt.tgt.idx", "cannot read split 'train' of"),
+])
+def test_a_training_on_damaged_binarized_data_is_refused(data_bin, teacher, tmp_path, damaged, message):
+    data = tmp_path / "data"
+    shutil.copytree(data_bin, data)
+    halve(data / damaged)
+    proc = train_student(data, tmp_path / "student", "--task", "translation_distillation", "--teacher-path", teacher,
+                         "--max-update", "2", expect_ok=False)
+    one_error(proc, message)
+    assert not (tmp_path / "student" / "checkpoint_last.pt").exists()
+
+
 def test_mutual_information_kd_that_would_not_fit_in_memory_is_refused(data_bin, teacher):
     with pytest.raises(FairseqKDError, match=r"needs about \d+ GiB per batch, more than half of this machine's"):
         build(data_bin, "--teacher-path", teacher, "--kd-loss", "mi", "--kd-mi-negatives", 100000,
@@ -114,6 +132,14 @@ def test_a_resume_refuses_another_teacher_under_the_same_path(data_bin, teacher,
                                              r" \['[0-9a-f]{12}'\]\)"):
         build(data_bin, *resume)
     build(data_bin, *resume, "--kd-allow-changed-settings")
+
+
+def test_a_resume_from_a_checkpoint_cut_short_names_the_intact_one(data_bin, teacher, tmp_path):
+    kd = ("--task", "translation_distillation", "--teacher-path", teacher)
+    train_student(data_bin, tmp_path, *kd, "--max-update", "2")
+    halve(tmp_path / "checkpoint_last.pt")  # as a run killed while fairseq-train copies checkpoint_best.pt over it
+    one_error(train_student(data_bin, tmp_path, *kd, "--max-update", "4", expect_ok=False),
+              "this run cannot resume from it: copy an intact checkpoint of the run over it (checkpoint_best.pt")
 
 
 def test_a_resume_refuses_another_mixture_of_the_same_teachers(data_bin, teacher, weak_teacher, tmp_path):

@@ -165,6 +165,7 @@ def test_missing_checkpoint(data_bin, tmp_path):
     ("raw text only", "cannot read it as a fairseq data-bin (Could not infer language pair"),
     ("a dictionary line without a count", "cannot read it as a fairseq data-bin (Incorrect dictionary format"),
     ("a damaged index", "cannot read split 'test' of"),
+    ("a truncated .bin", "test.src-tgt.tgt.idx needs"),
 ])
 def test_a_damaged_data_bin_is_refused_before_decoding(data_bin, teacher, tmp_path, damage, message):
     data = tmp_path / "data"
@@ -177,8 +178,11 @@ def test_a_damaged_data_bin_is_refused_before_decoding(data_bin, teacher, tmp_pa
     elif damage == "a dictionary line without a count":
         with open(data / "dict.tgt.txt", "a") as f:
             f.write("word\n")
-    else:
+    elif damage == "a damaged index":
         (data / "test.src-tgt.src.idx").write_bytes(b"not an index")
+    else:
+        binarized = data / "test.src-tgt.tgt.bin"
+        binarized.write_bytes(binarized.read_bytes()[: binarized.stat().st_size // 2])
     with pytest.raises(FairseqKDError, match=re.escape(message)):
         evaluate_main([str(data), "--checkpoints", f"teacher={teacher}", "--split", "test", "--cpu", "--no-speed",
                        "--out-prefix", str(tmp_path / "eval")])

@@ -20,8 +20,8 @@ from typing import Dict, Optional
 import torch
 from fairseq import utils
 
-from fairseq_kd.checkpoints import saved_task_state
-from fairseq_kd.errors import FairseqKDError
+from fairseq_kd.checkpoints import check_binarized, raised_reading_binarized, saved_task_state
+from fairseq_kd.errors import FairseqKDError, one_line
 from fairseq_kd.features import attention_heads, layer_counts, layer_drop, layer_widths, recomputes_layers
 from fairseq_kd.models.transformer_mutual import TransformerMutualModel
 from fairseq_kd.teachers import Teachers
@@ -100,6 +100,19 @@ class DistillationTaskMixin:
         if self.teacher_mixture is not None:
             state["teacher_mixture"] = self.teacher_mixture
         return state
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        """fairseq's, with damaged binarized files refused before training reaches them."""
+        try:
+            super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+        except Exception as e:
+            if not raised_reading_binarized(e):
+                raise
+            raise FairseqKDError(
+                f"cannot read split '{split}' of {self.options.data} ({one_line(e)}); its files are damaged: binarize"
+                " it again with fairseq-preprocess"
+            ) from None
+        check_binarized(self.datasets[split])
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
