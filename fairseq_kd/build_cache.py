@@ -28,8 +28,8 @@ from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleE
 from fairseq_kd.checkpoints import load_split, setup_data_task, sha256
 from fairseq_kd.errors import FairseqKDError, make_writable_directory
 from fairseq_kd.teachers import TEACHER_WEIGHTINGS, Teachers
-from fairseq_kd.topk_cache import (FORMAT_VERSION, MANIFEST, check_one_data_directory, dictionary_fingerprint, shard_prefix,
-                                   shard_range, split_fingerprint)
+from fairseq_kd.topk_cache import (FORMAT_VERSION, MANIFEST, check_one_data_directory, dictionary_fingerprint, shard_file_problem,
+                                   shard_prefix, shard_range, split_fingerprint)
 
 logger = logging.getLogger(__name__)
 
@@ -102,14 +102,6 @@ def differences(recorded, settings):
     )
 
 
-def shard_files_intact(prefix, checksums):
-    """Whether a shard's data files are there with the ``checksums`` its build recorded, and their indexes."""
-    return isinstance(checksums, dict) and all(
-        os.path.isfile(index_file_path(f"{prefix}.{name}")) and os.path.isfile(data_file_path(f"{prefix}.{name}"))
-        and sha256(data_file_path(f"{prefix}.{name}")) == checksums.get(name) for name in ("ids", "lprobs")
-    )
-
-
 def build_shard(task, teachers, settings, directory, shard_id, num_shards, max_tokens, device, dtype, log_format,
                 force):
     """Write one shard of the cache of ``settings["split"]`` from ``teachers``. A complete shard built with
@@ -123,11 +115,12 @@ def build_shard(task, teachers, settings, directory, shard_id, num_shards, max_t
             raise FairseqKDError(f"{prefix}.json is damaged (not the settings a build writes); pass --force to rebuild the shard")
         changed = differences(built, settings) if built is not None else ["settings"]
         if not changed and not force:
-            if not shard_files_intact(prefix, built.get("content_sha256")):
-                raise FairseqKDError(
-                    f"{prefix}: its files are not those its build wrote (missing, or their checksum differs); pass"
-                    " --force to rebuild the shard"
-                )
+            checksums = built.get("content_sha256")
+            problems = ([shard_file_problem(prefix, name, checksums.get(name)) for name in ("ids", "lprobs")]
+                        if isinstance(checksums, dict) else [f"{prefix}.json records no checksums of its files"])
+            problem = next(filter(None, problems), None)
+            if problem:
+                raise FairseqKDError(f"{problem}: the shard is not as its build wrote it; pass --force to rebuild it")
             logger.info(f"{prefix}: complete, skipping")
             return
         if not force:

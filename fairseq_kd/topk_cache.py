@@ -126,14 +126,23 @@ def teacher_mixture_built_with(directory):
     return [manifest["teacher_weights"], manifest["teacher_weighting"]]
 
 
+def shard_file_problem(prefix, name, checksum):
+    """What is wrong with one of a shard's indexed datasets (``name``: ids or lprobs) as its build recorded
+    it (its data file's ``checksum``): a missing file, or another data file; None if nothing."""
+    path = data_file_path(f"{prefix}.{name}")
+    if not os.path.isfile(path) or not os.path.isfile(index_file_path(f"{prefix}.{name}")):
+        return f"{prefix}.{name} is missing its .bin or .idx file"
+    if sha256(path) != checksum:
+        return f"{path} is not the file the build wrote (checksum differs)"
+    return None
+
+
 def open_shard_file(prefix, name, checksum, sentences):
     """One of a shard's indexed datasets, after checking that its data file is the one the build wrote."""
-    path = data_file_path(f"{prefix}.{name}")
     fix = "rebuild the cache (fairseq-kd-build-cache --force)"
-    if not os.path.isfile(path) or not os.path.isfile(index_file_path(f"{prefix}.{name}")):
-        raise FairseqKDError(f"--teacher-topk-cache: {prefix}.{name} is missing its .bin or .idx file; {fix}")
-    if sha256(path) != checksum:
-        raise FairseqKDError(f"--teacher-topk-cache: {path} is not the file the build wrote (checksum differs); {fix}")
+    problem = shard_file_problem(prefix, name, checksum)
+    if problem:
+        raise FairseqKDError(f"--teacher-topk-cache: {problem}; {fix}")
     with open(index_file_path(f"{prefix}.{name}"), "rb") as f:  # fairseq's reader fails noisily on another header
         if f.read(len(MMapIndexedDataset.Index._HDR_MAGIC)) != MMapIndexedDataset.Index._HDR_MAGIC:
             raise FairseqKDError(f"--teacher-topk-cache: {index_file_path(f'{prefix}.{name}')} is not an index file; {fix}")

@@ -277,7 +277,7 @@ def test_force_rebuilds_a_damaged_shard(data_bin, teacher, cache, tmp_path, dama
     copy = damaged_copy(cache, tmp_path, lambda c: (c / damaged).write_bytes(bytes(16)))
     refused = build_cache(data_bin, teacher, copy, "--splits", "valid", expect_ok=False)
     one_error(refused, "valid.shard0-of-1.json is damaged (not the settings a build writes); pass --force"
-              if damaged.endswith(".json") else "its files are not those its build wrote (missing, or their checksum")
+              if damaged.endswith(".json") else "lprobs.bin is not the file the build wrote (checksum differs): the shard is not as its build wrote it; pass --force")
     build_cache(data_bin, teacher, copy, "--splits", "valid", "--force")
     task, _ = load_teachers(data_bin, teacher, "valid")
     TopKCache(str(copy), "valid", task.dataset("valid"), task.target_dictionary)
