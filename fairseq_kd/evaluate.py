@@ -215,6 +215,11 @@ def setup_task(args, splits):
 
 def load_references(args, task, split, path):
     dataset = task.dataset(split)
+    if path is None and dataset[0]["target"] is None:
+        raise FairseqKDError(
+            f"--split {split}: {args.data} has no {task.cfg.target_lang} side of it (binarized with --only-source?);"
+            " give the raw references with --reference"
+        )
     if path is None:
         # as fairseq-generate writes them: an <unk> escaped, so that a hypothesis's <unk> cannot match it
         return [task.tgt_dict.string(dataset[i]["target"], args.post_process, escape_unk=True) for i in range(len(dataset))]
@@ -285,9 +290,10 @@ def evaluate_model(args, name, path, batch_sizes, decoding, references):
         logger.info(f"{name}: translating {len(sources)} sentences of '{split}' with {translator.backend}"
                     f" (beam {args.beam})")
         hypotheses = translate_all(translator, sources, args.batch_size)
+        if split == splits[0]:  # the table's split, decoded first: its iterations, not those of every split
+            steps = list(getattr(translator, "refinement_steps", []))
         outputs[split] = [data_utils.post_process(" ".join(pieces), args.post_process) for pieces in hypotheses]
         scores[split] = {**quality_scores(outputs[split], references[split]), "sentences": len(sources)}
-    steps = getattr(translator, "refinement_steps", [])
     record = {"name": name, "model": path, "backend": translator.backend,
               "quantization": translator.manifest["quantization"] if translator.backend == "ctranslate2" else "float32",
               "vmap": translator.backend == "ctranslate2" and translator.use_vmap,
@@ -494,6 +500,11 @@ def check_report(report):
 def merge(paths, out_prefix):
     """One report from the reports of earlier runs, their models in order."""
     check_out_prefix(out_prefix)
+    for path in paths:
+        for written in (out_prefix + ".json", out_prefix + ".md"):
+            if os.path.isfile(path) and os.path.exists(written) and os.path.samefile(path, written):
+                raise FairseqKDError(f"--out-prefix {out_prefix}: the merged report would overwrite its input {path};"
+                                     " choose another prefix")
     reports = []
     for path in paths:
         try:
@@ -533,6 +544,9 @@ def main(argv=None):
                         stream=sys.stdout, force=True)
     args = get_parser().parse_args(argv)
     if args.merge:
+        if args.data or args.checkpoints:
+            raise FairseqKDError("--merge combines earlier reports and evaluates nothing: evaluate the new models in a"
+                                 " run of their own, then merge its report with the others")
         merge(args.merge, args.out_prefix)
         return
     named = parse_checkpoints(args.checkpoints or [])
@@ -560,11 +574,14 @@ def main(argv=None):
     for name, path in named:
         try:
             record, translations = run_in_child(context, name, (args, name, path, batch_sizes, decoding, references))
-        except FairseqKDError as e:
+        except Exception as e:  # a refusal, or a failure such as running out of GPU memory
             if not models:
                 raise
             write_report(report, outputs, args.out_prefix)  # what was measured stays, in a report of its own
-            raise FairseqKDError(f"{e} (the report of the models before it: {args.out_prefix}.json)") from None
+            if isinstance(e, FairseqKDError):
+                raise FairseqKDError(f"{e} (the report of the models before it: {args.out_prefix}.json)") from None
+            logger.error(f"evaluating {name} failed; the report of the models before it: {args.out_prefix}.json")
+            raise
         record["translations"] = {}
         for split, lines in translations.items():
             record["translations"][split] = f"{args.out_prefix}.{name}.{split}.txt"

@@ -123,6 +123,25 @@ def check_convertible(path, model_args):
             )
 
 
+def training_side(data, langs, lang, dictionary):
+    """LANG's side of the binarized training split of ``data``, binarized in either direction (as fairseq
+    reads it)."""
+    for pair in ("-".join(langs), "-".join(reversed(langs))):
+        prefix = os.path.join(data, f"train.{pair}.{lang}")
+        try:
+            dataset = data_utils.load_indexed_dataset(prefix, dictionary)
+        except Exception as e:  # a truncated or overwritten .idx: fairseq's readers fail in many ways
+            raise FairseqKDError(
+                f"--vmap: cannot read {prefix} ({one_line(e)}); its files are damaged: binarize it again with"
+                " fairseq-preprocess"
+            ) from None
+        if dataset is not None and len(dataset):
+            check_binarized(dataset)
+            return dataset
+    raise FairseqKDError(f"--vmap: {data} has no binarized training split train.{'-'.join(langs)}.{lang}.* (or"
+                         f" train.{'-'.join(reversed(langs))}.{lang}.*); the map is built from it")
+
+
 def vocabulary_map(data, langs, dictionaries, per_token, common):
     """Lines of a CTranslate2 vocabulary map from the binarized training split of ``data``: for each
     source symbol the ``per_token`` target symbols with the highest Dice coefficient of sentence
@@ -130,11 +149,7 @@ def vocabulary_map(data, langs, dictionaries, per_token, common):
     src_dict, tgt_dict = dictionaries
     sides = []
     for lang, dictionary in zip(langs, dictionaries):
-        prefix = os.path.join(data, f"train.{langs[0]}-{langs[1]}.{lang}")
-        dataset = data_utils.load_indexed_dataset(prefix, dictionary)
-        if dataset is None or len(dataset) == 0:
-            raise FairseqKDError(f"--vmap: {data} has no binarized training split {prefix}.*; the map is built from it")
-        check_binarized(dataset)
+        dataset = training_side(data, langs, lang, dictionary)
         rows, cols = [], []
         for i in range(len(dataset)):
             symbols = np.unique(dataset[i].numpy())

@@ -91,7 +91,18 @@ def check_post_process(option, value, dictionary):
             f"{option} {value!r} is not one fairseq knows; use sentencepiece, subword_nmt, none, ... (as"
             " fairseq-generate --post-process)"
         ) from None
-    if value == "sentencepiece" and not any("\u2581" in symbol for symbol in dictionary.symbols):
+    sentencepiece_pieces = any("\u2581" in symbol for symbol in dictionary.symbols)
+    if value in ("none", "subword_nmt") and sentencepiece_pieces:
+        raise FairseqKDError(
+            f"{option} {value}, but the dictionary holds sentencepiece pieces ('\u2581'), which would stay in the"
+            f" text that is scored; give {option} sentencepiece"
+        )
+    if value == "none" and any(symbol.endswith("@@") for symbol in dictionary.symbols):
+        raise FairseqKDError(
+            f"{option} none, but the dictionary holds BPE pieces (ending in '@@'), whose markers would stay in the"
+            f" text that is scored; give {option} subword_nmt"
+        )
+    if value == "sentencepiece" and not sentencepiece_pieces:
         raise FairseqKDError(
             f"{option} sentencepiece, but the dictionary has no sentencepiece pieces (none holds '\u2581'), so each"
             f" sentence would be scored as one word; give the data's: {option} subword_nmt for BPE, none for words"

@@ -15,6 +15,7 @@ from conftest import binarize, one_error, run, write_parallel
 from test_cli import train_student
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.evaluate import load_references, main as evaluate_main, run_in_child
+from fairseq_kd.inference import check_post_process
 from test_export import export
 
 
@@ -133,6 +134,52 @@ def test_damaged_reports_and_outputs_are_refused_before_merging(report, tmp_path
     assert not (tmp_path / "all.md").exists()
 
 
+def test_a_merge_refuses_to_overwrite_its_inputs_or_to_evaluate(report, teacher, tmp_path):
+    saved = tmp_path / "saved.json"
+    saved.write_text((report[0] / "eval.json").read_text())
+    with pytest.raises(FairseqKDError, match="would overwrite its input"):
+        evaluate_main(["--merge", str(saved), "--out-prefix", str(tmp_path / "saved")])
+    with pytest.raises(FairseqKDError, match="evaluates nothing"):
+        evaluate_main(["--merge", str(saved), "--checkpoints", f"new={teacher}", "--out-prefix", str(tmp_path / "all")])
+    assert saved.read_text() == (report[0] / "eval.json").read_text() and not (tmp_path / "all.json").exists()
+
+
+def test_a_model_that_fails_keeps_the_report_of_those_before_it(data_bin, teacher, tmp_path, monkeypatch):
+    import fairseq_kd.evaluate as evaluate_module
+
+    measured = evaluate_module.run_in_child
+
+    def failing_second(context, name, *rest):
+        if name == "second":
+            raise RuntimeError("CUDA out of memory")  # as torch.cuda.OutOfMemoryError
+        return measured(context, name, *rest)
+    monkeypatch.setattr(evaluate_module, "run_in_child", failing_second)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evaluate_main([str(data_bin), "--checkpoints", f"first={teacher}", f"second={teacher}", "--split", "test",
+                       "--post-process", "none", "--cpu", "--no-speed", "--out-prefix", str(tmp_path / "eval")])
+    assert [m["name"] for m in json.loads((tmp_path / "eval.json").read_text())["models"]] == ["first"]
+
+
+@pytest.mark.parametrize("symbols, value, message", [
+    (["\u2581Zwei", "\u2581Hunde", "n"], "subword_nmt", "holds sentencepiece pieces"),
+    (["\u2581Zwei", "Hunde"], "none", "holds sentencepiece pieces"),
+    (["Zwei", "Hun@@", "de"], "none", "holds BPE pieces"),
+    (["Zwei", "Hunde"], "sentencepiece", "has no sentencepiece pieces"),
+    (["\u2581Zwei", "Hunde"], "sentencepiece", None),
+    (["Zwei", "Hun@@", "de"], "subword_nmt", None),
+    (["Zwei", "Hunde"], "none", None),
+])
+def test_post_processing_must_fit_the_dictionary(symbols, value, message):
+    dictionary = Dictionary()
+    for symbol in symbols:
+        dictionary.add_symbol(symbol)
+    if message is None:
+        check_post_process("--post-process", value, dictionary)
+    else:
+        with pytest.raises(FairseqKDError, match=message):
+            check_post_process("--post-process", value, dictionary)
+
+
 def test_a_model_name_that_would_make_a_directory_is_refused(teacher, tmp_path):
     with pytest.raises(FairseqKDError, match="give one without '/'"):
         evaluate_main(["data", "--checkpoints", f"a/b={teacher}", "--out-prefix", str(tmp_path / "eval")])
@@ -166,6 +213,7 @@ def test_missing_checkpoint(data_bin, tmp_path):
     ("a dictionary line without a count", "cannot read it as a fairseq data-bin (Incorrect dictionary format"),
     ("a damaged index", "cannot read split 'test' of"),
     ("a truncated .bin", "test.src-tgt.tgt.idx needs"),
+    ("no target side", "has no tgt side of it (binarized with --only-source?); give the raw references"),
 ])
 def test_a_damaged_data_bin_is_refused_before_decoding(data_bin, teacher, tmp_path, damage, message):
     data = tmp_path / "data"
@@ -178,6 +226,9 @@ def test_a_damaged_data_bin_is_refused_before_decoding(data_bin, teacher, tmp_pa
     elif damage == "a dictionary line without a count":
         with open(data / "dict.tgt.txt", "a") as f:
             f.write("word\n")
+    elif damage == "no target side":
+        for binarized in data.glob("test.src-tgt.tgt.*"):
+            binarized.unlink()
     elif damage == "a damaged index":
         (data / "test.src-tgt.src.idx").write_bytes(b"not an index")
     else:
@@ -185,7 +236,7 @@ def test_a_damaged_data_bin_is_refused_before_decoding(data_bin, teacher, tmp_pa
         binarized.write_bytes(binarized.read_bytes()[: binarized.stat().st_size // 2])
     with pytest.raises(FairseqKDError, match=re.escape(message)):
         evaluate_main([str(data), "--checkpoints", f"teacher={teacher}", "--split", "test", "--cpu", "--no-speed",
-                       "--out-prefix", str(tmp_path / "eval")])
+                       "--post-process", "none", "--out-prefix", str(tmp_path / "eval")])
     assert not list(tmp_path.glob("eval*"))
 
 

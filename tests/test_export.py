@@ -301,6 +301,22 @@ def test_translate_refusals(data_bin, teacher, codes, exported_teacher, tmp_path
         translate_main([a.format(**values) for a in args])
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("halve", "train.src-tgt.tgt.idx needs"),
+    ("overwrite", "--vmap: cannot read"),
+])
+def test_a_vocabulary_map_from_damaged_training_data_is_refused(data_bin, teacher, codes, tmp_path, damage, message):
+    data = tmp_path / "data"
+    shutil.copytree(data_bin, data)
+    if damage == "halve":
+        binarized = data / "train.src-tgt.tgt.bin"
+        binarized.write_bytes(binarized.read_bytes()[: binarized.stat().st_size // 2])
+    else:
+        (data / "train.src-tgt.tgt.idx").write_bytes(b"not an index")
+    with pytest.raises(FairseqKDError, match=re.escape(message)):
+        export_here(teacher, data, codes, tmp_path / "ct2", "--vmap")
+
+
 def test_a_checkpoint_without_its_languages_translates_the_data_bins_only_pair(data_bin, teacher, codes, tmp_path):
     """Its pair is the data-bin's when that holds one; of several, none is picked by directory order."""
     state = torch.load(teacher, map_location="cpu")
