@@ -104,6 +104,22 @@ def test_learned_teacher_weights_train_and_are_saved(data_bin, teacher, weak_tea
     assert list(criterion_state) == ["teacher_weight_logits"]
 
 
+def test_learned_teacher_weights_start_afresh_from_a_model_trained_without_them(data_bin, teacher, weak_teacher,
+                                                                                tmp_path):
+    train_student(data_bin, tmp_path / "plain", "--task", "translation_distillation", "--teacher-path", teacher,
+                  "--max-update", "2")
+    learned = ("--task", "translation_distillation", "--teacher-path", f"{teacher}:{weak_teacher}",
+               "--teacher-weighting", "learned")
+    # fairseq loads the criterion's parameters from the model it fine-tunes, which has none
+    proc = train_student(data_bin, tmp_path / "learned", *learned, "--max-update", "2",
+                         "--finetune-from-model", tmp_path / "plain" / "checkpoint_last.pt")
+    assert "holds no criterion state for these KD options (teacher_weight_logits)" in proc.stdout + proc.stderr
+    saved = torch.load(tmp_path / "learned" / "checkpoint_last.pt", map_location="cpu")["criterion"]["teacher_weight_logits"]
+    resumed = train_student(data_bin, tmp_path / "learned", *learned, "--max-update", "3")
+    first = next(line for line in resumed.stdout.splitlines() if "train_inner" in line)
+    assert float(re.search(r"teacher_weight_0=([\d.]+)", first).group(1)) == round(saved.softmax(0)[0].item(), 3)
+
+
 def test_mutual_learning_peers_decode_with_stock_generate(data_bin, teacher, tmp_path):
     proc = train_student(
         data_bin, tmp_path, "--task", "translation_distillation", "--arch", "transformer_mutual_student_tiny",

@@ -111,7 +111,8 @@ class KDLabelSmoothedCrossEntropyCriterionConfig(LabelSmoothedCrossEntropyCriter
     )
     kd_selection_queue_size: int = field(
         default=30000,
-        metadata={"help": "tokens in the queue of recent losses of --kd-selection global (per worker process)"},
+        metadata={"help": "tokens in the queue of recent losses of --kd-selection global (per worker process; a"
+                          " resumed run fills it again from its first batches)"},
     )
     kd_hidden_weight: float = field(
         default=0.0,
@@ -236,6 +237,18 @@ class KDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         if self.learned_mixture:
             # trained by fairseq's optimizer with the student and saved in its checkpoints' criterion state
             self.teacher_weight_logits = torch.nn.Parameter(self.teachers.weights.clamp_min(1e-4).log())
+
+    def load_state_dict(self, state_dict, strict=True):
+        """The learned teacher weights and hidden-state projections, from the checkpoint fairseq-train starts
+        from. fairseq loads them from every checkpoint, --finetune-from-model's included: one written without
+        them (a run without these options, or other ones under --kd-allow-changed-settings) leaves them as
+        initialised, where fairseq would stop on "Cannot load model parameters"."""
+        shapes = {name: value.shape for name, value in self.state_dict().items()}
+        if state_dict is None or {name: value.shape for name, value in state_dict.items()} != shapes:
+            logger.warning(f"the checkpoint holds no criterion state for these KD options ({', '.join(shapes)}): they"
+                           " start as initialised")
+            return None
+        return super().load_state_dict(state_dict, strict)
 
     def resumed_schedule_end(self, cfg):
         """The update at which the alpha/T schedules end. A resumed run keeps the end its first run started
