@@ -195,6 +195,14 @@ class Teachers:
             teacher_key[key] = source
         narrower = any(teacher_state[t].shape != student_state[s].shape for s, t in teacher_key.items())
         if narrower:
+            for label, transformer in (("teacher", teacher), ("student", model)):
+                unnarrowable = narrowing_unsupported(transformer)
+                if unnarrowable:
+                    raise FairseqKDError(
+                        f"--init-student-from-teacher: the {label} has {unnarrowable}, which a narrower student's"
+                        " projected weights do not reproduce; start this student from random weights, or give it"
+                        " the teacher's widths (copied as they are)"
+                    )
             try:
                 copied = narrow_state(teacher_state, student_state, teacher_key, attention_heads(teacher))
             except ValueError as error:
@@ -286,6 +294,17 @@ class PairTeachers:
                 rows_input = {name: value.index_select(0, rows.to(value.device)) for name, value in net_input.items()}
                 lprobs[rows] = teachers.mixture(rows_input, target.index_select(0, rows), param.device, param.dtype).lprobs
         return TeacherOutput(lprobs=lprobs, position_weights=position_weights)
+
+
+def narrowing_unsupported(model):
+    """What in a fairseq Transformer breaks an assumption of ``narrowing.narrow_state``, or None."""
+    for side in ("encoder", "decoder"):
+        part = getattr(model, side)
+        if part.embed_scale != math.sqrt(part.embed_tokens.embedding_dim):
+            return "unscaled embeddings (--no-scale-embedding; narrowing relies on fairseq's sqrt(width) scaling)"
+    if model.decoder.layer_norm is None and model.decoder.layers[-1].normalize_before:
+        return "pre-norm decoder layers without a final layer norm (--no-decoder-final-norm)"
+    return None
 
 
 def load_teacher(path, task, option="--teacher-path", langs=None, multilingual=False):

@@ -190,6 +190,16 @@ def test_narrower_student_starts_near_the_teacher(data_bin, teacher):
     assert kl_to_teacher("--init-student-from-teacher", "first") < 0.8 * kl_to_teacher()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--no-scale-embedding"], "the student has unscaled embeddings"),
+    (["--decoder-normalize-before", "--no-decoder-final-norm"], "the student has pre-norm decoder layers without a final"),
+])
+def test_a_narrower_student_the_projection_cannot_reproduce_is_refused(data_bin, teacher, flags, message):
+    with pytest.raises(FairseqKDError, match=message):
+        build(data_bin, "--teacher-path", teacher, "--arch", "transformer", "--init-student-from-teacher", "first",
+              "--encoder-embed-dim", 24, "--decoder-embed-dim", 24, *flags)
+
+
 def test_layer_terms_add_to_the_loss(data_bin, teacher):
     """A student of another width: one projection per pair, trained through the hidden-state term."""
     task, model, criterion = build(data_bin, "--teacher-path", teacher, "--kd-hidden-weight", 0.5,
