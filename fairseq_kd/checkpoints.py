@@ -202,13 +202,15 @@ def load_split(task, split, data, src, tgt, option, combine=False):
             f"{option}: {data} has no split '{split}' for {src}-{tgt}; name binarized splits (train, valid, test, ...)"
         ) from None
     except Exception as e:  # a truncated or overwritten .bin or .idx file
-        raise FairseqKDError(
-            f"{option}: cannot read split '{split}' of {data} ({one_line(e)});"
-            " its files are damaged: binarize it again with fairseq-preprocess"
-        ) from None
+        raise damaged_binarized(f"{option}: cannot read split '{split}' of {data}", e) from None
     if len(task.dataset(split)) == 0:
         raise empty
     check_binarized(task.dataset(split))
+
+
+def damaged_binarized(what, error):
+    """The refusal of binarized files that fairseq's readers failed on: ``what`` could not be read (``error``)."""
+    return FairseqKDError(f"{what} ({one_line(error)}); its files are damaged: binarize it again with fairseq-preprocess")
 
 
 def raised_reading_binarized(error):

@@ -28,6 +28,13 @@ def make_writable_directory(option, value, directory):
         raise FairseqKDError(f"{option} {value}: {directory} is not writable; choose another place")
 
 
+def overwritten_input(output, inputs):
+    """The first of the files ``inputs`` that writing ``output`` would overwrite (links followed), or None."""
+    if not os.path.exists(output):
+        return None
+    return next((path for path in inputs if os.path.isfile(path) and os.path.samefile(path, output)), None)
+
+
 def _excepthook(exc_type, exc, tb, _previous=sys.excepthook):
     if issubclass(exc_type, FairseqKDError):
         print(f"fairseq_kd: error: {exc}", file=sys.stderr)

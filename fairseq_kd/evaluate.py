@@ -49,7 +49,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from sacrebleu.metrics import BLEU, CHRF, TER
 
 from fairseq_kd.checkpoints import check_language_pair, data_language_pairs, load_split, setup_data_task, sha256
-from fairseq_kd.errors import FairseqKDError, make_writable_directory
+from fairseq_kd.errors import FairseqKDError, make_writable_directory, overwritten_input
 from fairseq_kd.inference import (
     CTranslate2Translator,
     DecodingOptions,
@@ -500,11 +500,11 @@ def check_report(report):
 def merge(paths, out_prefix):
     """One report from the reports of earlier runs, their models in order."""
     check_out_prefix(out_prefix)
-    for path in paths:
-        for written in (out_prefix + ".json", out_prefix + ".md"):
-            if os.path.isfile(path) and os.path.exists(written) and os.path.samefile(path, written):
-                raise FairseqKDError(f"--out-prefix {out_prefix}: the merged report would overwrite its input {path};"
-                                     " choose another prefix")
+    for written in (out_prefix + ".json", out_prefix + ".md"):
+        read = overwritten_input(written, paths)
+        if read:
+            raise FairseqKDError(f"--out-prefix {out_prefix}: the merged report would overwrite its input {read};"
+                                 " choose another prefix")
     reports = []
     for path in paths:
         try:

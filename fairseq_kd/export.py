@@ -26,7 +26,8 @@ import torch
 from fairseq.data import data_utils
 from scipy import sparse
 
-from fairseq_kd.checkpoints import check_binarized, count_parameters, inference_state, model_name, read_checkpoint, sha256
+from fairseq_kd.checkpoints import (check_binarized, count_parameters, damaged_binarized, inference_state, model_name,
+                                    read_checkpoint, sha256)
 from fairseq_kd.errors import FairseqKDError, make_writable_directory, one_line
 from fairseq_kd.inference import (
     EXPORT_MANIFEST,
@@ -131,10 +132,7 @@ def training_side(data, langs, lang, dictionary):
         try:
             dataset = data_utils.load_indexed_dataset(prefix, dictionary)
         except Exception as e:  # a truncated or overwritten .idx: fairseq's readers fail in many ways
-            raise FairseqKDError(
-                f"--vmap: cannot read {prefix} ({one_line(e)}); its files are damaged: binarize it again with"
-                " fairseq-preprocess"
-            ) from None
+            raise damaged_binarized(f"--vmap: cannot read {prefix}", e) from None
         if dataset is not None and len(dataset):
             check_binarized(dataset)
             return dataset

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from fairseq_kd.errors import FairseqKDError, make_writable_directory
+from fairseq_kd.errors import FairseqKDError, make_writable_directory, overwritten_input
 from fairseq_kd.inference import (
     CTranslate2Translator,
     DecodingOptions,
@@ -145,9 +145,9 @@ def main(argv=None):
     if args.output != "-":
         if os.path.isdir(args.output):
             raise FairseqKDError(f"--output {args.output} is a directory; give a file name")
-        read = [path for path in files_read(args) if os.path.exists(args.output) and os.path.samefile(path, args.output)]
+        read = overwritten_input(args.output, files_read(args))
         if read:
-            raise FairseqKDError(f"--output {args.output} is an input of this run ({read[0]}); choose another file")
+            raise FairseqKDError(f"--output {args.output} is an input of this run ({read}); choose another file")
     translator, subwords = load(args, options)
     lines = read_lines(args.input)
     if args.output != "-":  # made once the model and input are read, before any translation is spent on it

@@ -20,8 +20,8 @@ from typing import Dict, Optional
 import torch
 from fairseq import utils
 
-from fairseq_kd.checkpoints import check_binarized, raised_reading_binarized, saved_task_state
-from fairseq_kd.errors import FairseqKDError, one_line
+from fairseq_kd.checkpoints import check_binarized, damaged_binarized, raised_reading_binarized, saved_task_state
+from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.features import attention_heads, layer_counts, layer_drop, layer_widths, recomputes_layers
 from fairseq_kd.models.transformer_mutual import TransformerMutualModel
 from fairseq_kd.teachers import Teachers
@@ -108,10 +108,7 @@ class DistillationTaskMixin:
         except Exception as e:
             if not raised_reading_binarized(e):
                 raise
-            raise FairseqKDError(
-                f"cannot read split '{split}' of {self.options.data} ({one_line(e)}); its files are damaged: binarize"
-                " it again with fairseq-preprocess"
-            ) from None
+            raise damaged_binarized(f"cannot read split '{split}' of {self.options.data}", e) from None
         check_binarized(self.datasets[split])
 
     def build_model(self, cfg, from_checkpoint=False):
