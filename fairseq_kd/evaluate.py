@@ -336,6 +336,11 @@ def _child(args, name, path, batch_sizes, decoding, references, queue):
         queue.put(evaluate_model(args, name, path, batch_sizes, decoding, references))
     except FairseqKDError as e:
         queue.put(e)
+    except torch.OutOfMemoryError:
+        timed = f", timed in batches of up to {max(batch_sizes)} (--batch-sizes)" if batch_sizes else ""
+        queue.put(FairseqKDError(
+            f"evaluating {name}: out of GPU memory, decoding in batches of {args.batch_size} (--batch-size){timed};"
+            " give smaller batches, or --cpu"))
     except Exception:  # the parent waits on the queue: hand every failure back
         queue.put(RuntimeError(f"evaluating {name} failed:\n{traceback.format_exc()}"))
 
@@ -475,6 +480,13 @@ COMPARABLE = ("language_pair", "references", "splits", "sentences", "beam", "max
 COMPARABLE_SPEED = ("threads", "speed_sentences", "repeats")
 
 
+def translations_path(report_path, stored):
+    """Where a report's translation file is. Reports name it relative to their own directory, so that a merge
+    run from anywhere finds it; earlier reports named it relative to the directory they were written from."""
+    beside = os.path.join(os.path.dirname(report_path), stored)
+    return beside if os.path.exists(beside) or not os.path.exists(stored) else stored
+
+
 def read_translations(path):
     try:
         with open(path, encoding="utf-8") as f:
@@ -532,10 +544,15 @@ def merge(paths, out_prefix):
     names = [m["name"] for m in models]
     if len(set(names)) != len(names):
         raise FairseqKDError(f"--merge: the reports name some models twice ({' '.join(names)}); give each once")
+    out_dir = os.path.dirname(os.path.abspath(out_prefix))
+    for path, report in zip(paths, reports):  # named relative to the merged report from now on
+        for model in report["models"]:
+            model["translations"] = {split: os.path.relpath(translations_path(path, stored), out_dir)
+                                     for split, stored in model["translations"].items()}
     primary = first["splits"][0]
     outputs = {}
     if any(m["backend"] == "ctranslate2" for m in models):  # compared with their checkpoints
-        outputs = {m["name"]: read_translations(m["translations"][primary]) for m in models}
+        outputs = {m["name"]: read_translations(os.path.join(out_dir, m["translations"][primary])) for m in models}
     write_report({"machine": reports[0]["machine"], "settings": first, "models": models}, outputs, out_prefix)
 
 
@@ -582,10 +599,11 @@ def main(argv=None):
                 raise FairseqKDError(f"{e} (the report of the models before it: {args.out_prefix}.json)") from None
             logger.error(f"evaluating {name} failed; the report of the models before it: {args.out_prefix}.json")
             raise
-        record["translations"] = {}
+        record["translations"] = {}  # relative to the report's directory
         for split, lines in translations.items():
-            record["translations"][split] = f"{args.out_prefix}.{name}.{split}.txt"
-            with open(record["translations"][split], "w", encoding="utf-8") as f:
+            path = f"{args.out_prefix}.{name}.{split}.txt"
+            record["translations"][split] = os.path.basename(path)
+            with open(path, "w", encoding="utf-8") as f:
                 f.writelines(line + "\n" for line in lines)
         models.append(record)
         outputs[name] = translations[splits[0]]

@@ -61,7 +61,7 @@ def test_report_fields_are_present_and_sane(report):
     assert exported["identical_share"] == 1.0 and exported["bleu_difference"] == 0
     assert "compared_with" not in student
     assert (tmp / "eval.teacher-ct2.test.txt").read_text() == (tmp / "eval.teacher.test.txt").read_text()
-    assert exported["translations"]["valid"] == f"{tmp}/eval.teacher-ct2.valid.txt"
+    assert exported["translations"]["valid"] == "eval.teacher-ct2.valid.txt"  # beside the report
     assert student["compression"] == pytest.approx(teacher["params"] / student["params"])
     assert student["param_ratio"] == pytest.approx(student["params"] / teacher["params"], abs=1e-4)
     assert result["settings"]["threads"] == 1 and result["settings"]["sentences"] == {"test": 40, "valid": 40}
@@ -73,7 +73,7 @@ def test_report_fields_are_present_and_sane(report):
     assert (tmp / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_reports_of_separate_runs_merge_into_one_table(report, data_bin, teacher, tmp_path):
+def test_reports_of_separate_runs_merge_into_one_table(report, data_bin, teacher, tmp_path, monkeypatch):
     tmp, _ = report
     quick = ("--split", "test,valid", "--no-speed")
     (tmp_path / "teacher.png").write_bytes(b"an earlier timed run's plot")
@@ -107,6 +107,20 @@ def test_reports_of_separate_runs_merge_into_one_table(report, data_bin, teacher
     proc = run("fairseq-kd-eval", "--merge", tmp_path / "teacher.json", tmp_path / "other.json", "--out-prefix",
                tmp_path / "mixed", expect_ok=False)
     assert proc.returncode != 0 and "other settings than" in proc.stderr and "(references)" in proc.stderr
+    # reports moved elsewhere with their translations and merged from another directory: the translations
+    # are found beside each report, and the merged report names them relative to itself, so it merges again
+    moved, tables = tmp_path / "moved", tmp_path / "tables"
+    moved.mkdir()
+    tables.mkdir()
+    for path in [*tmp_path.glob("teacher.*"), *tmp_path.glob("export.*")]:
+        path.rename(moved / path.name)
+    monkeypatch.chdir(tables)
+    evaluate_main(["--merge", "../moved/teacher.json", "../moved/export.json", "--out-prefix", "all"])
+    merged = json.loads((tables / "all.json").read_text())
+    assert merged["models"][1]["translations"]["test"] == "../moved/export.teacher-ct2.test.txt"
+    monkeypatch.chdir(moved)
+    evaluate_main(["--merge", str(tables / "all.json"), "--out-prefix", str(tmp_path / "again")])
+    assert json.loads((tmp_path / "again.json").read_text())["models"][1]["identical_share"] == 1.0
 
 
 def without_models(report):
@@ -158,6 +172,20 @@ def test_a_model_that_fails_keeps_the_report_of_those_before_it(data_bin, teache
         evaluate_main([str(data_bin), "--checkpoints", f"first={teacher}", f"second={teacher}", "--split", "test",
                        "--post-process", "none", "--cpu", "--no-speed", "--out-prefix", str(tmp_path / "eval")])
     assert [m["name"] for m in json.loads((tmp_path / "eval.json").read_text())["models"]] == ["first"]
+
+
+def test_running_out_of_gpu_memory_is_one_line_naming_the_batch_sizes(monkeypatch):
+    import fairseq_kd.evaluate as evaluate_module
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(evaluate_module, "evaluate_model", out_of_memory)
+    answers = []
+    evaluate_module._child(SimpleNamespace(batch_size=64), "big", "x.pt", [1, 32], None, {},
+                           SimpleNamespace(put=answers.append))
+    assert isinstance(answers[0], FairseqKDError)
+    assert "evaluating big: out of GPU memory, decoding in batches of 64 (--batch-size), timed in batches of up to" \
+           " 32 (--batch-sizes); give smaller batches, or --cpu" == str(answers[0])
 
 
 @pytest.mark.parametrize("symbols, value, message", [
