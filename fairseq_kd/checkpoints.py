@@ -265,6 +265,15 @@ def resumed_checkpoint_path(save_dir, restore_file, suffix, continue_once):
     return restore_file.replace(".pt", suffix + ".pt") if suffix else restore_file
 
 
+def read_resumed_checkpoint(path):
+    """``read_checkpoint`` of the checkpoint ``fairseq-train`` resumes from, naming what to do about one cut
+    short: fairseq-train writes checkpoint_best.pt, then copies it over checkpoint_last.pt, so a run killed
+    during that copy leaves the copy cut short and the best one whole."""
+    return read_checkpoint(path, "--restore-file", "this run cannot resume from it: copy an intact checkpoint of"
+                           " the run over it (checkpoint_best.pt, after a run stopped while saving), or delete it"
+                           " to train afresh")
+
+
 def check_resumed_settings(current, path, reset_optimizer, allow_changes, task_state=None):
     """When ``fairseq-train`` is about to resume from ``path`` (``resumed_checkpoint_path``) without
     ``--reset-optimizer``, compare the options ``current`` ({config section: {name: value}}) with
@@ -274,11 +283,7 @@ def check_resumed_settings(current, path, reset_optimizer, allow_changes, task_s
     or with ``allow_changes`` logged. Returns the checkpoint, ``(config, state)``, or None for a fresh run."""
     if reset_optimizer or not os.path.isfile(path):
         return None
-    # fairseq-train writes checkpoint_best.pt, then copies it over checkpoint_last.pt: a run killed during
-    # that copy leaves the copy cut short, and the best one whole
-    cfg, state = read_checkpoint(path, "--restore-file", "this run cannot resume from it: copy an intact checkpoint"
-                                 " of the run over it (checkpoint_best.pt, after a run stopped while saving), or"
-                                 " delete it to train afresh")
+    cfg, state = read_resumed_checkpoint(path)
     changed = [f"--{name.replace('_', '-')} {saved_option(cfg, section, name)} -> {value}"
                for section, options in current.items() for name, value in options.items()
                if str(saved_option(cfg, section, name)) != str(value)]

@@ -134,8 +134,10 @@ def test_a_resume_refuses_another_teacher_under_the_same_path(data_bin, teacher,
     build(data_bin, *resume, "--kd-allow-changed-settings")
 
 
-def test_a_resume_from_a_checkpoint_cut_short_names_the_intact_one(data_bin, teacher, tmp_path):
-    kd = ("--task", "translation_distillation", "--teacher-path", teacher)
+@pytest.mark.parametrize("kd", [True, False])  # without: a stock criterion, as the recipes train teachers
+def test_a_resume_from_a_checkpoint_cut_short_names_the_intact_one(data_bin, teacher, tmp_path, kd):
+    kd = ("--task", "translation_distillation",
+          *(("--teacher-path", teacher) if kd else ("--criterion", "label_smoothed_cross_entropy")))
     train_student(data_bin, tmp_path, *kd, "--max-update", "2")
     halve(tmp_path / "checkpoint_last.pt")  # as a run killed while fairseq-train copies checkpoint_best.pt over it
     one_error(train_student(data_bin, tmp_path, *kd, "--max-update", "4", expect_ok=False),

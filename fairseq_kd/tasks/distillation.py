@@ -13,6 +13,7 @@ memory: a resumed run stops where the uninterrupted one would have.
 """
 import functools
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -20,7 +21,8 @@ from typing import Dict, Optional
 import torch
 from fairseq import utils
 
-from fairseq_kd.checkpoints import check_binarized, damaged_binarized, raised_reading_binarized, saved_task_state
+from fairseq_kd.checkpoints import (check_binarized, damaged_binarized, raised_reading_binarized, read_resumed_checkpoint,
+                                   resumed_checkpoint_path, saved_task_state)
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.features import attention_heads, layer_counts, layer_drop, layer_widths, recomputes_layers
 from fairseq_kd.models.transformer_mutual import TransformerMutualModel
@@ -110,6 +112,17 @@ class DistillationTaskMixin:
                 raise
             raise damaged_binarized(f"cannot read split '{split}' of {self.options.data}", e) from None
         check_binarized(self.datasets[split])
+
+    def build_criterion(self, cfg, **kwargs):  # kwargs: from_checkpoint, which legacy (argparse) tasks lack
+        """fairseq's. In fairseq-train (which builds the criterion before it resumes), the checkpoint it is
+        about to resume from is read first: one torch cannot read is refused in one line, whatever the
+        criterion, where fairseq would stop with a traceback."""
+        o = self.options
+        if fairseq_train_early_stopping() is not None:  # fairseq-train, not fairseq-validate
+            path = resumed_checkpoint_path(o.save_dir, o.restore_file, o.checkpoint_suffix, o.continue_once)
+            if os.path.isfile(path):
+                read_resumed_checkpoint(path)
+        return super().build_criterion(cfg, **kwargs)
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)

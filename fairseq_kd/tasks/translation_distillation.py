@@ -67,6 +67,9 @@ class TranslationDistillationConfig(TranslationConfig):
         },
     )
     save_dir: str = II("checkpoint.save_dir")
+    restore_file: str = II("checkpoint.restore_file")
+    checkpoint_suffix: str = II("checkpoint.checkpoint_suffix")
+    continue_once: Optional[str] = II("checkpoint.continue_once")
     cpu: bool = II("common.cpu")
     patience: int = II("checkpoint.patience")
 
