@@ -28,8 +28,8 @@ from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleE
 from fairseq_kd.checkpoints import load_split, setup_data_task, sha256
 from fairseq_kd.errors import FairseqKDError, make_writable_directory
 from fairseq_kd.teachers import TEACHER_WEIGHTINGS, Teachers
-from fairseq_kd.topk_cache import (FORMAT_VERSION, MANIFEST, check_one_data_directory, dictionary_fingerprint, shard_file_problem,
-                                   shard_prefix, shard_range, split_fingerprint)
+from fairseq_kd.topk_cache import (FORMAT_VERSION, MANIFEST, check_one_data_directory, check_unbucketed_targets,
+                                   dictionary_fingerprint, shard_file_problem, shard_prefix, shard_range, split_fingerprint)
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +255,7 @@ def main(argv=None):
     utils.import_user_module(cfg.common)
     check_one_data_directory(args.data, "DATA")
     task = setup_data_task(cfg.task, args.data)
+    check_unbucketed_targets(getattr(task.cfg, "num_batch_buckets", 0))  # a multilingual (legacy) task has no cfg
     multilingual = isinstance(task, TranslationMultiSimpleEpochTask)
     if multilingual and len(task.lang_pairs) != 1:
         raise FairseqKDError(

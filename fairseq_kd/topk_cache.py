@@ -115,6 +115,16 @@ def check_one_data_directory(data, option):
         )
 
 
+def check_unbucketed_targets(num_batch_buckets):
+    """A cache holds a row per target token, but ``--num-batch-buckets`` pads every target to its bucket's
+    length in the dataset itself, where no rebuild could give those pads rows."""
+    if num_batch_buckets:
+        raise FairseqKDError(
+            f"--num-batch-buckets {num_batch_buckets} pads each target to its bucket's length, where a top-k cache"
+            " holds a row per target token; drop --num-batch-buckets, or distil from the teachers online"
+        )
+
+
 def teachers_built_from(directory):
     """The sha256 of each teacher checkpoint the cache in ``directory`` was built from."""
     return [teacher["sha256"] for teacher in read_manifest(directory)["teachers"]]

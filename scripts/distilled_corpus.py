@@ -11,10 +11,10 @@ Reads the teacher's subword hypotheses (``H-`` lines of ``fairseq-generate --gen
 (``fairseq-generate --nbest N``) ``--select`` keeps per sentence the teacher's best hypothesis (``first``)
 or the one closest to the reference by sentence BLEU (``bestbleu``: Kim & Rush's Seq-Inter, Bergamot's
 bestbleu) or chrF (``bestchrf``), scored on subword pieces. Degenerate outputs
-are dropped: empty hypotheses, those whose length ratio to the source lies outside
-[1 / max-length-ratio, max-length-ratio], and repetition loops (``looping``), which a student trained on
-them learns to produce and then fails to stop (``--keep-loops`` keeps them). With ``--union`` the original pairs are kept as well
-(Kim & Rush, 2016 found both useful).
+are set aside first, and a sentence with none left dropped: empty hypotheses, those whose length ratio to
+the source lies outside [1 / max-length-ratio, max-length-ratio], and repetition loops (``looping``), which
+a student trained on them learns to produce and then fails to stop (``--keep-loops`` keeps them). With
+``--union`` the original pairs are kept as well (Kim & Rush, 2016 found both useful).
 """
 import argparse
 import os
@@ -90,11 +90,17 @@ def main():
         if len(hypotheses) != len(sources):
             sys.exit(f"fairseq_kd: error: {args.hypotheses} has {len(hypotheses)} lines but {args.source} has"
                      f" {len(sources)}: translate the whole --source, one line for each line")
+        nbests = [[hypothesis] for hypothesis in hypotheses]
     else:
-        hypotheses = [select(nbest, target, args.select) for nbest, target
-                      in zip(nbest_in_corpus_order(args.generate_log, len(sources), kind="H"), targets)]
+        nbests = nbest_in_corpus_order(args.generate_log, sources)
 
-    pairs = [(s, h) for s, h in zip(sources, hypotheses) if keep(s, h, args.max_length_ratio, args.keep_loops)]
+    pairs = []
+    for source, nbest, target in zip(sources, nbests, targets):
+        # the degenerate hypotheses out before the choice: a looping best must not cost a sentence whose
+        # other hypotheses are fine
+        fine = [h for h in nbest if keep(source, h, args.max_length_ratio, args.keep_loops)]
+        if fine:
+            pairs.append((source, select(fine, target, args.select)))
     dropped = len(sources) - len(pairs)
     if not pairs:
         sys.exit(f"fairseq_kd: error: all {len(sources)} teacher outputs are degenerate (empty, too long or short,"

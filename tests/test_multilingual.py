@@ -421,9 +421,17 @@ def test_bad_multilingual_options_are_refused(ml_data, ml_teachers, flags, messa
         task.build_criterion(convert_namespace_to_omegaconf(task.args).criterion)
 
 
-def test_languages_without_a_fixed_order_are_refused(ml_data, ml_teachers):
+def test_languages_without_a_fixed_order_are_refused_with_teachers(ml_data, ml_teachers):
     with pytest.raises(FairseqKDError, match="needs the languages in a fixed order .* give --lang-dict langs.txt"):
         build(ml_data, "--teacher-paths", f"en-de:{ml_teachers['en-de']}", lang_dict=())
+    build(ml_data, lang_dict=())  # without teachers no token ids need to match
+
+
+def test_the_threshold_margin_defaults_to_a_bleu_point_or_any_lead_in_loss(ml_data, ml_teachers):
+    teachers = ("--teacher-paths", f"en-de:{ml_teachers['en-de']}")
+    assert build(ml_data, *teachers, "--kd-threshold", "loss")[0].threshold.margin == 0.0
+    assert build(ml_data, *teachers, "--kd-threshold", "loss", "--kd-threshold-margin", "0.1")[0].threshold.margin == 0.1
+    assert build(ml_data, *teachers)[0].args.kd_threshold_margin == 1.0  # as checkpoints of runs without it kept it
 
 
 def test_threshold_without_a_pairs_validation_data_is_refused(ml_data, ml_teachers, tmp_path):

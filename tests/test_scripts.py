@@ -1,5 +1,6 @@
 """The scoring scripts the recipes rely on."""
 import importlib.util
+import re
 import subprocess
 import sys
 
@@ -18,25 +19,36 @@ def load_script(name):
     return module
 
 
-def test_hypotheses_are_put_back_in_corpus_order(tmp_path):
+def test_hypotheses_are_put_back_in_corpus_order_from_the_log_of_their_source(tmp_path):
     log = tmp_path / "generate.log"
-    # fairseq-generate prints sentences in length-sorted batches, not corpus order
+    # fairseq-generate prints sentences in length-sorted batches, not corpus order; a piece outside the
+    # dictionary as <unk>, and a multilingual task's language token before the source
     log.write_text(
-        "S-2\tc\nH-2\t-0.1\t▁dr ei\nD-2\t-0.1\tdrei\nH-0\t-0.2\t▁eins\nD-0\t-0.2\teins\n"
-        "S-1\tb\nH-1\t-0.3\t\nD-1\t-0.3\t\n"
+        "S-2\t__en__ ▁c\nH-2\t-0.1\t▁dr ei\nD-2\t-0.1\tdrei\nS-0\t▁a <unk>\nH-0\t-0.2\t▁eins\nD-0\t-0.2\teins\n"
+        "H-0\t-0.4\t▁ein s\nS-1\t▁b\nH-1\t-0.3\t\nD-1\t-0.3\t\n"
     )
-    generate_log = load_script("generate_log")
-    assert generate_log.hypotheses_in_corpus_order(log, 3) == ["eins", "", "drei"]
-    assert generate_log.hypotheses_in_corpus_order(log, 3, kind="H") == ["▁eins", "", "▁dr ei"]
-    with pytest.raises(SystemExit, match="no hypothesis for 1 sentences"):
-        generate_log.hypotheses_in_corpus_order(log, 4)
+    nbest_in_corpus_order = load_script("generate_log").nbest_in_corpus_order
+    assert nbest_in_corpus_order(log, ["▁a ▁ä", "▁b", "▁c"]) == [["▁eins", "▁ein s"], [""], ["▁dr ei"]]
+    for sources, message in (
+        (["▁a ▁ä", "▁b", "▁c", "▁d"], "has no hypothesis for 1 sentences (first: 3)"),
+        (["▁a ▁ä", "▁b"], "translates sentence 2, but the source has 2 lines"),
+        (["▁a ▁ä", "▁x", "▁c"], "sentence 1 was '▁b', not '▁x' as in the source"),  # another corpus
+        (["▁a ▁ä", "▁b", "▁c ▁d"], "sentence 2 was '__en__ ▁c', not '▁c ▁d'"),
+    ):
+        with pytest.raises(SystemExit, match=re.escape(f"fairseq_kd: error: {log}") + ".*" + re.escape(message)):
+            nbest_in_corpus_order(log, sources)
+    # decoded with --post-process: detokenized text, not the pieces the corpus is made of
+    log.write_text("S-0\tA b\nH-0\t-0.2\tEins\n")
+    with pytest.raises(SystemExit, match="decoded without --post-process"):
+        nbest_in_corpus_order(log, ["▁A ▁b"])
 
 
 def test_distilled_corpus_restores_order_and_drops_degenerate_outputs(tmp_path):
     (tmp_path / "train.src").write_text("a b\nc d e\nf\n")
     (tmp_path / "train.tgt").write_text("A B\nC D E\nF\n")
     # out of order; sentence 1 is empty, sentence 2 far too long
-    (tmp_path / "gen.log").write_text("H-2\t-1\tX X X X X X X\nH-0\t-1\tA2 B2\nH-1\t-1\t\n")
+    sources = "S-0\ta b\nS-1\tc d e\nS-2\tf\n"
+    (tmp_path / "gen.log").write_text(sources + "H-2\t-1\tX X X X X X X\nH-0\t-1\tA2 B2\nH-1\t-1\t\n")
     common = [
         sys.executable, REPO / "scripts" / "distilled_corpus.py", "--generate-log", tmp_path / "gen.log",
         "--source", tmp_path / "train.src", "--target", tmp_path / "train.tgt", "--src", "src", "--tgt", "tgt",
@@ -47,7 +59,7 @@ def test_distilled_corpus_restores_order_and_drops_degenerate_outputs(tmp_path):
     subprocess.run([*common, "--out-prefix", tmp_path / "union" / "train", "--union"], check=True, capture_output=True)
     assert (tmp_path / "union" / "train.tgt").read_text() == "A2 B2\nA B\nC D E\nF\n"
     assert (tmp_path / "union" / "train.src").read_text() == "a b\na b\nc d e\nf\n"
-    (tmp_path / "gen.log").write_text("H-2\t-1\tF F F\nH-0\t-1\tA A A\nH-1\t-1\tC D C D\n")  # only loops
+    (tmp_path / "gen.log").write_text(sources + "H-2\t-1\tF F F\nH-0\t-1\tA A A\nH-1\t-1\tC D C D\n")  # only loops
     refused = subprocess.run([*common, "--out-prefix", tmp_path / "loops" / "train"], capture_output=True, text=True)
     assert refused.returncode == 1 and refused.stderr.startswith("fairseq_kd: error: all 3 teacher outputs are degenerate")
     subprocess.run([*common, "--out-prefix", tmp_path / "loops" / "train", "--keep-loops"], check=True, capture_output=True)
@@ -60,7 +72,8 @@ def test_distilled_corpus_from_a_hypotheses_file_is_the_one_from_the_generate_lo
     (tmp_path / "train.src").write_text("a b\nc d e\nf\ng h\n")
     (tmp_path / "train.tgt").write_text("A B\nC D E\nF\nG H\n")
     hypotheses = ["A2 B2", "", "X X X X X X X", "G H H H"]  # kept, empty, too long, a loop
-    (tmp_path / "gen.log").write_text("".join(f"H-{i}\t-1\t{h}\n" for i, h in reversed(list(enumerate(hypotheses)))))
+    (tmp_path / "gen.log").write_text("S-0\ta b\nS-1\tc d e\nS-2\tf\nS-3\tg h\n" + "".join(
+        f"H-{i}\t-1\t{h}\n" for i, h in reversed(list(enumerate(hypotheses)))))
     (tmp_path / "hyp.tgt").write_text("".join(h + "\n" for h in hypotheses))
     common = [sys.executable, REPO / "scripts" / "distilled_corpus.py", "--source", tmp_path / "train.src",
               "--target", tmp_path / "train.tgt", "--src", "src", "--tgt", "tgt", "--union"]
@@ -92,11 +105,13 @@ def test_repetition_loops_are_degenerate(pieces, loops):
 
 
 def test_distilled_corpus_keeps_the_hypothesis_of_an_nbest_list_closest_to_the_reference(tmp_path):
-    (tmp_path / "train.src").write_text("a b c\nd e f\n")
-    (tmp_path / "train.tgt").write_text("▁das ▁ist ▁gut\n▁ein ▁rotes ▁haus\n")
-    # --nbest 2, the teacher's best first
+    (tmp_path / "train.src").write_text("a b c\nd e f\ng h i\n")
+    (tmp_path / "train.tgt").write_text("▁das ▁ist ▁gut\n▁ein ▁rotes ▁haus\n▁ein ▁rotes ▁auto\n")
+    # --nbest 2, the teacher's best first; sentence 2's best is a loop closer to the reference than the other:
+    # set aside before the choice, it costs the sentence nothing
     (tmp_path / "gen.log").write_text(
-        "H-1\t-0.1\t▁ein ▁haus ▁rot\nH-1\t-0.2\t▁ein ▁rotes ▁haus\nH-0\t-0.1\t▁das ▁ist ▁gut\nH-0\t-0.3\t▁das ▁ist\n"
+        "S-1\td e f\nH-1\t-0.1\t▁ein ▁haus ▁rot\nH-1\t-0.2\t▁ein ▁rotes ▁haus\nS-0\ta b c\nH-0\t-0.1\t▁das ▁ist ▁gut\n"
+        "H-0\t-0.3\t▁das ▁ist\nS-2\tg h i\nH-2\t-0.1\t▁ein ▁rotes ▁rotes ▁rotes ▁auto\nH-2\t-0.2\t▁ein ▁blaues ▁auto\n"
     )
     written = {}
     for how in ("first", "bestbleu", "bestchrf"):
@@ -105,8 +120,8 @@ def test_distilled_corpus_keeps_the_hypothesis_of_an_nbest_list_closest_to_the_r
                         "--tgt", "tgt", "--select", how, "--out-prefix", tmp_path / how / "train"],
                        check=True, capture_output=True)
         written[how] = (tmp_path / how / "train.tgt").read_text().splitlines()
-    assert written["first"] == ["▁das ▁ist ▁gut", "▁ein ▁haus ▁rot"]
-    assert written["bestbleu"] == written["bestchrf"] == ["▁das ▁ist ▁gut", "▁ein ▁rotes ▁haus"]
+    assert written["first"] == ["▁das ▁ist ▁gut", "▁ein ▁haus ▁rot", "▁ein ▁blaues ▁auto"]
+    assert written["bestbleu"] == written["bestchrf"] == ["▁das ▁ist ▁gut", "▁ein ▁rotes ▁haus", "▁ein ▁blaues ▁auto"]
 
 
 def test_valid_curve_has_a_column_per_multiple_and_per_last_update(tmp_path):

@@ -185,6 +185,14 @@ def test_cache_option_errors(data_bin, cache, tmp_path, extra, message):
     assert "Traceback" not in proc.stderr
 
 
+def test_targets_padded_to_buckets_are_refused_by_the_build_and_by_training(data_bin, teacher, cache, tmp_path):
+    one_error(build_cache(data_bin, teacher, tmp_path / "c", "--num-batch-buckets", "2", expect_ok=False),
+              "--num-batch-buckets 2 pads each target to its bucket's length, where a top-k cache holds a row per")
+    one_error(train_student(data_bin, tmp_path, "--task", "translation_distillation", "--teacher-topk-cache", cache,
+                            "--kd-topk", K, "--num-batch-buckets", "2", expect_ok=False),
+              "drop --num-batch-buckets, or distil from the teachers online")
+
+
 def test_stale_cache_is_refused(cache, tmp_path):
     write_parallel(tmp_path, seed=5)  # other sentences, same vocabulary
     other = binarize(tmp_path, tmp_path / "bin")

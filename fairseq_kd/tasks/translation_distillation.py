@@ -14,7 +14,8 @@ from fairseq_kd.checkpoints import sha256
 from fairseq_kd.errors import FairseqKDError
 from fairseq_kd.tasks.distillation import DistillationTaskMixin, check_cpu_bf16
 from fairseq_kd.teachers import TEACHER_WEIGHTINGS, Teachers
-from fairseq_kd.topk_cache import check_one_data_directory, teacher_mixture_built_with, teachers_built_from
+from fairseq_kd.topk_cache import (check_one_data_directory, check_unbucketed_targets, teacher_mixture_built_with,
+                                   teachers_built_from)
 
 @dataclass
 class TranslationDistillationConfig(TranslationConfig):
@@ -87,6 +88,7 @@ class TranslationDistillationTask(DistillationTaskMixin, TranslationTask):
                                       cfg.teacher_topk_cache)
         if cfg.teacher_topk_cache:
             check_one_data_directory(cfg.data, "--teacher-topk-cache")
+            check_unbucketed_targets(cfg.num_batch_buckets)
 
     @functools.cached_property
     def teacher_mixture(self):

@@ -164,9 +164,10 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
                                  " compare the student with each pair's teacher on that pair's validation data"
                                  " (greedy-decoded BLEU, or the loss: NLL per target token) and switch KD off for"
                                  " the pair while the student is ahead by --kd-threshold-margin, on otherwise")
-        parser.add_argument("--kd-threshold-margin", type=float, default=1.0,
+        parser.add_argument("--kd-threshold-margin", type=float,
                             help="how far ahead of its teacher the student must be for KD to switch off: BLEU"
-                                 " points, or nats per token with --kd-threshold loss (>= 0)")
+                                 " points (default 1), or nats per token with --kd-threshold loss (default 0: any"
+                                 " lead; students and teachers differ by tenths of a nat) (>= 0)")
         parser.add_argument("--kd-threshold-interval", type=int, default=1000,
                             help="updates between two comparisons of --kd-threshold (> 0)")
         parser.add_argument("--kd-threshold-post-process", default="sentencepiece",
@@ -192,6 +193,8 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
                 f" say {flags}: the teachers and the KD mask follow those flags; drop --langtoks and use them"
             )
         check_cpu_bf16(args.cpu_bf16, args.cpu)
+        if args.kd_threshold_margin is None:  # 1 as before for BLEU (and without a threshold, as checkpoints kept it)
+            args.kd_threshold_margin = 0.0 if args.kd_threshold == "loss" else 1.0
         if args.extra_data or args.extra_lang_pairs:
             raise FairseqKDError(
                 "translation_multi_distillation trains the pairs of --lang-pairs, each with its own teacher or none:"
@@ -238,7 +241,7 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
                 "--teacher-source-lang runs the teachers on the same sentences in their own language: give them with"
                 " --teacher-paths, without --teacher-topk-caches"
             )
-        if not args.lang_dict and not args.langs:
+        if (args.teacher_paths or args.teacher_topk_caches) and not args.lang_dict and not args.langs:
             raise FairseqKDError(
                 "translation_multi_distillation needs the languages in a fixed order (their tokens' ids must match"
                 " the teachers'): give --lang-dict langs.txt"
