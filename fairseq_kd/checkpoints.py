@@ -70,11 +70,12 @@ def read_checkpoint(path, option, unreadable_fix="give a checkpoint written by f
     return convert_namespace_to_omegaconf(state["args"]), state
 
 
-def load_model(path, option, label, task, langs=None, multilingual=False):
+def load_model(path, option, label, task, langs=None, multilingual=False, loaded=None):
     """The model of a checkpoint, built for ``task`` and holding the checkpoint's weights, once it is found
     to translate ``langs`` (default: the task's pair) with ``task``'s dictionaries
     (``check_checkpoint_dictionaries``; for a ``multilingual`` task, ``check_multilingual_checkpoint``);
-    ``option`` and ``label`` name it in errors."""
+    ``option`` and ``label`` name it in errors. ``loaded``: the model already built from this checkpoint
+    (for another pair), returned once checked for ``langs``, so that pairs share one copy."""
     cfg, state = read_checkpoint(path, option)
     if is_non_autoregressive(cfg.model):
         raise FairseqKDError(
@@ -88,6 +89,8 @@ def load_model(path, option, label, task, langs=None, multilingual=False):
     else:
         check_checkpoint_dictionaries(path, label, cfg.task.data, state["model"], langs,
                                       (task.source_dictionary, task.target_dictionary))
+    if loaded is not None:
+        return loaded
     # fairseq-train seeds torch before the task loads its teachers and then builds the student: a loaded
     # model's throw-away random initialisation must not draw from that seed, or the student would start
     # elsewhere than with a cache or without KD

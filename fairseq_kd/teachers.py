@@ -307,10 +307,12 @@ def narrowing_unsupported(model):
     return None
 
 
-def load_teacher(path, task, option="--teacher-path", langs=None, multilingual=False):
+def load_teacher(path, task, option="--teacher-path", langs=None, multilingual=False, loaded=None):
     """One teacher checkpoint built for ``task`` (its dictionaries checked; ``langs``: the language pair it
-    must translate, by default the task's), frozen and in eval mode."""
-    teacher = load_model(path, option, f"teacher {path}", task, langs, multilingual)
+    must translate, by default the task's), frozen and in eval mode; ``loaded``: as for ``load_model``."""
+    teacher = load_model(path, option, f"teacher {path}", task, langs, multilingual, loaded)
+    if loaded is not None:
+        return teacher
     teacher.requires_grad_(False).eval()
     logger.info(f"teacher {path}: {sum(p.numel() for p in teacher.parameters()):,} parameters")
     return teacher

@@ -427,6 +427,14 @@ def test_languages_without_a_fixed_order_are_refused_with_teachers(ml_data, ml_t
     build(ml_data, lang_dict=())  # without teachers no token ids need to match
 
 
+def test_pairs_that_name_one_teacher_share_one_copy_of_it(ml_data, tmp_path):
+    both = train_teacher(ml_data, "en-de,en-fr", tmp_path, "--max-epoch", "1")
+    task, _ = build(ml_data, "--teacher-paths", f"en-de:{both},en-fr:{both}")
+    teachers = task.teachers.teachers
+    assert teachers[0].models[0] is teachers[1].models[0]
+    assert task.teachers_sha256["en-de"] == task.teachers_sha256["en-fr"]
+
+
 def test_the_threshold_margin_defaults_to_a_bleu_point_or_any_lead_in_loss(ml_data, ml_teachers):
     teachers = ("--teacher-paths", f"en-de:{ml_teachers['en-de']}")
     assert build(ml_data, *teachers, "--kd-threshold", "loss")[0].threshold.margin == 0.0

@@ -225,7 +225,8 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
     @functools.cached_property
     def teachers_sha256(self):
         """{pair: the sha256 of its teacher (of its cache: those it was built from)}, for the taught pairs."""
-        checksums = {pair: [sha256(path)] for pair, path in self.teacher_paths.items()}
+        by_path = {path: sha256(path) for path in set(self.teacher_paths.values())}
+        checksums = {pair: [by_path[path]] for pair, path in self.teacher_paths.items()}
         checksums.update({self.lang_pairs[index]: teachers_built_from(directory)
                           for index, directory in self.cache_dirs.items()})
         return checksums
@@ -273,12 +274,13 @@ class TranslationMultiDistillationTask(DistillationTaskMixin, TranslationMultiSi
         cache_k = {read_manifest(directory)["k"] for directory in caches.values()}
         if len(cache_k) > 1:
             raise FairseqKDError(f"--teacher-topk-caches: the caches hold different k ({sorted(cache_k)}); build them with one --topk")
-        models = {}
+        models, loaded = {}, {}  # one copy of a teacher that several pairs name (a multilingual one)
         for pair, path in paths.items():
             src, tgt = pair.split("-")
             langs = (args.teacher_source_lang or src, tgt)
-            models[self.pair_index[pair]] = Teachers([load_teacher(path, self, "--teacher-paths", langs, multilingual=True)],
-                                                     torch.ones(1))
+            key = os.path.realpath(path)
+            loaded[key] = load_teacher(path, self, "--teacher-paths", langs, multilingual=True, loaded=loaded.get(key))
+            models[self.pair_index[pair]] = Teachers([loaded[key]], torch.ones(1))
         if paths and caches:  # the threshold strategy's: after loading, which says what is wrong with a path
             check_caches_built_from_teachers(caches, paths)
         limits = {pair: models[self.pair_index[pair]].models[0].max_positions() for pair in paths}
